@@ -1,0 +1,4 @@
+//! Redis [`super::KeyStore`] (placeholder until the cluster backends land).
+
+/// Redis-backed key store.
+pub struct RedisKeyStore;

@@ -1,0 +1,116 @@
+//! The [`Bus`]: publish/subscribe between nodes and the upstream (DESIGN §1, §7).
+//!
+//! Device traffic travels on `v3.{tenant}.{app}.devices.{dev}.{event…}`; cluster signals on
+//! `lorabroker.>`. Subjects use NATS syntax everywhere (`*` one token, `>` the rest), also
+//! on the embedded bus, so both implementations behave the same. Nothing outside this
+//! module knows which implementation runs.
+
+pub mod embedded;
+pub mod nats;
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+
+pub use embedded::EmbeddedBus;
+pub use nats::NatsBus;
+
+/// One message received from the bus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BusMessage {
+    /// The concrete subject it was published on.
+    pub subject: String,
+    /// The payload, forwarded unchanged.
+    pub payload: Bytes,
+}
+
+/// A live subscription; dropping it unsubscribes.
+pub type Subscription = Pin<Box<dyn Stream<Item = BusMessage> + Send>>;
+
+/// Why a bus operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    /// The bus could not be reached.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The subject or filter is not valid NATS syntax.
+    #[error("invalid subject {0:?}")]
+    InvalidSubject(String),
+}
+
+/// Publish/subscribe transport. Implementations: [`EmbeddedBus`] and [`NatsBus`].
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes `payload` on `subject` (no wildcards).
+    async fn publish(&self, subject: String, payload: Bytes) -> Result<(), BusError>;
+    /// Subscribes to a subject filter (`*` and `>` allowed).
+    async fn subscribe(&self, filter: String) -> Result<Subscription, BusError>;
+    /// Makes sure everything published so far has left this process.
+    async fn flush(&self) -> Result<(), BusError>;
+    /// Whether the bus is connected now.
+    fn is_ready(&self) -> bool;
+}
+
+/// Whether a NATS subject `filter` (`*`, `>`) matches a concrete `subject`.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut s = subject.split('.');
+    for f in filter.split('.') {
+        match (f, s.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    s.next().is_none()
+}
+
+/// Valid NATS subject: non-empty tokens, no whitespace; with `wildcards`, `*` as a whole
+/// token and `>` only as the whole last token.
+pub fn is_valid_subject(subject: &str, wildcards: bool) -> bool {
+    if subject.is_empty() || subject.contains(char::is_whitespace) {
+        return false;
+    }
+    let mut tokens = subject.split('.').peekable();
+    while let Some(t) = tokens.next() {
+        let last = tokens.peek().is_none();
+        let ok = match t {
+            "" => false,
+            "*" => wildcards,
+            ">" => wildcards && last,
+            t => !t.contains(['*', '>']),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matching() {
+        assert!(subject_matches("v3.t.a.>", "v3.t.a.devices.d.up"));
+        assert!(!subject_matches("v3.t.a.>", "v3.t.a"));
+        assert!(subject_matches("v3.*.a.devices.*.up", "v3.t.a.devices.d.up"));
+        assert!(!subject_matches("v3.*.a.devices.*.up", "v3.t.a.devices.d.up.normalized"));
+        assert!(!subject_matches("v3.t.b.>", "v3.t.a.devices.d.up"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+    }
+
+    #[test]
+    fn validity() {
+        assert!(is_valid_subject("v3.t.a.>", true));
+        assert!(!is_valid_subject("v3.t.a.>", false));
+        assert!(!is_valid_subject("v3..a", true));
+        assert!(!is_valid_subject("v3.>.a", true));
+        assert!(!is_valid_subject("v3.a b", true));
+        assert!(!is_valid_subject("", true));
+    }
+}

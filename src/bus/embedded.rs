@@ -70,7 +70,7 @@ impl Bus for EmbeddedBus {
         if !is_valid_subject(&filter, true) {
             return Err(BusError::InvalidSubject(filter));
         }
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         self.inner.subs.write().push(Entry { id, filter, tx });
         let guard = Unsubscribe {

@@ -1,0 +1,4 @@
+//! Shared fixtures for integration tests: backing services and brokers.
+#![allow(dead_code)]
+
+pub mod services;

@@ -1,0 +1,1 @@
+//! Backing services for tests (NATS, Redis): filled in by the cluster work.

@@ -1,1 +1,464 @@
-//! config
+//! Configuration: one typed [`Config`], loaded by figment from built-in defaults ← a TOML
+//! file ← `LORABROKER_*` environment variables (nested with `__`) ← command-line flags,
+//! then validated before any port is bound. Every problem is reported at once, by key.
+//!
+//! `config/lorabroker.toml` documents every key with its default.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::topic::{Id, Tenancy};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "config/lorabroker.toml";
+
+/// Why the configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value could not be read or has the wrong type (figment names the key).
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// The `--config` file does not exist.
+    #[error("config file {0} not found")]
+    MissingFile(String),
+    /// Values that parsed but make no sense, one line per key.
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+/// The whole configuration of a node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Name of this node in logs, metrics and cluster signals; defaults to the hostname.
+    pub node_name: String,
+    /// MQTT listener and protocol limits.
+    pub mqtt: MqttConfig,
+    /// HTTP listener (health, metrics, admin API).
+    pub http: HttpConfig,
+    /// Single- or multi-tenant naming.
+    pub tenancy: TenancyConfig,
+    /// API key cache.
+    pub auth: AuthConfig,
+    /// Downlink queues.
+    pub downlink: DownlinkConfig,
+    /// NATS bus; empty URL means the embedded bus.
+    pub nats: NatsConfig,
+    /// Redis stores; empty URL means in-memory stores.
+    pub redis: RedisConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[mqtt]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Address of the MQTT listener.
+    pub listen: String,
+    /// Time a client has to send CONNECT after the TCP connection opens.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Largest accepted packet (remaining length, bytes); larger packets close the connection.
+    pub max_packet_size: usize,
+    /// Most concurrent connections on this node.
+    pub max_connections: usize,
+    /// Longest client ID accepted.
+    pub max_client_id_len: usize,
+    /// Bytes queued for one slow subscriber before its messages are dropped.
+    pub outbound_buffer_bytes: usize,
+    /// Time a blocked socket write may take before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+}
+
+/// `[http]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the HTTP listener.
+    pub listen: String,
+    /// Bearer token of the admin API; empty disables the admin API.
+    pub admin_token: String,
+}
+
+/// `[tenancy]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenancyConfig {
+    /// `"multi"` (username `{app}@{tenant}`) or `"single"` (username `{app}`).
+    pub mode: String,
+    /// Internal tenant of every application in single-tenant mode.
+    pub default_tenant: String,
+}
+
+/// `[auth]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// How long a verified key is cached (revocation evicts it at once).
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How long an unknown key ID is cached.
+    #[serde(with = "humantime_serde")]
+    pub negative_cache_ttl: Duration,
+    /// Most cached keys.
+    pub cache_capacity: u64,
+}
+
+/// `[downlink]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownlinkConfig {
+    /// Most queued downlinks per device.
+    pub queue_capacity: usize,
+}
+
+/// `[nats]`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// NATS server URL; empty runs the embedded in-process bus.
+    pub url: String,
+}
+
+/// `[redis]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL; empty keeps keys and queues in memory.
+    pub url: String,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+}
+
+/// `[shutdown]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Time spent draining after SIGTERM: clients are disconnected spread over it.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Filter directive, e.g. `info` or `lorabroker=debug,info`.
+    pub level: String,
+    /// `"text"` or `"json"`.
+    pub format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_name: std::env::var("HOSTNAME").unwrap_or_else(|_| "lorabroker".into()),
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            tenancy: TenancyConfig::default(),
+            auth: AuthConfig::default(),
+            downlink: DownlinkConfig::default(),
+            nats: NatsConfig::default(),
+            redis: RedisConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:1883".into(),
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 64 * 1024,
+            max_connections: 100_000,
+            max_client_id_len: 256,
+            outbound_buffer_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            admin_token: String::new(),
+        }
+    }
+}
+
+impl Default for TenancyConfig {
+    fn default() -> Self {
+        Self {
+            mode: "multi".into(),
+            default_tenant: "default".into(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            cache_ttl: Duration::from_secs(300),
+            negative_cache_ttl: Duration::from_secs(5),
+            cache_capacity: 100_000,
+        }
+    }
+}
+
+impl Default for DownlinkConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            key_prefix: "lorabroker".into(),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: Duration::from_secs(25),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults ← `file` (or [`DEFAULT_CONFIG_FILE`] if present) ← environment ←
+    /// `overrides` (command-line flags, as a partial nested map), then validates.
+    pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::MissingFile(path.display().to_string()))
+            }
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
+            }
+            None => {}
+        }
+        let config: Config = figment
+            .merge(
+                // Test fixtures read LORABROKER_TEST_*; they are not node settings.
+                Env::prefixed("LORABROKER_")
+                    .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"))
+                    .split("__"),
+            )
+            .merge(Serialized::globals(overrides))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks value ranges and formats, naming every bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut check = |ok: bool, msg: String| {
+            if !ok {
+                errors.push(msg)
+            }
+        };
+        check(
+            self.mqtt.listen.parse::<SocketAddr>().is_ok(),
+            format!("mqtt.listen: {:?} is not an address like 0.0.0.0:1883", self.mqtt.listen),
+        );
+        check(
+            self.http.listen.parse::<SocketAddr>().is_ok(),
+            format!("http.listen: {:?} is not an address like 0.0.0.0:8080", self.http.listen),
+        );
+        check(
+            !self.mqtt.connect_timeout.is_zero(),
+            "mqtt.connect_timeout: must be more than 0s".into(),
+        );
+        check(
+            (16..=268_435_455).contains(&self.mqtt.max_packet_size),
+            format!(
+                "mqtt.max_packet_size: {} out of range 16..=268435455",
+                self.mqtt.max_packet_size
+            ),
+        );
+        check(
+            self.mqtt.max_connections > 0,
+            "mqtt.max_connections: must be at least 1".into(),
+        );
+        check(
+            (23..=65_535).contains(&self.mqtt.max_client_id_len),
+            format!(
+                "mqtt.max_client_id_len: {} out of range 23..=65535",
+                self.mqtt.max_client_id_len
+            ),
+        );
+        check(
+            self.mqtt.outbound_buffer_bytes >= 1024,
+            format!(
+                "mqtt.outbound_buffer_bytes: {} is less than 1024",
+                self.mqtt.outbound_buffer_bytes
+            ),
+        );
+        check(
+            !self.mqtt.write_timeout.is_zero(),
+            "mqtt.write_timeout: must be more than 0s".into(),
+        );
+        check(
+            matches!(self.tenancy.mode.as_str(), "single" | "multi"),
+            format!(
+                "tenancy.mode: {:?} is neither \"single\" nor \"multi\"",
+                self.tenancy.mode
+            ),
+        );
+        check(
+            Id::parse(&self.tenancy.default_tenant).is_ok(),
+            format!(
+                "tenancy.default_tenant: {:?} is not a valid ID",
+                self.tenancy.default_tenant
+            ),
+        );
+        check(
+            self.auth.cache_capacity > 0,
+            "auth.cache_capacity: must be at least 1".into(),
+        );
+        check(
+            (1..=1_000_000).contains(&self.downlink.queue_capacity),
+            format!(
+                "downlink.queue_capacity: {} out of range 1..=1000000",
+                self.downlink.queue_capacity
+            ),
+        );
+        check(
+            self.nats.url.is_empty()
+                || ["nats://", "tls://", "ws://", "wss://"]
+                    .iter()
+                    .any(|s| self.nats.url.starts_with(s)),
+            format!("nats.url: {:?} is not a nats:// URL", self.nats.url),
+        );
+        check(
+            self.redis.url.is_empty()
+                || ["redis://", "rediss://", "redis+unix://", "unix://"]
+                    .iter()
+                    .any(|s| self.redis.url.starts_with(s)),
+            format!("redis.url: {:?} is not a redis:// URL", self.redis.url),
+        );
+        check(
+            !self.redis.key_prefix.is_empty() && !self.redis.key_prefix.contains(char::is_whitespace),
+            format!("redis.key_prefix: {:?} must be non-empty without spaces", self.redis.key_prefix),
+        );
+        check(
+            matches!(self.log.format.as_str(), "text" | "json"),
+            format!("log.format: {:?} is neither \"text\" nor \"json\"", self.log.format),
+        );
+        check(
+            !self.node_name.is_empty(),
+            "node_name: must not be empty".into(),
+        );
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The tenancy this configuration describes (valid after [`Config::validate`]).
+    pub fn tenancy(&self) -> Tenancy {
+        match (self.tenancy.mode.as_str(), Id::parse(&self.tenancy.default_tenant)) {
+            ("single", Ok(default_tenant)) => Tenancy::Single { default_tenant },
+            _ => Tenancy::Multi,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn layers_file_env_and_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "node.toml",
+                "node_name = \"from-file\"\n[mqtt]\nlisten = \"127.0.0.1:1999\"\nmax_packet_size = 1000\n",
+            )?;
+            jail.set_env("LORABROKER_MQTT__MAX_PACKET_SIZE", "2000");
+            jail.set_env("LORABROKER_REDIS__URL", "redis://127.0.0.1:6390");
+            jail.set_env("LORABROKER_TEST_REDIS_URL", "redis://ignored");
+            let c = Config::load(
+                Some(Path::new("node.toml")),
+                json!({"mqtt": {"listen": "127.0.0.1:2000"}}),
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(c.node_name, "from-file");
+            assert_eq!(c.mqtt.max_packet_size, 2000);
+            assert_eq!(c.mqtt.listen, "127.0.0.1:2000");
+            assert_eq!(c.redis.url, "redis://127.0.0.1:6390");
+            assert_eq!(c.mqtt.connect_timeout, Duration::from_secs(10));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LORABROKER_MQTT__CONNECT_TIMEOUT", "soon");
+            let err = Config::load(None, json!({})).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("mqtt.connect_timeout"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LORABROKER_MQTT__LISTEN", "nowhere");
+            jail.set_env("LORABROKER_TENANCY__MODE", "both");
+            let err = Config::load(None, json!({})).unwrap_err().to_string();
+            assert!(err.contains("mqtt.listen"), "{err}");
+            assert!(err.contains("tenancy.mode"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LORABROKER_MQTT__LISTN", "0.0.0.0:1");
+            let err = Config::load(None, json!({})).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("listn"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tenancy_modes() {
+        let mut c = Config::default();
+        assert_eq!(c.tenancy(), Tenancy::Multi);
+        c.tenancy.mode = "single".into();
+        assert!(matches!(c.tenancy(), Tenancy::Single { .. }));
+    }
+}

@@ -1,0 +1,156 @@
+//! CONNECT: who the client is and whether it may in (DESIGN §2–§4). Every refusal is a
+//! [`Refusal`], mapped to its CONNACK code in exactly one place, [`Refusal::code`].
+
+use std::sync::Arc;
+
+use mqttbytes::v4::{Connect, ConnectReturnCode};
+use mqttbytes::Protocol;
+
+use crate::auth::{AuthError, Authenticator, StoredKey};
+use crate::topic::{parse_downlink_topic, AppRef, Tenancy};
+
+/// Why a CONNECT was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Not MQTT 3.1.1.
+    #[error("unsupported protocol {0}")]
+    Protocol(String),
+    /// Empty client ID without a clean session, or one that is too long.
+    #[error("client ID refused: {0}")]
+    ClientId(String),
+    /// Missing or malformed username or password.
+    #[error("bad username or password: {0}")]
+    BadCredentials(String),
+    /// The key is unknown, wrong, expired, for another application, or without rights;
+    /// or the will topic is not writable.
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
+    /// A backend needed to decide is unavailable.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Refusal {
+    /// The CONNACK return code (MQTT 3.1.1 §3.2.2.3).
+    pub fn code(&self) -> ConnectReturnCode {
+        match self {
+            Refusal::Protocol(_) => ConnectReturnCode::RefusedProtocolVersion,
+            Refusal::ClientId(_) => ConnectReturnCode::BadClientId,
+            Refusal::BadCredentials(_) => ConnectReturnCode::BadUserNamePassword,
+            Refusal::NotAuthorized(_) => ConnectReturnCode::NotAuthorized,
+            Refusal::Unavailable(_) => ConnectReturnCode::ServiceUnavailable,
+        }
+    }
+
+    /// Short label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Refusal::Protocol(_) => "refused_protocol",
+            Refusal::ClientId(_) => "refused_client_id",
+            Refusal::BadCredentials(_) => "refused_bad_credentials",
+            Refusal::NotAuthorized(_) => "refused_not_authorized",
+            Refusal::Unavailable(_) => "refused_unavailable",
+        }
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::MalformedKey => Refusal::BadCredentials(e.to_string()),
+            AuthError::Unavailable(_) => Refusal::Unavailable(e.to_string()),
+            AuthError::UnknownKey(_)
+            | AuthError::WrongSecret(_)
+            | AuthError::Expired(_)
+            | AuthError::WrongApplication { .. }
+            | AuthError::NoTrafficRights(_) => Refusal::NotAuthorized(e.to_string()),
+        }
+    }
+}
+
+/// An accepted client.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The application it acts for.
+    pub app: AppRef,
+    /// The client ID (assigned when the client sent an empty one).
+    pub client_id: String,
+    /// The key it authenticated with.
+    pub key: Arc<StoredKey>,
+}
+
+/// Decides a CONNECT.
+pub async fn accept(
+    connect: &Connect,
+    tenancy: &Tenancy,
+    auth: &Authenticator,
+    max_client_id_len: usize,
+    assign_id: impl FnOnce() -> String,
+) -> Result<Accepted, Refusal> {
+    if connect.protocol != Protocol::V4 {
+        return Err(Refusal::Protocol(format!("{:?}", connect.protocol)));
+    }
+    let client_id = match connect.client_id.as_str() {
+        "" if connect.clean_session => assign_id(),
+        "" => {
+            return Err(Refusal::ClientId(
+                "an empty client ID needs clean session".into(),
+            ))
+        }
+        id if id.len() > max_client_id_len => {
+            return Err(Refusal::ClientId(format!(
+                "{} characters, more than {max_client_id_len}",
+                id.len()
+            )))
+        }
+        id => id.to_owned(),
+    };
+    let login = connect
+        .login
+        .as_ref()
+        .ok_or_else(|| Refusal::BadCredentials("username and password (an API key) are required".into()))?;
+    let app = tenancy
+        .parse_app(&login.username)
+        .map_err(|e| Refusal::BadCredentials(e.to_string()))?;
+    let key = auth.authenticate(&app, &login.password).await?;
+    if let Some(will) = &connect.last_will {
+        let writable = key.rights.can_write_down()
+            && parse_downlink_topic(tenancy, &app, &will.topic).is_some();
+        if !writable {
+            return Err(Refusal::NotAuthorized(format!(
+                "will topic {:?} is not writable",
+                will.topic
+            )));
+        }
+    }
+    Ok(Accepted {
+        app,
+        client_id,
+        key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_has_its_code() {
+        use ConnectReturnCode::*;
+        let cases = [
+            (Refusal::Protocol("V5".into()), RefusedProtocolVersion, 1u8),
+            (Refusal::ClientId(String::new()), BadClientId, 2),
+            (Refusal::Unavailable(String::new()), ServiceUnavailable, 3),
+            (Refusal::BadCredentials(String::new()), BadUserNamePassword, 4),
+            (Refusal::NotAuthorized(String::new()), NotAuthorized, 5),
+        ];
+        for (refusal, code, byte) in cases {
+            assert_eq!(refusal.code(), code);
+            assert_eq!(refusal.code() as u8, byte);
+        }
+        assert_eq!(Refusal::from(AuthError::MalformedKey).code() as u8, 4);
+        assert_eq!(Refusal::from(AuthError::Unavailable("x".into())).code() as u8, 3);
+        assert_eq!(Refusal::from(AuthError::UnknownKey("x".into())).code() as u8, 5);
+        assert_eq!(Refusal::from(AuthError::Expired("x".into())).code() as u8, 5);
+    }
+}

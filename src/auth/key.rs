@@ -62,6 +62,12 @@ impl PresentedKey {
         })
     }
 
+    /// SHA-256 of the secret, for storing a key whose full text is already known (the
+    /// `--api-key` of `lorabroker dev`).
+    pub fn secret_hash(&self) -> [u8; 32] {
+        hash_secret(&self.secret)
+    }
+
     /// Whether this key's secret hashes to `stored_hash`, in constant time.
     pub fn verify(&self, stored_hash: &[u8; 32]) -> bool {
         hash_secret(&self.secret).ct_eq(stored_hash).into()

@@ -1,12 +1,14 @@
 //! API keys and rights (DESIGN §3): the key format, hashing, the [`KeyStore`] trait with
 //! its in-memory and Redis implementations, and the caching [`Authenticator`].
 
+pub mod admin;
 pub mod cache;
 pub mod key;
 pub mod redis;
 pub mod rights;
 pub mod store;
 
+pub use admin::{create_key, KeyView};
 pub use cache::{AuthError, Authenticator, CacheSettings};
 pub use key::{generate, GeneratedKey, PresentedKey};
 pub use rights::Rights;

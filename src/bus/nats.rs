@@ -1,4 +1,262 @@
-//! NATS [`super::Bus`] (placeholder until the cluster backends land).
+//! The NATS [`Bus`] of a cluster node (DESIGN §1, §7), over async-nats.
+//!
+//! The client connects in the background and never gives up: a node starts while NATS is
+//! down and reports not-ready ([`Bus::is_ready`]) until it gets through; a lost connection
+//! is retried with a backoff capped at about a second, and async-nats re-sends every live
+//! subscription on the new connection, so [`Subscription`] streams survive a NATS restart
+//! without their owners noticing (messages published while the node was away are lost:
+//! core NATS is at-most-once).
+//!
+//! While the connection is down, `publish` and `flush` fail fast with
+//! [`BusError::Unavailable`] rather than queueing traffic that would be stale when it
+//! finally left; the only exception is the first few seconds after [`NatsBus::connect`],
+//! so that a short-lived process (`keys revoke`) can publish right away and `flush` until
+//! the first connection is up. `subscribe` is accepted at any time and takes effect as soon
+//! as the connection is (re-)established.
+//!
+//! This module owns the NATS client; nothing else in the crate imports async-nats.
 
-/// NATS-backed bus.
-pub struct NatsBus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::connection::State;
+use async_nats::{Client, ConnectOptions, Event};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::time::timeout;
+
+use super::{is_valid_subject, Bus, BusError, BusMessage, Subscription};
+
+/// Messages one subscription may buffer before the node is a slow consumer and NATS
+/// messages for it are dropped (and counted, see [`NatsBus::dropped_messages`]). A node has
+/// one subscription per (tenant, application) and its router drains it into per-client
+/// bounded outboxes at once, so this buffer only absorbs scheduling hiccups; 65536
+/// messages (async-nats' default, made explicit) is ~64 MB at 1 KB uplinks in the worst
+/// case, and seconds of traffic for even a very busy application.
+pub const SUBSCRIPTION_CAPACITY: usize = 65_536;
+
+/// Longest wait between two reconnection attempts (before jitter).
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
+/// Wait before the second reconnection attempt; doubles on every further attempt.
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(10);
+/// One connection attempt (TCP, INFO, CONNECT, PONG) may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Client PING interval: how fast a silently dead connection is noticed (two missed PONGs).
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long `flush` waits for everything to be written to NATS.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long handing a command to the client task may take (its queue is bounded).
+const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// After `connect`, publishing is accepted (and buffered) this long before the first
+/// connection is up; afterwards only a live connection accepts publishes.
+const INITIAL_GRACE: Duration = Duration::from_secs(5);
+/// At most one slow-consumer warning per this interval (drops are still counted).
+const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The NATS-backed bus. Clones share one connection.
+#[derive(Clone)]
+pub struct NatsBus {
+    client: Client,
+    created: Instant,
+    events: Arc<EventLog>,
+}
+
+impl NatsBus {
+    /// Creates a client for the NATS server(s) at `url` (comma-separated for several)
+    /// named `client_name` (shown by the NATS server's monitoring). Never waits for the
+    /// server and never fails because it is down: the connection is made, and re-made after
+    /// every loss, in the background. Fails only for a URL that cannot be parsed.
+    pub async fn connect(url: &str, client_name: &str) -> Result<NatsBus, BusError> {
+        let events = Arc::new(EventLog::default());
+        let log = events.clone();
+        let client = ConnectOptions::new()
+            .name(client_name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(reconnect_delay)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .ping_interval(PING_INTERVAL)
+            .subscription_capacity(SUBSCRIPTION_CAPACITY)
+            .event_callback(move |event| {
+                let log = log.clone();
+                async move { log.record(event) }
+            })
+            .connect(url)
+            .await
+            .map_err(|e| {
+                BusError::Unavailable(format!("cannot use NATS URL {:?}: {e}", redact(url)))
+            })?;
+        Ok(NatsBus {
+            client,
+            created: Instant::now(),
+            events,
+        })
+    }
+
+    /// Messages dropped so far because a subscription's buffer was full (slow consumer).
+    pub fn dropped_messages(&self) -> u64 {
+        self.events.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether a publish or flush may be handed to the client now (see the module docs).
+    fn check_sendable(&self) -> Result<(), BusError> {
+        match self.client.connection_state() {
+            State::Connected => Ok(()),
+            State::Pending if self.created.elapsed() < INITIAL_GRACE => Ok(()),
+            State::Pending => Err(BusError::Unavailable(
+                "not connected to NATS yet (still trying)".into(),
+            )),
+            State::Disconnected => Err(BusError::Unavailable(
+                "connection to NATS lost (reconnecting)".into(),
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn publish(&self, subject: String, payload: Bytes) -> Result<(), BusError> {
+        if !is_valid_subject(&subject, false) {
+            return Err(BusError::InvalidSubject(subject));
+        }
+        self.check_sendable()?;
+        match timeout(SEND_TIMEOUT, self.client.publish(subject, payload)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(format!("NATS publish failed: {e}"))),
+            Err(_) => Err(BusError::Unavailable(format!(
+                "NATS client did not take the publish within {SEND_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn subscribe(&self, filter: String) -> Result<Subscription, BusError> {
+        if !is_valid_subject(&filter, true) {
+            return Err(BusError::InvalidSubject(filter));
+        }
+        let subscriber = match timeout(SEND_TIMEOUT, self.client.subscribe(filter)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(BusError::Unavailable(format!("NATS subscribe failed: {e}")));
+            }
+            Err(_) => {
+                return Err(BusError::Unavailable(format!(
+                    "NATS client did not take the subscription within {SEND_TIMEOUT:?}"
+                )));
+            }
+        };
+        // Dropping the stream drops the async-nats `Subscriber`, whose `Drop` sends UNSUB.
+        Ok(Box::pin(subscriber.map(|m| BusMessage {
+            subject: m.subject.into_string(),
+            payload: m.payload,
+        })))
+    }
+
+    async fn flush(&self) -> Result<(), BusError> {
+        self.check_sendable()?;
+        match timeout(FLUSH_TIMEOUT, self.client.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(format!("NATS flush failed: {e}"))),
+            Err(_) => Err(BusError::Unavailable(format!(
+                "NATS flush did not complete within {FLUSH_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+}
+
+/// Delay before reconnection attempt `attempts` (1-based; reset after a success): the
+/// first at once, then 10 ms doubling up to [`RECONNECT_MAX_DELAY`], plus up to 25 %
+/// jitter so that a fleet of nodes does not reconnect in lockstep after a NATS restart.
+fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let doublings = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(16);
+    let base = RECONNECT_MIN_DELAY
+        .saturating_mul(1 << doublings)
+        .min(RECONNECT_MAX_DELAY);
+    let jitter_ms = rand::random_range(0..=base.as_millis() as u64 / 4);
+    base + Duration::from_millis(jitter_ms)
+}
+
+/// Turns client events into log lines and counters.
+#[derive(Default)]
+struct EventLog {
+    dropped: AtomicU64,
+    /// When the last slow-consumer warning was logged, and drops since then.
+    slow: Mutex<(Option<Instant>, u64)>,
+}
+
+impl EventLog {
+    fn record(&self, event: Event) {
+        match event {
+            Event::Connected => tracing::info!("connected to NATS"),
+            Event::Disconnected => tracing::warn!("lost the connection to NATS; reconnecting"),
+            Event::SlowConsumer(sid) => {
+                let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut slow = self.slow.lock();
+                slow.1 += 1;
+                let due = slow
+                    .0
+                    .is_none_or(|at| at.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL);
+                if due {
+                    tracing::warn!(
+                        sid,
+                        dropped = slow.1,
+                        dropped_total = total,
+                        "NATS subscription is a slow consumer: messages dropped"
+                    );
+                    *slow = (Some(Instant::now()), 0);
+                }
+            }
+            Event::LameDuckMode => {
+                tracing::warn!("NATS server is entering lame duck mode; will reconnect")
+            }
+            Event::ServerError(e) => tracing::warn!(error = %e, "NATS server error"),
+            Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
+            Event::Draining | Event::Closed => tracing::info!(%event, "NATS connection"),
+        }
+    }
+}
+
+/// `url` without a password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        let second = reconnect_delay(2);
+        assert!(second >= RECONNECT_MIN_DELAY && second <= RECONNECT_MIN_DELAY * 5 / 4);
+        for attempts in [20, 1_000, usize::MAX] {
+            let d = reconnect_delay(attempts);
+            assert!(
+                d >= RECONNECT_MAX_DELAY && d <= RECONNECT_MAX_DELAY * 5 / 4,
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(redact("nats://u:p@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+    }
+}

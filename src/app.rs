@@ -1,1 +1,162 @@
-//! app
+//! [`App`]: every handle of one node, built once from a [`Config`]. This is the only place
+//! that chooses between the embedded backends and NATS/Redis; everything else sees traits.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::auth::redis::RedisKeyStore;
+use crate::auth::{Authenticator, CacheSettings, KeyStore, MemoryKeyStore, StoreError};
+use crate::bus::{Bus, BusError, EmbeddedBus, NatsBus};
+use crate::config::Config;
+use crate::downlink::redis::RedisDownlinkQueue;
+use crate::downlink::{DownlinkQueue, DownlinkService, MemoryDownlinkQueue, QueueError};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::router::Router;
+use crate::topic::Tenancy;
+
+/// Why the backends could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// NATS.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Redis (keys).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Redis (queues).
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// The three backends of a node: bus, key store, downlink queue.
+#[derive(Clone)]
+pub struct Backends {
+    /// Traffic and cluster signals.
+    pub bus: Arc<dyn Bus>,
+    /// API key records.
+    pub keys: Arc<dyn KeyStore>,
+    /// Downlink queues.
+    pub queue: Arc<dyn DownlinkQueue>,
+}
+
+impl Backends {
+    /// Embedded bus and in-memory stores, for one node on its own.
+    pub fn embedded(queue_capacity: usize) -> Self {
+        Self {
+            bus: Arc::new(EmbeddedBus::new()),
+            keys: Arc::new(MemoryKeyStore::new()),
+            queue: Arc::new(MemoryDownlinkQueue::new(queue_capacity)),
+        }
+    }
+
+    /// NATS for the bus if `nats.url` is set, Redis for the stores if `redis.url` is set,
+    /// embedded otherwise. A backend that is down at start does not fail this: the node
+    /// starts not-ready and connects when it can.
+    pub async fn from_config(config: &Config, client_name: &str) -> Result<Self, BackendError> {
+        let embedded = Self::embedded(config.downlink.queue_capacity);
+        let bus: Arc<dyn Bus> = if config.nats.url.is_empty() {
+            embedded.bus
+        } else {
+            Arc::new(NatsBus::connect(&config.nats.url, client_name).await?)
+        };
+        let (keys, queue): (Arc<dyn KeyStore>, Arc<dyn DownlinkQueue>) =
+            if config.redis.url.is_empty() {
+                (embedded.keys, embedded.queue)
+            } else {
+                (
+                    Arc::new(RedisKeyStore::connect(&config.redis.url, &config.redis.key_prefix).await?),
+                    Arc::new(
+                        RedisDownlinkQueue::connect(
+                            &config.redis.url,
+                            &config.redis.key_prefix,
+                            config.downlink.queue_capacity,
+                        )
+                        .await?,
+                    ),
+                )
+            };
+        Ok(Self { bus, keys, queue })
+    }
+}
+
+/// Every handle of one node.
+pub struct App {
+    /// The validated configuration.
+    pub config: Config,
+    /// Username and topic naming.
+    pub tenancy: Tenancy,
+    /// This process's instance ID: the node name plus a unique suffix.
+    pub node_id: String,
+    /// Traffic and cluster signals.
+    pub bus: Arc<dyn Bus>,
+    /// API key records.
+    pub keys: Arc<dyn KeyStore>,
+    /// Downlink queues.
+    pub queue: Arc<dyn DownlinkQueue>,
+    /// Cached key verification.
+    pub auth: Arc<Authenticator>,
+    /// Downlink validation, queueing and events.
+    pub downlinks: DownlinkService,
+    /// Fan-out from the bus to local subscribers.
+    pub router: Router,
+    /// Live connections.
+    pub registry: Arc<Registry>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set when the node starts draining.
+    pub draining: AtomicBool,
+}
+
+impl App {
+    /// Wires a node from its configuration and backends.
+    pub fn new(config: Config, backends: Backends) -> Arc<Self> {
+        let tenancy = config.tenancy();
+        let metrics = Arc::new(Metrics::default());
+        let auth = Arc::new(Authenticator::new(
+            backends.keys.clone(),
+            &CacheSettings {
+                ttl: config.auth.cache_ttl,
+                negative_ttl: config.auth.negative_cache_ttl,
+                capacity: config.auth.cache_capacity,
+            },
+        ));
+        Arc::new(Self {
+            node_id: format!("{}-{}", config.node_name, ulid::Ulid::new()),
+            router: Router::new(backends.bus.clone(), tenancy.clone(), metrics.clone()),
+            downlinks: DownlinkService::new(backends.queue.clone(), backends.bus.clone()),
+            tenancy,
+            bus: backends.bus,
+            keys: backends.keys,
+            queue: backends.queue,
+            auth,
+            registry: Arc::new(Registry::default()),
+            metrics,
+            draining: AtomicBool::new(false),
+            config,
+        })
+    }
+
+    /// Whether the node can serve: bus and stores reachable, not draining. Returns what
+    /// is wrong otherwise.
+    pub async fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            problems.push("draining".to_owned());
+        }
+        if !self.bus.is_ready() {
+            problems.push("bus not connected".to_owned());
+        }
+        if let Err(e) = self.keys.ping().await {
+            problems.push(e.to_string());
+        }
+        if let Err(e) = self.queue.ping().await {
+            problems.push(e.to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}

@@ -1,4 +1,5 @@
 //! Shared fixtures for integration tests: backing services and brokers.
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod services;

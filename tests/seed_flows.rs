@@ -1,0 +1,190 @@
+//! The seed document's flows, as a newcomer runs them: start `lorabroker dev`, paste the
+//! `mosquitto_sub` and `mosquitto_pub` commands it prints, and see joins, uplinks, and a
+//! confirmed downlink come back as `down/queued`, `down/sent` and `down/ack` carrying the
+//! application's own correlation ID.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn require(binary: &str) {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {binary}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{binary} is needed for the seed-flow tests: install it with `apt-get install -y mosquitto-clients`"
+    );
+}
+
+/// A running `lorabroker dev` and the commands its banner printed.
+struct Dev {
+    child: Child,
+    sub: String,
+    publish: String,
+    api_key: String,
+}
+
+async fn start_dev(extra: &[&str]) -> Dev {
+    require("mosquitto_sub");
+    require("mosquitto_pub");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lorabroker"))
+        .args([
+            "dev",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--devices",
+            "2",
+            "--uplink-interval",
+            "400ms",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("lorabroker dev starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut sub, mut publish, mut api_key) = (None, None, None);
+    while publish.is_none() {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("banner within the wait")
+            .expect("stdout readable")
+            .expect("banner before exit");
+        let line = line.trim().to_owned();
+        if let Some(k) = line.strip_prefix("API key") {
+            api_key = Some(k.trim().to_owned());
+        } else if line.starts_with("mosquitto_sub ") {
+            sub = Some(line);
+        } else if line.starts_with("mosquitto_pub ") {
+            publish = Some(line);
+        }
+    }
+    Dev {
+        child,
+        sub: sub.expect("banner prints a mosquitto_sub command"),
+        publish: publish.expect("banner prints a mosquitto_pub command"),
+        api_key: api_key.expect("banner prints the API key"),
+    }
+}
+
+/// Runs a printed command through the shell, as a user pasting it would.
+fn paste(command: &str) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sh runs")
+}
+
+/// Reads `mosquitto_sub -v` lines (`topic payload`) until one on a topic ending in `suffix`.
+async fn until(lines: &mut Lines<BufReader<ChildStdout>>, suffix: &str) -> (String, Value) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no message on …{suffix} within {WAIT:?}"))
+            .expect("mosquitto_sub output")
+            .unwrap_or_else(|| panic!("mosquitto_sub ended before a message on …{suffix}"));
+        let Some((topic, payload)) = line.split_once(' ') else {
+            continue;
+        };
+        if topic.ends_with(suffix) {
+            let json = serde_json::from_str(payload)
+                .unwrap_or_else(|e| panic!("{topic}: payload is not JSON ({e}): {payload}"));
+            return (topic.to_owned(), json);
+        }
+    }
+}
+
+fn correlation_ids(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+async fn seed_flows(extra: &[&str], uid: &str) {
+    let mut dev = start_dev(extra).await;
+    assert!(dev.api_key.starts_with("NNSXS."), "{}", dev.api_key);
+    assert!(dev.sub.contains(&format!("-u '{uid}'")), "{}", dev.sub);
+
+    let mut sub = paste(&dev.sub);
+    let mut lines = BufReader::new(sub.stdout.take().expect("piped")).lines();
+
+    // Joins and uplinks, in the seed's JSON.
+    let (topic, join) = until(&mut lines, "/join").await;
+    assert!(topic.starts_with(&format!("v3/{uid}/devices/dev")), "{topic}");
+    assert!(join["join_accept"]["session_key_id"].is_string(), "{join}");
+    let (topic, up) = until(&mut lines, "/up").await;
+    assert!(topic.starts_with(&format!("v3/{uid}/devices/dev")), "{topic}");
+    let ids = &up["end_device_ids"];
+    assert!(ids["device_id"].as_str().unwrap_or("").starts_with("dev"), "{up}");
+    assert_eq!(ids["application_ids"]["application_id"], uid.split('@').next().unwrap());
+    for field in ["dev_eui", "join_eui", "dev_addr"] {
+        assert!(ids[field].is_string(), "end_device_ids.{field} in {up}");
+    }
+    assert!(up["received_at"].is_string(), "{up}");
+    let msg = &up["uplink_message"];
+    assert!(msg["f_port"].is_number(), "{up}");
+    assert!(msg["frm_payload"].is_string(), "{up}");
+    assert!(msg["rx_metadata"][0]["gateway_ids"]["gateway_id"].is_string(), "{up}");
+    assert!(msg["settings"]["data_rate"]["lora"]["spreading_factor"].is_number(), "{up}");
+
+    // The printed downlink command: queued, then sent and acknowledged by dev1.
+    let output = paste(&dev.publish).wait_with_output().await.expect("mosquitto_pub runs");
+    assert!(
+        output.status.success(),
+        "mosquitto_pub failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (topic, queued) = until(&mut lines, "/down/queued").await;
+    assert_eq!(topic, format!("v3/{uid}/devices/dev1/down/queued"));
+    assert!(correlation_ids(&queued["correlation_ids"]).contains(&"my-correlation-id".to_owned()));
+    let (_, sent) = until(&mut lines, "dev1/down/sent").await;
+    assert!(correlation_ids(&sent["correlation_ids"]).contains(&"my-correlation-id".to_owned()), "{sent}");
+    let (_, ack) = until(&mut lines, "dev1/down/ack").await;
+    assert!(correlation_ids(&ack["correlation_ids"]).contains(&"my-correlation-id".to_owned()), "{ack}");
+    assert!(
+        correlation_ids(&ack["downlink_ack"]["correlation_ids"]).contains(&"my-correlation-id".to_owned()),
+        "{ack}"
+    );
+    assert_eq!(ack["downlink_ack"]["frm_payload"], "vu8=");
+    assert_eq!(ack["downlink_ack"]["confirmed"], true);
+
+    let _ = sub.kill().await;
+    let _ = dev.child.kill().await;
+}
+
+#[tokio::test]
+async fn seed_flows_multi_tenant() {
+    seed_flows(&["--app", "app1", "--tenant", "tenant1"], "app1@tenant1").await;
+}
+
+#[tokio::test]
+async fn seed_flows_single_tenant_default_app() {
+    seed_flows(&[], "demo").await;
+}
+
+#[tokio::test]
+async fn dev_accepts_a_given_api_key() {
+    let key = lorabroker::auth::generate().key;
+    let mut dev = start_dev(&["--api-key", &key]).await;
+    assert_eq!(dev.api_key, key);
+    assert!(dev.sub.contains(&key));
+    let _ = dev.child.kill().await;
+}

@@ -66,7 +66,7 @@ struct FleetArgs {
     tenant: Option<String>,
     /// Number of simulated devices (dev1…devN).
     #[arg(long, default_value_t = 3)]
-    devices: usize,
+    devices: u32,
     /// Time between two uplinks of one device.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     uplink_interval: Duration,

@@ -65,7 +65,9 @@ impl Backends {
                 (embedded.keys, embedded.queue)
             } else {
                 (
-                    Arc::new(RedisKeyStore::connect(&config.redis.url, &config.redis.key_prefix).await?),
+                    Arc::new(
+                        RedisKeyStore::connect(&config.redis.url, &config.redis.key_prefix).await?,
+                    ),
                     Arc::new(
                         RedisDownlinkQueue::connect(
                             &config.redis.url,

@@ -102,7 +102,9 @@ impl SignalHandler {
         while let Some(msg) = sub.next().await {
             match serde_json::from_slice::<Signal>(&msg.payload) {
                 Ok(signal) => self.handle(signal).await,
-                Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "ignoring a malformed cluster signal"),
+                Err(e) => {
+                    tracing::warn!(subject = %msg.subject, error = %e, "ignoring a malformed cluster signal")
+                }
             }
         }
     }
@@ -119,10 +121,12 @@ impl SignalHandler {
             } => {
                 if node != self.node {
                     let app = AppRef::new(tenant, application);
-                    if self
-                        .registry
-                        .close_client(&app, &client_id, connected_at_ms, CloseReason::Takeover)
-                    {
+                    if self.registry.close_client(
+                        &app,
+                        &client_id,
+                        connected_at_ms,
+                        CloseReason::Takeover,
+                    ) {
                         tracing::info!(%app, %client_id, by = %node, "client taken over by another node");
                     }
                 }

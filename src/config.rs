@@ -290,11 +290,17 @@ impl Config {
         };
         check(
             self.mqtt.listen.parse::<SocketAddr>().is_ok(),
-            format!("mqtt.listen: {:?} is not an address like 0.0.0.0:1883", self.mqtt.listen),
+            format!(
+                "mqtt.listen: {:?} is not an address like 0.0.0.0:1883",
+                self.mqtt.listen
+            ),
         );
         check(
             self.http.listen.parse::<SocketAddr>().is_ok(),
-            format!("http.listen: {:?} is not an address like 0.0.0.0:8080", self.http.listen),
+            format!(
+                "http.listen: {:?} is not an address like 0.0.0.0:8080",
+                self.http.listen
+            ),
         );
         check(
             !self.mqtt.connect_timeout.is_zero(),
@@ -369,12 +375,19 @@ impl Config {
             format!("redis.url: {:?} is not a redis:// URL", self.redis.url),
         );
         check(
-            !self.redis.key_prefix.is_empty() && !self.redis.key_prefix.contains(char::is_whitespace),
-            format!("redis.key_prefix: {:?} must be non-empty without spaces", self.redis.key_prefix),
+            !self.redis.key_prefix.is_empty()
+                && !self.redis.key_prefix.contains(char::is_whitespace),
+            format!(
+                "redis.key_prefix: {:?} must be non-empty without spaces",
+                self.redis.key_prefix
+            ),
         );
         check(
             matches!(self.log.format.as_str(), "text" | "json"),
-            format!("log.format: {:?} is neither \"text\" nor \"json\"", self.log.format),
+            format!(
+                "log.format: {:?} is neither \"text\" nor \"json\"",
+                self.log.format
+            ),
         );
         check(
             !self.node_name.is_empty(),
@@ -389,7 +402,10 @@ impl Config {
 
     /// The tenancy this configuration describes (valid after [`Config::validate`]).
     pub fn tenancy(&self) -> Tenancy {
-        match (self.tenancy.mode.as_str(), Id::parse(&self.tenancy.default_tenant)) {
+        match (
+            self.tenancy.mode.as_str(),
+            Id::parse(&self.tenancy.default_tenant),
+        ) {
             ("single", Ok(default_tenant)) => Tenancy::Single { default_tenant },
             _ => Tenancy::Multi,
         }
@@ -397,9 +413,21 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn documented_defaults_match_the_built_in_ones() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/lorabroker.toml");
+        let documented = Config::load(Some(std::path::Path::new(path)), json!({})).unwrap();
+        assert_eq!(
+            format!("{documented:?}"),
+            format!("{:?}", Config::default()),
+            "config/lorabroker.toml must document exactly the built-in defaults"
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

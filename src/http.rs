@@ -84,7 +84,10 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 async fn require_admin(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let token = app.config.http.admin_token.as_bytes();
     if token.is_empty() {
-        return error(StatusCode::NOT_FOUND, "the admin API is disabled (http.admin_token is empty)");
+        return error(
+            StatusCode::NOT_FOUND,
+            "the admin API is disabled (http.admin_token is empty)",
+        );
     }
     let presented = request
         .headers()
@@ -126,7 +129,15 @@ async fn create(
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    match create_key(app.keys.as_ref(), &application, rights, &body.name, body.expires_in).await {
+    match create_key(
+        app.keys.as_ref(),
+        &application,
+        rights,
+        &body.name,
+        body.expires_in,
+    )
+    .await
+    {
         Ok((generated, record)) => (
             StatusCode::CREATED,
             Json(json!({ "key": generated.key, "details": KeyView::from(&record) })),

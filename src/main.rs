@@ -206,7 +206,11 @@ async fn main() -> anyhow::Result<()> {
             set(&mut o, "http.listen", Some(a.http_listen.clone()));
             set(&mut o, "nats.url", Some(""));
             set(&mut o, "redis.url", Some(""));
-            let mode = if a.fleet.tenant.is_some() { "multi" } else { "single" };
+            let mode = if a.fleet.tenant.is_some() {
+                "multi"
+            } else {
+                "single"
+            };
             set(&mut o, "tenancy.mode", Some(mode));
         }
         Command::Serve(a) => {

@@ -71,7 +71,10 @@ mod tests {
             json!({"f_port": 1}),
         );
         assert_eq!(doc["end_device_ids"]["device_id"], "dev1");
-        assert_eq!(doc["end_device_ids"]["application_ids"]["application_id"], "app1");
+        assert_eq!(
+            doc["end_device_ids"]["application_ids"]["application_id"],
+            "app1"
+        );
         assert_eq!(correlation_ids(&doc), vec!["as:downlink:1"]);
         assert!(humantime::parse_rfc3339(doc["received_at"].as_str().unwrap()).is_ok());
         assert_eq!(doc["downlink_queued"]["f_port"], 1);

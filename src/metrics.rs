@@ -71,7 +71,11 @@ impl Default for Metrics {
             "Open MQTT connections",
             m.connections.clone(),
         );
-        registry.register("connects", "CONNECT attempts by outcome", m.connects.clone());
+        registry.register(
+            "connects",
+            "CONNECT attempts by outcome",
+            m.connects.clone(),
+        );
         registry.register(
             "disconnects",
             "Closed connections by reason",

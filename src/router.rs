@@ -208,7 +208,10 @@ impl Delivery {
             self.metrics.delivered.inc_by(delivered);
         }
         if dropped > 0 {
-            self.metrics.dropped.get_or_create(&self.labels).inc_by(dropped);
+            self.metrics
+                .dropped
+                .get_or_create(&self.labels)
+                .inc_by(dropped);
         }
     }
 }

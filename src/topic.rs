@@ -474,8 +474,21 @@ mod tests {
             assert!(Id::parse(ok).is_ok(), "{ok} should be valid");
         }
         for bad in [
-            "", "ab", "-abc", "abc-", "a--b", "ABC", "a_b", "a.b", "a/b", "a*b", "a>b", "a b",
-            "a@b", &"a".repeat(37), "é12",
+            "",
+            "ab",
+            "-abc",
+            "abc-",
+            "a--b",
+            "ABC",
+            "a_b",
+            "a.b",
+            "a/b",
+            "a*b",
+            "a>b",
+            "a b",
+            "a@b",
+            &"a".repeat(37),
+            "é12",
         ] {
             assert!(Id::parse(bad).is_err(), "{bad} should be invalid");
         }

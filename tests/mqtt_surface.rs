@@ -61,12 +61,20 @@ async fn uplinks_reach_only_their_application(backend: Backend) {
     let node = env.node().await;
     let app1 = env.app("app1");
     let app2 = env.app("app2");
-    let other_tenant = lorabroker::topic::AppRef::new(Id::parse(&unique("other")).unwrap(), app1.app.clone());
+    let other_tenant =
+        lorabroker::topic::AppRef::new(Id::parse(&unique("other")).unwrap(), app1.app.clone());
 
-    let mut c1 = node.client(&app1, &node.key(&app1, Rights::DEFAULT).await).await;
-    let mut c2 = node.client(&app2, &node.key(&app2, Rights::DEFAULT).await).await;
+    let mut c1 = node
+        .client(&app1, &node.key(&app1, Rights::DEFAULT).await)
+        .await;
+    let mut c2 = node
+        .client(&app2, &node.key(&app2, Rights::DEFAULT).await)
+        .await;
     let mut c3 = node
-        .client(&other_tenant, &node.key(&other_tenant, Rights::DEFAULT).await)
+        .client(
+            &other_tenant,
+            &node.key(&other_tenant, Rights::DEFAULT).await,
+        )
         .await;
     for c in [&mut c1, &mut c2, &mut c3] {
         assert_eq!(c.subscribe("#").await, GRANTED);
@@ -74,7 +82,11 @@ async fn uplinks_reach_only_their_application(backend: Backend) {
 
     let doc = br#"{"end_device_ids":{"device_id":"dev1","application_ids":{"application_id":"app1"}},"uplink_message":{"f_port":15,"frm_payload":"VGVzdA=="}}"#;
     node.upstream()
-        .publish(&dev(&env, "app1", "dev1"), Event::Up, bytes::Bytes::from_static(doc))
+        .publish(
+            &dev(&env, "app1", "dev1"),
+            Event::Up,
+            bytes::Bytes::from_static(doc),
+        )
         .await
         .unwrap();
     let (topic, payload) = c1.next_publish().await;
@@ -86,13 +98,21 @@ async fn uplinks_reach_only_their_application(backend: Backend) {
     // Every event maps to its topic.
     for event in Event::ALL {
         node.upstream()
-            .publish(&dev(&env, "app1", "dev2"), event, bytes::Bytes::from_static(b"{}"))
+            .publish(
+                &dev(&env, "app1", "dev2"),
+                event,
+                bytes::Bytes::from_static(b"{}"),
+            )
             .await
             .unwrap();
         let (topic, _) = c1.next_publish().await;
         assert_eq!(
             topic,
-            format!("v3/app1@{}/devices/dev2/{}", env.tenant, event.topic_suffix())
+            format!(
+                "v3/app1@{}/devices/dev2/{}",
+                env.tenant,
+                event.topic_suffix()
+            )
         );
     }
 }
@@ -107,7 +127,10 @@ async fn subscriptions_are_rewritten_like_the_things_stack(backend: Backend) {
     let mut ups = node.client(&app, &key).await;
     assert_eq!(ups.subscribe("v3/+/devices/+/up").await, GRANTED);
     let mut dev1 = node.client(&app, &key).await;
-    assert_eq!(dev1.subscribe(&format!("v3/{uid}/devices/dev1/#")).await, GRANTED);
+    assert_eq!(
+        dev1.subscribe(&format!("v3/{uid}/devices/dev1/#")).await,
+        GRANTED
+    );
     let mut all = node.client(&app, &key).await;
     assert_eq!(all.subscribe("v3/#").await, GRANTED);
     for denied in [
@@ -117,20 +140,34 @@ async fn subscriptions_are_rewritten_like_the_things_stack(backend: Backend) {
         "v2/#".to_owned(),
         "$SYS/#".to_owned(),
     ] {
-        assert_eq!(all.subscribe(&denied).await, SubscribeReasonCode::Failure, "{denied}");
+        assert_eq!(
+            all.subscribe(&denied).await,
+            SubscribeReasonCode::Failure,
+            "{denied}"
+        );
     }
     let read_less = node.key(&app, Rights::TRAFFIC_DOWN_WRITE).await;
     let mut writer = node.client(&app, &read_less).await;
     assert_eq!(writer.subscribe("#").await, SubscribeReasonCode::Failure);
 
     let up = node.upstream();
-    up.publish(&dev(&env, "app1", "dev2"), Event::Join, "{}".into()).await.unwrap();
-    up.publish(&dev(&env, "app1", "dev2"), Event::Up, "{}".into()).await.unwrap();
-    up.publish(&dev(&env, "app1", "dev1"), Event::DownAck, "{}".into()).await.unwrap();
+    up.publish(&dev(&env, "app1", "dev2"), Event::Join, "{}".into())
+        .await
+        .unwrap();
+    up.publish(&dev(&env, "app1", "dev2"), Event::Up, "{}".into())
+        .await
+        .unwrap();
+    up.publish(&dev(&env, "app1", "dev1"), Event::DownAck, "{}".into())
+        .await
+        .unwrap();
 
     assert!(ups.next_publish().await.0.ends_with("/devices/dev2/up"));
     ups.expect_silence(SILENCE).await;
-    assert!(dev1.next_publish().await.0.ends_with("/devices/dev1/down/ack"));
+    assert!(dev1
+        .next_publish()
+        .await
+        .0
+        .ends_with("/devices/dev1/down/ack"));
     dev1.expect_silence(SILENCE).await;
     for suffix in ["dev2/join", "dev2/up", "dev1/down/ack"] {
         assert!(all.next_publish().await.0.ends_with(suffix));
@@ -140,12 +177,18 @@ async fn subscriptions_are_rewritten_like_the_things_stack(backend: Backend) {
     // UNSUBSCRIBE stops delivery.
     all.client.unsubscribe("v3/#").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    up.publish(&dev(&env, "app1", "dev1"), Event::Up, "{}".into()).await.unwrap();
+    up.publish(&dev(&env, "app1", "dev1"), Event::Up, "{}".into())
+        .await
+        .unwrap();
     assert!(dev1.next_publish().await.0.ends_with("/devices/dev1/up"));
     all.expect_silence(SILENCE).await;
 }
 
-async fn connect_code(node: &TestNode, username: &str, password: &str) -> Option<ConnectReturnCode> {
+async fn connect_code(
+    node: &TestNode,
+    username: &str,
+    password: &str,
+) -> Option<ConnectReturnCode> {
     TestClient::connect(node.mqtt_addr, username, password, &unique("c"))
         .await
         .err()
@@ -161,28 +204,72 @@ async fn connack_codes_for_bad_credentials(backend: Backend) {
     assert_eq!(connect_code(&node, &uid, &key).await, None);
 
     let unknown = lorabroker::auth::generate().key;
-    assert_eq!(connect_code(&node, &uid, &unknown).await, Some(ConnectReturnCode::NotAuthorized));
-    let wrong_secret = format!("{}{}", &key[..key.len() - 4], if key.ends_with("AAAA") { "BBBB" } else { "AAAA" });
-    assert_eq!(connect_code(&node, &uid, &wrong_secret).await, Some(ConnectReturnCode::NotAuthorized));
+    assert_eq!(
+        connect_code(&node, &uid, &unknown).await,
+        Some(ConnectReturnCode::NotAuthorized)
+    );
+    let wrong_secret = format!(
+        "{}{}",
+        &key[..key.len() - 4],
+        if key.ends_with("AAAA") {
+            "BBBB"
+        } else {
+            "AAAA"
+        }
+    );
+    assert_eq!(
+        connect_code(&node, &uid, &wrong_secret).await,
+        Some(ConnectReturnCode::NotAuthorized)
+    );
     let other_app = node.key(&app2, Rights::DEFAULT).await;
-    assert_eq!(connect_code(&node, &uid, &other_app).await, Some(ConnectReturnCode::NotAuthorized));
+    assert_eq!(
+        connect_code(&node, &uid, &other_app).await,
+        Some(ConnectReturnCode::NotAuthorized)
+    );
     let no_rights = node.key(&app1, Rights::NONE).await;
-    assert_eq!(connect_code(&node, &uid, &no_rights).await, Some(ConnectReturnCode::NotAuthorized));
-    let expired = node.key_expiring(&app1, Rights::DEFAULT, Some(Duration::from_secs(1))).await;
+    assert_eq!(
+        connect_code(&node, &uid, &no_rights).await,
+        Some(ConnectReturnCode::NotAuthorized)
+    );
+    let expired = node
+        .key_expiring(&app1, Rights::DEFAULT, Some(Duration::from_secs(1)))
+        .await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(connect_code(&node, &uid, &expired).await, Some(ConnectReturnCode::NotAuthorized));
+    assert_eq!(
+        connect_code(&node, &uid, &expired).await,
+        Some(ConnectReturnCode::NotAuthorized)
+    );
     let revoked = node.key(&app1, Rights::DEFAULT).await;
     let revoked_id = revoked.split('.').nth(1).unwrap();
-    revoke_key(node.app.keys.as_ref(), node.app.bus.as_ref(), revoked_id).await.unwrap();
+    revoke_key(node.app.keys.as_ref(), node.app.bus.as_ref(), revoked_id)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(connect_code(&node, &uid, &revoked).await, Some(ConnectReturnCode::NotAuthorized));
+    assert_eq!(
+        connect_code(&node, &uid, &revoked).await,
+        Some(ConnectReturnCode::NotAuthorized)
+    );
 
-    assert_eq!(connect_code(&node, &uid, "NNSXS.VEEBURF3KR77ZR..").await, Some(ConnectReturnCode::BadUserNamePassword));
-    assert_eq!(connect_code(&node, &uid, "").await, Some(ConnectReturnCode::BadUserNamePassword));
-    assert_eq!(connect_code(&node, "app1", &key).await, Some(ConnectReturnCode::BadUserNamePassword), "multi-tenant needs app@tenant");
-    assert_eq!(connect_code(&node, "APP1@x", &key).await, Some(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(
+        connect_code(&node, &uid, "NNSXS.VEEBURF3KR77ZR..").await,
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
+    assert_eq!(
+        connect_code(&node, &uid, "").await,
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
+    assert_eq!(
+        connect_code(&node, "app1", &key).await,
+        Some(ConnectReturnCode::BadUserNamePassword),
+        "multi-tenant needs app@tenant"
+    );
+    assert_eq!(
+        connect_code(&node, "APP1@x", &key).await,
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
     let mut raw = RawClient::connect(&node).await;
-    raw.send(&connect_packet(4, "no-login", true, 30, None)).await;
+    raw.send(&connect_packet(4, "no-login", true, 30, None))
+        .await;
     assert_eq!(raw.connack().await, Some(4), "no username/password");
 
     // The legitimate key still works after all of that.
@@ -245,7 +332,13 @@ impl RawClient {
 }
 
 /// A CONNECT packet with any protocol level, built by hand.
-fn connect_packet(level: u8, client_id: &str, clean: bool, keep_alive: u16, login: Option<(&str, &str)>) -> Vec<u8> {
+fn connect_packet(
+    level: u8,
+    client_id: &str,
+    clean: bool,
+    keep_alive: u16,
+    login: Option<(&str, &str)>,
+) -> Vec<u8> {
     let mut body = BytesMut::new();
     let name: &[u8] = if level == 3 { b"MQIsdp" } else { b"MQTT" };
     body.put_u16(name.len() as u16);
@@ -290,18 +383,32 @@ async fn protocol_level_and_client_id_refusals(backend: Backend) {
     let key = node.key(&app, Rights::DEFAULT).await;
     for level in [3u8, 5] {
         let mut raw = RawClient::connect(&node).await;
-        raw.send(&connect_packet(level, "c1", true, 30, Some((&uid, &key)))).await;
+        raw.send(&connect_packet(level, "c1", true, 30, Some((&uid, &key))))
+            .await;
         assert_eq!(raw.connack().await, Some(1), "protocol level {level}");
     }
     let mut raw = RawClient::connect(&node).await;
-    raw.send(&connect_packet(4, "", false, 30, Some((&uid, &key)))).await;
-    assert_eq!(raw.connack().await, Some(2), "empty client ID without clean session");
+    raw.send(&connect_packet(4, "", false, 30, Some((&uid, &key))))
+        .await;
+    assert_eq!(
+        raw.connack().await,
+        Some(2),
+        "empty client ID without clean session"
+    );
     let mut raw = RawClient::connect(&node).await;
-    raw.send(&connect_packet(4, &"x".repeat(300), true, 30, Some((&uid, &key)))).await;
+    raw.send(&connect_packet(
+        4,
+        &"x".repeat(300),
+        true,
+        30,
+        Some((&uid, &key)),
+    ))
+    .await;
     assert_eq!(raw.connack().await, Some(2), "over-long client ID");
     // An empty client ID with a clean session gets one assigned.
     let mut raw = RawClient::connect(&node).await;
-    raw.send(&connect_packet(4, "", true, 30, Some((&uid, &key)))).await;
+    raw.send(&connect_packet(4, "", true, 30, Some((&uid, &key))))
+        .await;
     assert_eq!(raw.connack().await, Some(0));
 }
 
@@ -327,14 +434,19 @@ async fn garbage_and_oversized_packets_close_only_that_connection(backend: Backe
     }
     // Garbage after a good CONNECT.
     let mut raw = RawClient::connect(&node).await;
-    raw.send(&connect_packet(4, "g1", true, 30, Some((&uid, &key)))).await;
+    raw.send(&connect_packet(4, "g1", true, 30, Some((&uid, &key))))
+        .await;
     assert_eq!(raw.connack().await, Some(0));
     raw.send(&[0xf0, 0x00, 0x00]).await;
     raw.expect_closed(WAIT).await;
 
     // An oversized PUBLISH closes its connection, even on a writable topic.
     let mut big = node.client(&app, &key).await;
-    big.publish(&format!("v3/{uid}/devices/dev1/down/push"), vec![b' '; 2000]).await;
+    big.publish(
+        &format!("v3/{uid}/devices/dev1/down/push"),
+        vec![b' '; 2000],
+    )
+    .await;
     big.expect_closed().await;
 
     // The healthy client is untouched.
@@ -359,20 +471,27 @@ async fn connect_timeout_and_keepalive_are_enforced(backend: Backend) {
 
     // Keepalive 1 s: closed after 1.5 s of silence.
     let mut quiet = RawClient::connect(&node).await;
-    quiet.send(&connect_packet(4, "ka1", true, 1, Some((&uid, &key)))).await;
+    quiet
+        .send(&connect_packet(4, "ka1", true, 1, Some((&uid, &key))))
+        .await;
     assert_eq!(quiet.connack().await, Some(0));
     quiet.expect_open(Duration::from_millis(1000)).await;
     quiet.expect_closed(WAIT).await;
 
     // PINGREQ keeps a connection alive past 1.5 × keepalive.
     let mut pinger = RawClient::connect(&node).await;
-    pinger.send(&connect_packet(4, "ka2", true, 1, Some((&uid, &key)))).await;
+    pinger
+        .send(&connect_packet(4, "ka2", true, 1, Some((&uid, &key))))
+        .await;
     assert_eq!(pinger.connack().await, Some(0));
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         pinger.send(&[0xc0, 0x00]).await;
         let mut resp = [0u8; 2];
-        tokio::time::timeout(WAIT, pinger.stream.read_exact(&mut resp)).await.unwrap().unwrap();
+        tokio::time::timeout(WAIT, pinger.stream.read_exact(&mut resp))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(resp, [0xd0, 0x00], "PINGRESP");
     }
 }
@@ -386,7 +505,10 @@ async fn forbidden_publishes_close_the_connection(backend: Backend) {
     let read_only = node.key(&app, Rights::TRAFFIC_READ).await;
     for (key, topic) in [
         (&key, format!("v3/{uid}/devices/dev1/up")),
-        (&key, format!("v3/app2@{}/devices/dev1/down/push", env.tenant)),
+        (
+            &key,
+            format!("v3/app2@{}/devices/dev1/down/push", env.tenant),
+        ),
         (&key, "v3/something/else".to_owned()),
         (&key, format!("v3/{uid}/devices/dev1/down/push/extra")),
         (&read_only, format!("v3/{uid}/devices/dev1/down/push")),
@@ -422,13 +544,24 @@ async fn downlink_push_and_replace_reach_the_queue_and_events(backend: Backend) 
         )
         .await;
     let queued = sub.next_on("/devices/dev1/down/queued").await;
-    let ids: Vec<&str> = queued["correlation_ids"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let ids: Vec<&str> = queued["correlation_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     assert!(ids.contains(&"my-correlation-id"), "{queued}");
-    assert!(ids.iter().any(|i| i.starts_with("as:downlink:")), "{queued}");
+    assert!(
+        ids.iter().any(|i| i.starts_with("as:downlink:")),
+        "{queued}"
+    );
     assert_eq!(queued["downlink_queued"]["f_port"], 15);
     assert_eq!(queued["downlink_queued"]["frm_payload"], "vu8=");
     assert_eq!(queued["end_device_ids"]["device_id"], "dev1");
-    assert_eq!(queued["end_device_ids"]["application_ids"]["application_id"], "app1");
+    assert_eq!(
+        queued["end_device_ids"]["application_ids"]["application_id"],
+        "app1"
+    );
 
     // Two more in one push: one event each, queue in order.
     publisher
@@ -437,10 +570,23 @@ async fn downlink_push_and_replace_reach_the_queue_and_events(backend: Backend) 
             push_body(json!([{"f_port": 1, "frm_payload": "AQ=="}, {"f_port": 2, "decoded_payload": {"on": true}}])),
         )
         .await;
-    assert_eq!(sub.next_on("/down/queued").await["downlink_queued"]["f_port"], 1);
-    assert_eq!(sub.next_on("/down/queued").await["downlink_queued"]["f_port"], 2);
+    assert_eq!(
+        sub.next_on("/down/queued").await["downlink_queued"]["f_port"],
+        1
+    );
+    assert_eq!(
+        sub.next_on("/down/queued").await["downlink_queued"]["f_port"],
+        2
+    );
     let queue = node.app.queue.list(&dev1).await.unwrap();
-    let ports: Vec<i64> = queue.iter().map(|i| serde_json::from_str::<Value>(i).unwrap()["f_port"].as_i64().unwrap()).collect();
+    let ports: Vec<i64> = queue
+        .iter()
+        .map(|i| {
+            serde_json::from_str::<Value>(i).unwrap()["f_port"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
     assert_eq!(ports, vec![15, 1, 2]);
 
     // The upstream takes them in order.
@@ -450,12 +596,21 @@ async fn downlink_push_and_replace_reach_the_queue_and_events(backend: Backend) 
 
     // Replace, then replace with nothing.
     publisher
-        .publish(&format!("v3/{uid}/devices/dev1/down/replace"), push_body(json!([{"f_port": 9}])))
+        .publish(
+            &format!("v3/{uid}/devices/dev1/down/replace"),
+            push_body(json!([{"f_port": 9}])),
+        )
         .await;
-    assert_eq!(sub.next_on("/down/queued").await["downlink_queued"]["f_port"], 9);
+    assert_eq!(
+        sub.next_on("/down/queued").await["downlink_queued"]["f_port"],
+        9
+    );
     assert_eq!(node.app.queue.list(&dev1).await.unwrap().len(), 1);
     publisher
-        .publish(&format!("v3/{uid}/devices/dev1/down/replace"), push_body(json!([])))
+        .publish(
+            &format!("v3/{uid}/devices/dev1/down/replace"),
+            push_body(json!([])),
+        )
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(node.app.queue.list(&dev1).await.unwrap().is_empty());
@@ -463,10 +618,18 @@ async fn downlink_push_and_replace_reach_the_queue_and_events(backend: Backend) 
     // QoS 1 publishes are acknowledged (after the queue write).
     publisher
         .client
-        .publish(&format!("v3/{uid}/devices/dev2/down/push"), QoS::AtLeastOnce, false, push_body(json!([{"f_port": 3}])))
+        .publish(
+            &format!("v3/{uid}/devices/dev2/down/push"),
+            QoS::AtLeastOnce,
+            false,
+            push_body(json!([{"f_port": 3}])),
+        )
         .await
         .unwrap();
-    assert_eq!(sub.next_on("/devices/dev2/down/queued").await["downlink_queued"]["f_port"], 3);
+    assert_eq!(
+        sub.next_on("/devices/dev2/down/queued").await["downlink_queued"]["f_port"],
+        3
+    );
 }
 
 async fn rejected_downlinks_publish_down_failed_and_enqueue_nothing(backend: Backend) {
@@ -476,7 +639,11 @@ async fn rejected_downlinks_publish_down_failed_and_enqueue_nothing(backend: Bac
     let uid = node.username(&app);
     let key = node.key(&app, Rights::DEFAULT).await;
     let mut sub = node.client(&app, &key).await;
-    assert_eq!(sub.subscribe(&format!("v3/{uid}/devices/dev1/down/#")).await, GRANTED);
+    assert_eq!(
+        sub.subscribe(&format!("v3/{uid}/devices/dev1/down/#"))
+            .await,
+        GRANTED
+    );
     let publisher = node.client(&app, &key).await;
     let topic = format!("v3/{uid}/devices/dev1/down/push");
     let dev1 = dev(&env, "app1", "dev1");
@@ -486,10 +653,24 @@ async fn rejected_downlinks_publish_down_failed_and_enqueue_nothing(backend: Bac
         (push_body(json!([{"f_port": 1, "fport": 2}])), "fport"),
         (push_body(json!([{"f_port": 0}])), "f_port"),
         (push_body(json!([{"f_port": 234}])), "234"),
-        (push_body(json!([{"f_port": 1, "frm_payload": "not base64!"}])), "base64"),
-        (push_body(json!([{"f_port": 1, "frm_payload": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0u8; 251])}])), "251"),
-        (push_body(json!([{"f_port": 1, "priority": "URGENT"}])), "URGENT"),
-        (json!({"downlinks": [{"f_port": 1}], "extra": 1}).to_string(), "extra"),
+        (
+            push_body(json!([{"f_port": 1, "frm_payload": "not base64!"}])),
+            "base64",
+        ),
+        (
+            push_body(
+                json!([{"f_port": 1, "frm_payload": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0u8; 251])}]),
+            ),
+            "251",
+        ),
+        (
+            push_body(json!([{"f_port": 1, "priority": "URGENT"}])),
+            "URGENT",
+        ),
+        (
+            json!({"downlinks": [{"f_port": 1}], "extra": 1}).to_string(),
+            "extra",
+        ),
     ];
     for (body, named) in cases {
         publisher.publish(&topic, body.clone()).await;
@@ -497,17 +678,33 @@ async fn rejected_downlinks_publish_down_failed_and_enqueue_nothing(backend: Bac
         let error = &failed["downlink_failed"]["error"];
         assert_eq!(error["namespace"], "lorabroker", "{failed}");
         let message = error["message_format"].as_str().unwrap_or_default();
-        assert!(message.to_lowercase().contains(&named.to_lowercase()), "{body}: error {message:?} should name {named:?}");
-        assert!(node.app.queue.list(&dev1).await.unwrap().is_empty(), "{body} enqueued something");
+        assert!(
+            message.to_lowercase().contains(&named.to_lowercase()),
+            "{body}: error {message:?} should name {named:?}"
+        );
+        assert!(
+            node.app.queue.list(&dev1).await.unwrap().is_empty(),
+            "{body} enqueued something"
+        );
     }
 
     // Overflow: 2 fit, the next push of 2 is rejected whole.
-    publisher.publish(&topic, push_body(json!([{"f_port": 1}, {"f_port": 2}]))).await;
+    publisher
+        .publish(&topic, push_body(json!([{"f_port": 1}, {"f_port": 2}])))
+        .await;
     sub.next_on("/down/queued").await;
     sub.next_on("/down/queued").await;
-    publisher.publish(&topic, push_body(json!([{"f_port": 3}, {"f_port": 4}]))).await;
+    publisher
+        .publish(&topic, push_body(json!([{"f_port": 3}, {"f_port": 4}])))
+        .await;
     let failed = sub.next_on("/down/failed").await;
-    assert!(failed["downlink_failed"]["error"]["message_format"].as_str().unwrap().contains("full"), "{failed}");
+    assert!(
+        failed["downlink_failed"]["error"]["message_format"]
+            .as_str()
+            .unwrap()
+            .contains("full"),
+        "{failed}"
+    );
     assert_eq!(node.app.queue.list(&dev1).await.unwrap().len(), 2);
 }
 
@@ -517,14 +714,20 @@ async fn client_id_takeover_on_one_node(backend: Backend) {
     let app = env.app("app1");
     let uid = node.username(&app);
     let key = node.key(&app, Rights::DEFAULT).await;
-    let mut first = TestClient::connect(node.mqtt_addr, &uid, &key, "same-id").await.unwrap();
-    let mut second = TestClient::connect(node.mqtt_addr, &uid, &key, "same-id").await.unwrap();
+    let mut first = TestClient::connect(node.mqtt_addr, &uid, &key, "same-id")
+        .await
+        .unwrap();
+    let mut second = TestClient::connect(node.mqtt_addr, &uid, &key, "same-id")
+        .await
+        .unwrap();
     first.expect_closed().await;
     assert_eq!(second.subscribe("#").await, GRANTED);
     // The same client ID in another application is another client.
     let app2 = env.app("app2");
     let key2 = node.key(&app2, Rights::DEFAULT).await;
-    let _other = TestClient::connect(node.mqtt_addr, &node.username(&app2), &key2, "same-id").await.unwrap();
+    let _other = TestClient::connect(node.mqtt_addr, &node.username(&app2), &key2, "same-id")
+        .await
+        .unwrap();
     second.expect_silence(SILENCE).await;
 }
 
@@ -539,12 +742,16 @@ async fn revocation_and_expiry_disconnect_clients(backend: Backend) {
     let mut unaffected = node.client(&app, &keep).await;
     assert_eq!(unaffected.subscribe("#").await, GRANTED);
     let id = key.split('.').nth(1).unwrap();
-    revoke_key(node.app.keys.as_ref(), node.app.bus.as_ref(), id).await.unwrap();
+    revoke_key(node.app.keys.as_ref(), node.app.bus.as_ref(), id)
+        .await
+        .unwrap();
     a.expect_closed().await;
     b.expect_closed().await;
     unaffected.expect_silence(SILENCE).await;
 
-    let short = node.key_expiring(&app, Rights::DEFAULT, Some(Duration::from_secs(2))).await;
+    let short = node
+        .key_expiring(&app, Rights::DEFAULT, Some(Duration::from_secs(2)))
+        .await;
     let mut c = node.client(&app, &short).await;
     c.expect_closed().await;
 }
@@ -558,8 +765,16 @@ async fn will_messages_only_on_writable_topics(backend: Backend) {
 
     let mut opts = MqttOptions::new(unique("w"), "127.0.0.1", node.mqtt_addr.port());
     opts.set_credentials(uid.clone(), key.clone());
-    opts.set_last_will(LastWill::new(format!("v3/{uid}/devices/dev1/up"), "x", QoS::AtMostOnce, false));
-    assert_eq!(TestClient::connect_with(opts).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    opts.set_last_will(LastWill::new(
+        format!("v3/{uid}/devices/dev1/up"),
+        "x",
+        QoS::AtMostOnce,
+        false,
+    ));
+    assert_eq!(
+        TestClient::connect_with(opts).await.err(),
+        Some(ConnectReturnCode::NotAuthorized)
+    );
 
     // A will on down/push is a downlink pushed when the client vanishes.
     let mut raw = RawClient::connect(&node).await;
@@ -616,13 +831,20 @@ async fn single_tenant_mode_uses_bare_application_ids(backend: Backend) {
     );
     let mut c = node.client(&app, &key).await;
     assert_eq!(c.subscribe("v3/app1/devices/+/up").await, GRANTED);
-    assert_eq!(c.subscribe(&format!("v3/app1@{}/#", env.tenant)).await, SubscribeReasonCode::Failure);
+    assert_eq!(
+        c.subscribe(&format!("v3/app1@{}/#", env.tenant)).await,
+        SubscribeReasonCode::Failure
+    );
     node.upstream()
         .publish(&dev(&env, "app1", "dev1"), Event::Up, "{}".into())
         .await
         .unwrap();
     assert_eq!(c.next_publish().await.0, "v3/app1/devices/dev1/up");
-    c.publish("v3/app1/devices/dev1/down/push", push_body(json!([{"f_port": 5}]))).await;
+    c.publish(
+        "v3/app1/devices/dev1/down/push",
+        push_body(json!([{"f_port": 5}])),
+    )
+    .await;
     let dev1 = dev(&env, "app1", "dev1");
     for _ in 0..50 {
         if !node.app.queue.list(&dev1).await.unwrap().is_empty() {
@@ -640,7 +862,11 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    let status = out.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, out)
 }
 
@@ -672,7 +898,10 @@ async fn health_readiness_metrics_and_drain(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(draining, "readiness goes false while draining");
-    assert!(TcpStream::connect(node.mqtt_addr).await.is_err(), "the listener is closed");
+    assert!(
+        TcpStream::connect(node.mqtt_addr).await.is_err(),
+        "the listener is closed"
+    );
     c.expect_closed().await;
     node.shutdown().await;
 }

@@ -114,7 +114,11 @@ async fn until(lines: &mut Lines<BufReader<ChildStdout>>, suffix: &str) -> (Stri
 
 fn correlation_ids(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -128,13 +132,25 @@ async fn seed_flows(extra: &[&str], uid: &str) {
 
     // Joins and uplinks, in the seed's JSON.
     let (topic, join) = until(&mut lines, "/join").await;
-    assert!(topic.starts_with(&format!("v3/{uid}/devices/dev")), "{topic}");
+    assert!(
+        topic.starts_with(&format!("v3/{uid}/devices/dev")),
+        "{topic}"
+    );
     assert!(join["join_accept"]["session_key_id"].is_string(), "{join}");
     let (topic, up) = until(&mut lines, "/up").await;
-    assert!(topic.starts_with(&format!("v3/{uid}/devices/dev")), "{topic}");
+    assert!(
+        topic.starts_with(&format!("v3/{uid}/devices/dev")),
+        "{topic}"
+    );
     let ids = &up["end_device_ids"];
-    assert!(ids["device_id"].as_str().unwrap_or("").starts_with("dev"), "{up}");
-    assert_eq!(ids["application_ids"]["application_id"], uid.split('@').next().unwrap());
+    assert!(
+        ids["device_id"].as_str().unwrap_or("").starts_with("dev"),
+        "{up}"
+    );
+    assert_eq!(
+        ids["application_ids"]["application_id"],
+        uid.split('@').next().unwrap()
+    );
     for field in ["dev_eui", "join_eui", "dev_addr"] {
         assert!(ids[field].is_string(), "end_device_ids.{field} in {up}");
     }
@@ -142,11 +158,20 @@ async fn seed_flows(extra: &[&str], uid: &str) {
     let msg = &up["uplink_message"];
     assert!(msg["f_port"].is_number(), "{up}");
     assert!(msg["frm_payload"].is_string(), "{up}");
-    assert!(msg["rx_metadata"][0]["gateway_ids"]["gateway_id"].is_string(), "{up}");
-    assert!(msg["settings"]["data_rate"]["lora"]["spreading_factor"].is_number(), "{up}");
+    assert!(
+        msg["rx_metadata"][0]["gateway_ids"]["gateway_id"].is_string(),
+        "{up}"
+    );
+    assert!(
+        msg["settings"]["data_rate"]["lora"]["spreading_factor"].is_number(),
+        "{up}"
+    );
 
     // The printed downlink command: queued, then sent and acknowledged by dev1.
-    let output = paste(&dev.publish).wait_with_output().await.expect("mosquitto_pub runs");
+    let output = paste(&dev.publish)
+        .wait_with_output()
+        .await
+        .expect("mosquitto_pub runs");
     assert!(
         output.status.success(),
         "mosquitto_pub failed: {}",
@@ -156,11 +181,18 @@ async fn seed_flows(extra: &[&str], uid: &str) {
     assert_eq!(topic, format!("v3/{uid}/devices/dev1/down/queued"));
     assert!(correlation_ids(&queued["correlation_ids"]).contains(&"my-correlation-id".to_owned()));
     let (_, sent) = until(&mut lines, "dev1/down/sent").await;
-    assert!(correlation_ids(&sent["correlation_ids"]).contains(&"my-correlation-id".to_owned()), "{sent}");
-    let (_, ack) = until(&mut lines, "dev1/down/ack").await;
-    assert!(correlation_ids(&ack["correlation_ids"]).contains(&"my-correlation-id".to_owned()), "{ack}");
     assert!(
-        correlation_ids(&ack["downlink_ack"]["correlation_ids"]).contains(&"my-correlation-id".to_owned()),
+        correlation_ids(&sent["correlation_ids"]).contains(&"my-correlation-id".to_owned()),
+        "{sent}"
+    );
+    let (_, ack) = until(&mut lines, "dev1/down/ack").await;
+    assert!(
+        correlation_ids(&ack["correlation_ids"]).contains(&"my-correlation-id".to_owned()),
+        "{ack}"
+    );
+    assert!(
+        correlation_ids(&ack["downlink_ack"]["correlation_ids"])
+            .contains(&"my-correlation-id".to_owned()),
         "{ack}"
     );
     assert_eq!(ack["downlink_ack"]["frm_payload"], "vu8=");

@@ -211,13 +211,23 @@ mod tests {
         let (store, auth) = setup();
         let g = generate();
         store
-            .insert(&StoredKey::new(&g, &app("app1"), Rights::DEFAULT, "k", None))
+            .insert(&StoredKey::new(
+                &g,
+                &app("app1"),
+                Rights::DEFAULT,
+                "k",
+                None,
+            ))
             .await
             .unwrap();
         let k = auth.authenticate(&app("app1"), &g.key).await.unwrap();
         assert_eq!(k.id, g.id);
         auth.authenticate(&app("app1"), &g.key).await.unwrap();
-        assert_eq!(store.gets.load(Ordering::SeqCst), 1, "second use is a cache hit");
+        assert_eq!(
+            store.gets.load(Ordering::SeqCst),
+            1,
+            "second use is a cache hit"
+        );
 
         // Change one character in the middle of the secret (the last one carries padding
         // bits that base32 decoding checks).
@@ -232,7 +242,11 @@ mod tests {
             auth.authenticate(&app("app2"), &g.key).await,
             Err(AuthError::WrongApplication { .. })
         ));
-        assert_eq!(store.gets.load(Ordering::SeqCst), 1, "decided from the cache");
+        assert_eq!(
+            store.gets.load(Ordering::SeqCst),
+            1,
+            "decided from the cache"
+        );
         assert_eq!(
             auth.authenticate(&app("app1"), "NNSXS.nope").await,
             Err(AuthError::MalformedKey)
@@ -257,7 +271,13 @@ mod tests {
         assert_eq!(store.gets.load(Ordering::SeqCst), 1);
         // Stored now, but the negative entry still answers until evicted.
         store
-            .insert(&StoredKey::new(&g, &app("app1"), Rights::DEFAULT, "k", None))
+            .insert(&StoredKey::new(
+                &g,
+                &app("app1"),
+                Rights::DEFAULT,
+                "k",
+                None,
+            ))
             .await
             .unwrap();
         assert!(auth.authenticate(&app("app1"), &g.key).await.is_err());
@@ -270,7 +290,13 @@ mod tests {
         let (store, auth) = setup();
         let g = generate();
         store
-            .insert(&StoredKey::new(&g, &app("app1"), Rights::DEFAULT, "k", Some(1)))
+            .insert(&StoredKey::new(
+                &g,
+                &app("app1"),
+                Rights::DEFAULT,
+                "k",
+                Some(1),
+            ))
             .await
             .unwrap();
         assert_eq!(

@@ -12,7 +12,11 @@ pub struct Rights(u8);
 pub struct UnknownRight(pub String);
 
 const NAMES: [(Rights, &str, &str); 5] = [
-    (Rights::TRAFFIC_READ, "RIGHT_APPLICATION_TRAFFIC_READ", "traffic:read"),
+    (
+        Rights::TRAFFIC_READ,
+        "RIGHT_APPLICATION_TRAFFIC_READ",
+        "traffic:read",
+    ),
     (
         Rights::TRAFFIC_DOWN_WRITE,
         "RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE",

@@ -97,8 +97,14 @@ mod tests {
     fn matching() {
         assert!(subject_matches("v3.t.a.>", "v3.t.a.devices.d.up"));
         assert!(!subject_matches("v3.t.a.>", "v3.t.a"));
-        assert!(subject_matches("v3.*.a.devices.*.up", "v3.t.a.devices.d.up"));
-        assert!(!subject_matches("v3.*.a.devices.*.up", "v3.t.a.devices.d.up.normalized"));
+        assert!(subject_matches(
+            "v3.*.a.devices.*.up",
+            "v3.t.a.devices.d.up"
+        ));
+        assert!(!subject_matches(
+            "v3.*.a.devices.*.up",
+            "v3.t.a.devices.d.up.normalized"
+        ));
         assert!(!subject_matches("v3.t.b.>", "v3.t.a.devices.d.up"));
         assert!(subject_matches("a.b", "a.b"));
         assert!(!subject_matches("a.b", "a.b.c"));

@@ -101,7 +101,10 @@ impl DownlinkService {
 /// Adds the server's correlation ID `as:downlink:<ULID>` to an item.
 fn with_server_id(mut item: Map<String, Value>) -> Map<String, Value> {
     let id = Value::String(format!("as:downlink:{}", ulid::Ulid::new()));
-    match item.get_mut("correlation_ids").and_then(Value::as_array_mut) {
+    match item
+        .get_mut("correlation_ids")
+        .and_then(Value::as_array_mut)
+    {
         Some(ids) => ids.push(id),
         None => {
             item.insert("correlation_ids".into(), Value::Array(vec![id]));
@@ -149,7 +152,10 @@ mod tests {
         let service = DownlinkService::new(queue.clone(), bus.clone());
         let mut events = bus.subscribe("v3.tenant1.app1.>".into()).await.unwrap();
         let body = br#"{"downlinks":[{"f_port":1,"correlation_ids":["mine"]},{"f_port":2}]}"#;
-        assert_eq!(service.handle(&device(), DownlinkOp::Push, body).await, Ok(2));
+        assert_eq!(
+            service.handle(&device(), DownlinkOp::Push, body).await,
+            Ok(2)
+        );
         let queued = queue.list(&device()).await.unwrap();
         let first: Value = serde_json::from_str(&queued[0]).unwrap();
         let ids = correlation_ids(&first);
@@ -170,7 +176,10 @@ mod tests {
         let service = DownlinkService::new(queue.clone(), bus.clone());
         let mut events = bus.subscribe("v3.>".into()).await.unwrap();
         let body = br#"{"downlinks":[{"f_port":1},{"f_port":0}]}"#;
-        let err = service.handle(&device(), DownlinkOp::Push, body).await.unwrap_err();
+        let err = service
+            .handle(&device(), DownlinkOp::Push, body)
+            .await
+            .unwrap_err();
         assert_eq!(err.name(), "invalid_downlink");
         assert!(queue.list(&device()).await.unwrap().is_empty());
         for port in [1, 0] {
@@ -178,7 +187,10 @@ mod tests {
             assert_eq!(doc["downlink_failed"]["downlink"]["f_port"], port);
             assert_eq!(doc["downlink_failed"]["error"]["name"], "invalid_downlink");
         }
-        service.handle(&device(), DownlinkOp::Push, b"{").await.unwrap_err();
+        service
+            .handle(&device(), DownlinkOp::Push, b"{")
+            .await
+            .unwrap_err();
         let doc: Value = serde_json::from_slice(&events.next().await.unwrap().payload).unwrap();
         assert_eq!(doc["downlink_failed"]["error"]["name"], "invalid_json");
         assert!(doc["downlink_failed"].get("downlink").is_none());

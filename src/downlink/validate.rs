@@ -177,11 +177,15 @@ mod tests {
         assert!(err(r#"{"downlinks":[1]}"#).contains("downlinks[0]"));
         assert!(err(r#"{}"#).contains("downlinks"));
         let big = base64::engine::general_purpose::STANDARD.encode([0u8; 251]);
-        assert!(err(&json!({"downlinks":[{"f_port":1,"frm_payload":big}]}).to_string())
-            .contains("251 bytes"));
+        assert!(
+            err(&json!({"downlinks":[{"f_port":1,"frm_payload":big}]}).to_string())
+                .contains("251 bytes")
+        );
         let long = "x".repeat(101);
-        assert!(err(&json!({"downlinks":[{"f_port":1,"correlation_ids":[long]}]}).to_string())
-            .contains("longer than 100"));
+        assert!(
+            err(&json!({"downlinks":[{"f_port":1,"correlation_ids":[long]}]}).to_string())
+                .contains("longer than 100")
+        );
         assert!(err(r#"{"downlinks":[{"f_port":1},{"f_port":300}]}"#).contains("downlinks[1]"));
     }
 

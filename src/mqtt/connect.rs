@@ -105,10 +105,9 @@ pub async fn accept(
         }
         id => id.to_owned(),
     };
-    let login = connect
-        .login
-        .as_ref()
-        .ok_or_else(|| Refusal::BadCredentials("username and password (an API key) are required".into()))?;
+    let login = connect.login.as_ref().ok_or_else(|| {
+        Refusal::BadCredentials("username and password (an API key) are required".into())
+    })?;
     let app = tenancy
         .parse_app(&login.username)
         .map_err(|e| Refusal::BadCredentials(e.to_string()))?;
@@ -141,7 +140,11 @@ mod tests {
             (Refusal::Protocol("V5".into()), RefusedProtocolVersion, 1u8),
             (Refusal::ClientId(String::new()), BadClientId, 2),
             (Refusal::Unavailable(String::new()), ServiceUnavailable, 3),
-            (Refusal::BadCredentials(String::new()), BadUserNamePassword, 4),
+            (
+                Refusal::BadCredentials(String::new()),
+                BadUserNamePassword,
+                4,
+            ),
             (Refusal::NotAuthorized(String::new()), NotAuthorized, 5),
         ];
         for (refusal, code, byte) in cases {
@@ -149,8 +152,17 @@ mod tests {
             assert_eq!(refusal.code() as u8, byte);
         }
         assert_eq!(Refusal::from(AuthError::MalformedKey).code() as u8, 4);
-        assert_eq!(Refusal::from(AuthError::Unavailable("x".into())).code() as u8, 3);
-        assert_eq!(Refusal::from(AuthError::UnknownKey("x".into())).code() as u8, 5);
-        assert_eq!(Refusal::from(AuthError::Expired("x".into())).code() as u8, 5);
+        assert_eq!(
+            Refusal::from(AuthError::Unavailable("x".into())).code() as u8,
+            3
+        );
+        assert_eq!(
+            Refusal::from(AuthError::UnknownKey("x".into())).code() as u8,
+            5
+        );
+        assert_eq!(
+            Refusal::from(AuthError::Expired("x".into())).code() as u8,
+            5
+        );
     }
 }

@@ -120,7 +120,10 @@ mod tests {
         o.ready().await;
         let mut out = Vec::new();
         assert_eq!(o.take(&mut out), None);
-        assert_eq!(out, vec![Bytes::from_static(b"12345"), Bytes::from_static(b"678")]);
+        assert_eq!(
+            out,
+            vec![Bytes::from_static(b"12345"), Bytes::from_static(b"678")]
+        );
         // Draining frees the budget.
         o.push(Bytes::from_static(b"abcdefghij")).unwrap();
     }

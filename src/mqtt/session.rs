@@ -484,12 +484,17 @@ impl Session {
     /// client's own application when the key may read, 0x80 otherwise.
     async fn subscribe(&mut self, requested: &str) -> SubscribeReasonCode {
         if !self.accepted.key.rights.can_read() {
-            tracing::info!(filter = requested, "subscription refused: the key has no read right");
+            tracing::info!(
+                filter = requested,
+                "subscription refused: the key has no read right"
+            );
             return SubscribeReasonCode::Failure;
         }
-        let Some(filter) = Filter::rewrite(&self.app.tenancy, &self.accepted.app, requested)
-        else {
-            tracing::info!(filter = requested, "subscription refused: not a topic of this application");
+        let Some(filter) = Filter::rewrite(&self.app.tenancy, &self.accepted.app, requested) else {
+            tracing::info!(
+                filter = requested,
+                "subscription refused: not a topic of this application"
+            );
             return SubscribeReasonCode::Failure;
         };
         let member = match &self.member {
@@ -521,7 +526,8 @@ impl Session {
                 publish.topic
             )));
         }
-        self.publish_downlink(&publish.topic, &publish.payload).await;
+        self.publish_downlink(&publish.topic, &publish.payload)
+            .await;
         match publish.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self
@@ -537,8 +543,7 @@ impl Session {
     /// Hands a downlink publish (or the will) to the downlink service. Failures are
     /// reported to the application by the service as `down/failed` events.
     async fn publish_downlink(&self, topic: &str, payload: &[u8]) {
-        let Some((device, op)) =
-            parse_downlink_topic(&self.app.tenancy, &self.accepted.app, topic)
+        let Some((device, op)) = parse_downlink_topic(&self.app.tenancy, &self.accepted.app, topic)
         else {
             return;
         };

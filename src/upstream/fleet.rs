@@ -36,7 +36,9 @@ pub async fn run_fleet(upstream: Upstream, config: FleetConfig, stop: Cancellati
         };
         let device = SimDevice::new(DeviceRef::new(config.app.clone(), id), i);
         // Spread the devices over one interval so uplinks do not arrive in bursts.
-        let offset = config.uplink_interval.mul_f64(f64::from(i - 1) / f64::from(config.devices));
+        let offset = config
+            .uplink_interval
+            .mul_f64(f64::from(i - 1) / f64::from(config.devices));
         tasks.spawn(run_device(
             upstream.clone(),
             device,
@@ -118,14 +120,24 @@ mod tests {
         let app = AppRef::new(Id::parse("tenant1").unwrap(), Id::parse("app1").unwrap());
         let dev1 = DeviceRef::new(app.clone(), Id::parse("dev1").unwrap());
         queue
-            .push(&dev1, &[r#"{"f_port":15,"confirmed":true,"correlation_ids":["mine"]}"#.into()])
+            .push(
+                &dev1,
+                &[r#"{"f_port":15,"confirmed":true,"correlation_ids":["mine"]}"#.into()],
+            )
             .await
             .unwrap();
-        let mut events = bus.subscribe("v3.tenant1.app1.devices.dev1.>".into()).await.unwrap();
+        let mut events = bus
+            .subscribe("v3.tenant1.app1.devices.dev1.>".into())
+            .await
+            .unwrap();
         let stop = CancellationToken::new();
         let fleet = tokio::spawn(run_fleet(
             Upstream::new(bus.clone(), queue.clone()),
-            FleetConfig { app, devices: 2, uplink_interval: Duration::from_millis(50) },
+            FleetConfig {
+                app,
+                devices: 2,
+                uplink_interval: Duration::from_millis(50),
+            },
             stop.clone(),
         ));
         let mut subjects = Vec::new();

@@ -191,7 +191,10 @@ mod tests {
         assert!(msg["decoded_payload"]["temperature"].is_number());
         assert!(msg["rx_metadata"][0]["gateway_ids"]["gateway_id"].is_string());
         assert_eq!(msg["settings"]["data_rate"]["lora"]["spreading_factor"], 7);
-        assert_eq!(up["end_device_ids"]["dev_addr"], join["end_device_ids"]["dev_addr"]);
+        assert_eq!(
+            up["end_device_ids"]["dev_addr"],
+            join["end_device_ids"]["dev_addr"]
+        );
         assert_eq!(d.uplink()["uplink_message"]["f_cnt"], 1);
     }
 
@@ -206,9 +209,15 @@ mod tests {
         let ack = d.downlink_ack(&sent["downlink_sent"]);
         let ids = correlation_ids(&ack);
         assert_eq!(&ids[..2], ["my-correlation-id", "as:downlink:01"]);
-        assert_eq!(correlation_ids(&ack["downlink_ack"])[0], "my-correlation-id");
+        assert_eq!(
+            correlation_ids(&ack["downlink_ack"])[0],
+            "my-correlation-id"
+        );
         assert_eq!(ack["downlink_ack"]["confirmed"], true);
         let failed = d.downlink_failed(&queued, "no gateway");
-        assert_eq!(failed["downlink_failed"]["error"]["message_format"], "no gateway");
+        assert_eq!(
+            failed["downlink_failed"]["error"]["message_format"],
+            "no gateway"
+        );
     }
 }

@@ -71,8 +71,10 @@ impl TestEnv {
 
     /// A node configuration on free loopback ports for this environment.
     pub fn config(&self) -> Config {
-        let mut c = Config::default();
-        c.node_name = "test".into();
+        let mut c = Config {
+            node_name: "test".into(),
+            ..Config::default()
+        };
         c.mqtt.listen = "127.0.0.1:0".into();
         c.http.listen = "127.0.0.1:0".into();
         c.redis.key_prefix = self.prefix.clone();
@@ -270,7 +272,10 @@ impl TestClient {
 
     /// The next thing seen, within [`WAIT`].
     pub async fn next(&mut self) -> Option<Seen> {
-        tokio::time::timeout(WAIT, self.seen.recv()).await.ok().flatten()
+        tokio::time::timeout(WAIT, self.seen.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The next PUBLISH, within [`WAIT`]; panics on anything else.

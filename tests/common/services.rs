@@ -257,10 +257,10 @@ enum Source {
     /// Given by the environment; not ours to stop.
     External(String),
     /// A child process on a port we chose.
-    Process(ServerProcess),
+    Process(Box<ServerProcess>),
     /// A container with a fixed host port.
     Container {
-        container: ContainerAsync<GenericImage>,
+        container: Box<ContainerAsync<GenericImage>>,
         host: String,
         port: u16,
     },
@@ -282,7 +282,7 @@ impl Server {
         if let Some(binary) = find_on_path(kind.binary()) {
             return Server {
                 kind,
-                source: Source::Process(ServerProcess::start(kind, binary).await),
+                source: Source::Process(Box::new(ServerProcess::start(kind, binary).await)),
             };
         }
         if docker_reachable().await {
@@ -529,7 +529,7 @@ async fn start_container(kind: Kind) -> Source {
     };
     wait_until_answers(kind, &host, port, CONTAINER_READY_TIMEOUT).await;
     Source::Container {
-        container,
+        container: Box::new(container),
         host,
         port,
     }

@@ -484,9 +484,12 @@ fn free_port() -> u16 {
     }
 }
 
+/// Finds `binary` on PATH, then in the sbin directories Debian's packages install servers
+/// into (`nats-server` lands in /usr/sbin, which a normal user's PATH often lacks).
 fn find_on_path(binary: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(binary))
         .find(|candidate| candidate.is_file())
 }

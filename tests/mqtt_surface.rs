@@ -855,21 +855,6 @@ async fn single_tenant_mode_uses_bare_application_ids(backend: Backend) {
     panic!("single-tenant downlink was not queued");
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, out)
-}
-
 async fn health_readiness_metrics_and_drain(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let node = env
@@ -880,9 +865,9 @@ async fn health_readiness_metrics_and_drain(backend: Backend) {
     let mut c = node.client(&app, &key).await;
     assert_eq!(c.subscribe("#").await, GRANTED);
 
-    assert_eq!(http_get(node.http_addr, "/healthz").await.0, 200);
-    assert_eq!(http_get(node.http_addr, "/readyz").await.0, 200);
-    let (status, metrics) = http_get(node.http_addr, "/metrics").await;
+    assert_eq!(common::http::get(node.http_addr, "/healthz").await.0, 200);
+    assert_eq!(common::http::get(node.http_addr, "/readyz").await.0, 200);
+    let (status, metrics) = common::http::get(node.http_addr, "/metrics").await;
     assert_eq!(status, 200);
     assert!(metrics.contains("lorabroker_connections 1"), "{metrics}");
     assert!(metrics.contains("outcome=\"accepted\""), "{metrics}");
@@ -890,7 +875,7 @@ async fn health_readiness_metrics_and_drain(backend: Backend) {
     node.shutdown_token().cancel();
     let mut draining = false;
     for _ in 0..40 {
-        let (status, body) = http_get(node.http_addr, "/readyz").await;
+        let (status, body) = common::http::get(node.http_addr, "/readyz").await;
         if status == 503 && body.contains("draining") {
             draining = true;
             break;

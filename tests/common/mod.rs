@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod http;
 pub mod services;

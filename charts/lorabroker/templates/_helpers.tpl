@@ -1,0 +1,137 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "lorabroker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lorabroker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lorabroker.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lorabroker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lorabroker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "lorabroker.labels" -}}
+helm.sh/chart: {{ include "lorabroker.chart" . }}
+{{ include "lorabroker.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lorabroker
+{{- end }}
+
+{{- define "lorabroker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lorabroker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "lorabroker.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds, derived from the node's drain window so the two can't drift:
+the preStop sleep runs first (it counts against the grace period), then SIGTERM starts a
+drain of shutdown.gracePeriodSeconds that ends at the latest 5s later, then a margin.
+*/}}
+{{- define "lorabroker.terminationGracePeriodSeconds" -}}
+{{- $s := .Values.shutdown }}
+{{- if lt (int $s.terminationMarginSeconds) 6 }}
+{{- fail "shutdown.terminationMarginSeconds must be at least 6: the node may take up to gracePeriodSeconds + 5s to exit" }}
+{{- end }}
+{{- add (int $s.preStopSleepSeconds) (int $s.gracePeriodSeconds) (int $s.terminationMarginSeconds) }}
+{{- end }}
+
+{{/*
+Checks of values that would otherwise give a cluster that renders but can't work.
+*/}}
+{{- define "lorabroker.validate" -}}
+{{- $clustered := or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}
+{{- if and $clustered (not (or .Values.externalNats.url .Values.externalNats.existingSecret)) }}
+{{- fail "more than one node needs a shared NATS: set externalNats.url or externalNats.existingSecret" }}
+{{- end }}
+{{- if and $clustered (not (or .Values.externalRedis.url .Values.externalRedis.existingSecret)) }}
+{{- fail "more than one node needs a shared Redis: set externalRedis.url or externalRedis.existingSecret" }}
+{{- end }}
+{{- if lt (int .Values.shutdown.gracePeriodSeconds) 1 }}
+{{- fail "shutdown.gracePeriodSeconds must be at least 1" }}
+{{- end }}
+{{- range $key := list "node_name" "shutdown" "nats" }}
+{{- if hasKey $.Values.config $key }}
+{{- fail (printf "config.%s is set by the chart (see the comments above config in values.yaml); remove it from config" $key) }}
+{{- end }}
+{{- end }}
+{{- range $section, $key := dict "mqtt" "listen" "http" "listen" "redis" "url" }}
+{{- if and (hasKey $.Values.config $section) (hasKey (index $.Values.config $section) $key) }}
+{{- fail (printf "config.%s.%s is set by the chart (see the comments above config in values.yaml); remove it from config" $section $key) }}
+{{- end }}
+{{- end }}
+{{- if and (hasKey .Values.config "http") (hasKey .Values.config.http "admin_token") }}
+{{- fail "config.http.admin_token must not be written into a ConfigMap: use adminToken.existingSecret" }}
+{{- end }}
+{{- end }}
+
+{{/*
+One TOML value. Helm reads values as JSON types; a JSON string, number or boolean is
+also a valid TOML value (JSON string escapes are TOML basic-string escapes), as is an
+array of them.
+*/}}
+{{- define "lorabroker.tomlValue" -}}
+{{- if kindIs "map" . }}
+{{- fail "lorabroker.toml: nested tables below a section are not supported" }}
+{{- else if kindIs "invalid" . }}
+{{- fail "lorabroker.toml: null values are not allowed; leave the key out to keep its default" }}
+{{- else }}
+{{- toJson . }}
+{{- end }}
+{{- end }}
+
+{{/*
+lorabroker.toml: .Values.config plus what the chart owns (listen addresses, drain window).
+*/}}
+{{- define "lorabroker.config" -}}
+{{- $cfg := deepCopy .Values.config }}
+{{- $mqtt := get $cfg "mqtt" | default dict }}
+{{- $_ := set $mqtt "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.mqtt)) }}
+{{- $_ := set $cfg "mqtt" $mqtt }}
+{{- $http := get $cfg "http" | default dict }}
+{{- $_ := set $http "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.http)) }}
+{{- $_ := set $cfg "http" $http }}
+{{- $_ := set $cfg "shutdown" (dict "grace_period" (printf "%ds" (int .Values.shutdown.gracePeriodSeconds))) }}
+# lorabroker.toml rendered by the {{ include "lorabroker.chart" . }} chart from its values.
+# Keys and defaults: config/lorabroker.toml in the lorabroker repository. NATS and Redis
+# URLs and the admin token come from the environment (LORABROKER_NATS__URL,
+# LORABROKER_REDIS__URL, LORABROKER_HTTP__ADMIN_TOKEN), the node name from the pod name.
+{{- range $section, $keys := $cfg }}
+{{- if not (kindIs "map" $keys) }}
+{{- fail (printf "config.%s must be a section (a map of keys), as in lorabroker.toml" $section) }}
+{{- end }}
+
+[{{ $section }}]
+{{- range $key, $value := $keys }}
+{{ $key }} = {{ include "lorabroker.tomlValue" $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lorabroker.tenancyMode" -}}
+{{- dig "tenancy" "mode" "multi" .Values.config }}
+{{- end }}

@@ -1,0 +1,521 @@
+#!/usr/bin/env python3
+"""Validate the deployment files: the Helm chart and docker-compose.yml.
+
+Run by .ci/check-deploy inside a venv that holds the pinned helm-python-sdk (Helm's own Go
+library behind a C ABI: lint and offline render, no helm binary) and kubernetes-validate
+(offline Kubernetes JSON schemas). The compose file's JSON-schema validation is done by
+check-jsonschema in .ci/check-deploy; here only what a schema cannot see.
+
+For the chart, for each scenario (default values, values-production.yaml, every optional
+object switched on, a single embedded node):
+  1. helm lint (strict, against each pinned Kubernetes version): errors and warnings fail;
+  2. helm render, then every object is validated against the Kubernetes schemas of each
+     pinned version in strict mode (unknown fields fail). The ServiceMonitor is a CRD that
+     kubernetes-validate has no schema for: it is validated against SERVICE_MONITOR_SCHEMA
+     below, the subset of the monitoring.coreos.com/v1 CRD schema the chart uses;
+  3. the chart's promises are checked on the rendered objects: the rendered lorabroker.toml
+     parses and uses only keys the node knows (config/lorabroker.toml), LORABROKER_* env
+     names map to known keys, terminationGracePeriodSeconds covers preStop + drain + the
+     node's 5s hard deadline, rolling updates keep maxUnavailable 0, probes, security
+     context, enableServiceLinks off.
+Scenarios that must be refused (a multi-node install without NATS, a key the chart owns
+set in config, ...) must fail to render.
+
+Exit status: 0 when everything holds, 1 otherwise; every problem is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import re
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+import helm_python as helm
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "lorabroker"
+NODE_CONFIG = ROOT / "config" / "lorabroker.toml"
+COMPOSE = ROOT / "docker-compose.yml"
+
+# Oldest and newest Kubernetes versions the chart is validated against. The chart says
+# kubeVersion >=1.25; kubernetes-validate 1.37.0 ships schemas for 1.25 to 1.37.
+KUBE_VERSIONS = ["1.25.0", "1.37.0"]
+
+# How much longer than shutdown.grace_period the node may take to exit (src/server.rs:
+# the drain's hard deadline is the grace period + 5s).
+NODE_DRAIN_HARD_DEADLINE_EXTRA_S = 5
+
+RELEASE = "lorabroker"
+NAMESPACE = "lorabroker"
+
+# The part of the monitoring.coreos.com/v1 ServiceMonitor CRD schema that the chart uses
+# (field names, types and the duration pattern as in prometheus-operator's CRD), with
+# unknown fields refused so that a typo fails here as it would on apply.
+_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
+                "namespace": {"type": "string"},
+                "labels": _LABELS,
+                "annotations": _LABELS,
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array"}},
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "jobLabel": {"type": "string"},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "scrapeTimeout": {"type": "string", "pattern": _DURATION},
+                            "honorLabels": {"type": "boolean"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+class Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, what: str) -> None:
+        self.items.append(f"{where}: {what}")
+        print(f"  FAIL {where}: {what}", flush=True)
+
+    def check(self, ok: bool, where: str, what: str) -> None:
+        if not ok:
+            self.add(where, what)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    with path.open() as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: not a YAML mapping")
+    return data
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds of a humantime duration as lorabroker.toml writes them ("25s", "1m 30s")."""
+    units = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    total = 0.0
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]+)", text)
+    if not parts or re.sub(r"[\d.\sa-z]", "", text):
+        raise ValueError(f"not a duration: {text!r}")
+    for number, unit in parts:
+        if unit not in units:
+            raise ValueError(f"unknown duration unit {unit!r} in {text!r}")
+        total += float(number) * units[unit]
+    return total
+
+
+def known_config_keys() -> set[str]:
+    """Dotted keys the node accepts: those config/lorabroker.toml documents, plus
+    node_name (documented there as a comment because its default is the hostname)."""
+    with NODE_CONFIG.open("rb") as f:
+        doc = tomllib.load(f)
+    keys = {"node_name"}
+    for section, table in doc.items():
+        if isinstance(table, dict):
+            keys.update(f"{section}.{k}" for k in table)
+        else:
+            keys.add(section)
+    return keys
+
+
+def env_to_key(name: str) -> str | None:
+    """LORABROKER_SECTION__KEY -> section.key (figment's Env::prefixed(..).split("__"))."""
+    if not name.startswith("LORABROKER_"):
+        return None
+    return ".".join(part.lower() for part in name[len("LORABROKER_"):].split("__"))
+
+
+# ---------------------------------------------------------------------------------------
+# Chart
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None) -> list[dict[str, Any]]:
+    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects: list[dict[str, Any]] = []
+    for template, text in sorted(manifests.items()):
+        if not template.endswith((".yaml", ".yml")):
+            continue  # NOTES.txt
+        for doc in yaml.safe_load_all(text):
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                raise ValueError(f"{template}: a document is not a mapping")
+            doc["__template__"] = template
+            objects.append(doc)
+    return objects
+
+
+def validate_objects(objects: list[dict[str, Any]], scenario: str, problems: Problems) -> None:
+    for obj in objects:
+        template = obj.pop("__template__")
+        where = f"{scenario}: {template}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+        if obj.get("apiVersion", "").startswith("monitoring.coreos.com/"):
+            # A CRD: kubernetes-validate has no schema for it (see SERVICE_MONITOR_SCHEMA).
+            errors = sorted(jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA).iter_errors(obj), key=str)
+            for e in errors:
+                problems.add(where, f"ServiceMonitor subset schema: {e.json_path}: {e.message}")
+            obj["__template__"] = template
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                path = "/".join(str(p) for p in e.path)
+                problems.add(where, f"Kubernetes {version} schema: {path}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError as e:
+                problems.add(where, f"no Kubernetes {version} schema: {e.message}")
+        obj["__template__"] = template
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o.get("kind") == kind]
+
+
+def check_promises(objects: list[dict[str, Any]], values: dict[str, Any], scenario: str, problems: Problems) -> None:
+    """What the chart promises beyond schema validity, on the rendered objects."""
+    where = scenario
+    known = known_config_keys()
+
+    deployments = by_kind(objects, "Deployment")
+    problems.check(len(deployments) == 1, where, f"expected one Deployment, got {len(deployments)}")
+    if not deployments:
+        return
+    dep = deployments[0]
+    spec = dep["spec"]
+    pod = spec["template"]["spec"]
+    container = next((c for c in pod["containers"] if c["name"] == "lorabroker"), None)
+    if container is None:
+        problems.add(where, "no container named lorabroker")
+        return
+
+    problems.check(
+        spec.get("strategy", {}).get("rollingUpdate", {}).get("maxUnavailable") == 0,
+        where, "Deployment rollingUpdate.maxUnavailable must be 0",
+    )
+    hpa = by_kind(objects, "HorizontalPodAutoscaler")
+    problems.check(("replicas" in spec) != bool(hpa), where, "replicas must be set exactly when there is no HPA")
+    problems.check(pod.get("enableServiceLinks") is False, where,
+                   "enableServiceLinks must be false (injected LORABROKER_* Service variables break the node's config)")
+
+    # Configuration file: valid TOML, only keys the node knows.
+    cms = by_kind(objects, "ConfigMap")
+    toml_text = next((cm.get("data", {}).get("lorabroker.toml") for cm in cms), None)
+    config: dict[str, Any] = {}
+    if toml_text is None:
+        problems.add(where, "no ConfigMap with lorabroker.toml")
+    else:
+        try:
+            config = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as e:
+            problems.add(where, f"rendered lorabroker.toml is not valid TOML: {e}")
+        for section, table in config.items():
+            items = table.items() if isinstance(table, dict) else [(None, table)]
+            for k, _ in items:
+                key = f"{section}.{k}" if k is not None else section
+                problems.check(key in known, where, f"lorabroker.toml sets {key}, which the node does not know "
+                               f"(not in {NODE_CONFIG.relative_to(ROOT)})")
+    args = container.get("args", [])
+    problems.check(args[-1:] == ["serve"], where, f"container args must end with serve, got {args}")
+    if "--config" in args:
+        problems.check(any(m["mountPath"] == str(Path(args[args.index("--config") + 1]).parent)
+                           for m in container.get("volumeMounts", [])),
+                       where, "the --config file's directory is not mounted")
+
+    # Environment: every LORABROKER_* variable is a known key; backends from values/Secrets.
+    env = {e["name"]: e for e in container.get("env", [])}
+    for name in env:
+        key = env_to_key(name)
+        if key is not None:
+            problems.check(key in known, where, f"env {name} maps to {key}, which the node does not know")
+    for name, section in (("LORABROKER_NATS__URL", "externalNats"), ("LORABROKER_REDIS__URL", "externalRedis"),
+                          ("LORABROKER_HTTP__ADMIN_TOKEN", "adminToken")):
+        v = values.get(section, {})
+        if v.get("existingSecret"):
+            ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
+            problems.check(ref.get("name") == v["existingSecret"] and ref.get("key") == v.get("existingSecretKey"),
+                           where, f"{name} must come from Secret {v['existingSecret']}/{v.get('existingSecretKey')}")
+
+    # Probes and drain.
+    def probe_path(probe: str) -> str | None:
+        return container.get(probe, {}).get("httpGet", {}).get("path")
+
+    problems.check(probe_path("livenessProbe") == "/healthz", where, "liveness probe must be GET /healthz")
+    problems.check(probe_path("readinessProbe") == "/readyz", where, "readiness probe must be GET /readyz")
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    sleep_s = 0.0
+    if "exec" in pre_stop:
+        cmd = pre_stop["exec"].get("command", [])
+        problems.check(cmd[:1] == ["sleep"] and len(cmd) == 2, where, f"preStop must be a sleep, got {cmd}")
+        sleep_s = float(cmd[1]) if len(cmd) == 2 else 0.0
+    elif "sleep" in pre_stop:
+        sleep_s = float(pre_stop["sleep"]["seconds"])
+    else:
+        problems.add(where, "no preStop hook")
+    grace_text = config.get("shutdown", {}).get("grace_period", "25s")
+    try:
+        grace = duration_seconds(grace_text)
+    except ValueError as e:
+        problems.add(where, f"shutdown.grace_period: {e}")
+        grace = 0
+    tgps = pod.get("terminationGracePeriodSeconds", 30)
+    needed = sleep_s + grace + NODE_DRAIN_HARD_DEADLINE_EXTRA_S
+    problems.check(tgps > needed, where,
+                   f"terminationGracePeriodSeconds {tgps} must exceed preStop {sleep_s:g}s + grace_period "
+                   f"{grace:g}s + {NODE_DRAIN_HARD_DEADLINE_EXTRA_S}s = {needed:g}s")
+
+    # Security context.
+    psc, csc = pod.get("securityContext", {}), container.get("securityContext", {})
+    problems.check(psc.get("runAsNonRoot") is True or csc.get("runAsNonRoot") is True, where, "runAsNonRoot")
+    problems.check(csc.get("readOnlyRootFilesystem") is True, where, "readOnlyRootFilesystem")
+    problems.check(csc.get("allowPrivilegeEscalation") is False, where, "allowPrivilegeEscalation false")
+    problems.check("ALL" in csc.get("capabilities", {}).get("drop", []), where, "capabilities drop ALL")
+    problems.check((psc.get("seccompProfile") or csc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+                   where, "seccompProfile RuntimeDefault")
+
+    # Services: MQTT and HTTP, pointing at the pod's named ports.
+    ports = {p["name"] for p in container.get("ports", [])}
+    services = by_kind(objects, "Service")
+    for svc in services:
+        for p in svc["spec"].get("ports", []):
+            problems.check(p.get("targetPort") in ports, where,
+                           f"Service {svc['metadata']['name']} targets unknown port {p.get('targetPort')}")
+    mqtt = [s for s in services if any(p.get("name") == "mqtt" for p in s["spec"]["ports"])]
+    problems.check(len(mqtt) == 1, where, "expected one MQTT Service")
+    if mqtt:
+        want = values.get("service", {}).get("mqtt", {}).get("type", "LoadBalancer")
+        problems.check(mqtt[0]["spec"].get("type") == want, where, f"MQTT Service type must be {want}")
+    selector = spec["selector"]["matchLabels"]
+    labels = spec["template"]["metadata"]["labels"]
+    problems.check(all(labels.get(k) == v for k, v in selector.items()), where, "pod labels do not match the selector")
+    for obj in by_kind(objects, "PodDisruptionBudget") + by_kind(objects, "Service"):
+        sel = obj["spec"]["selector"]
+        sel = sel.get("matchLabels", sel)
+        problems.check(sel == selector, where, f"{obj['kind']} {obj['metadata']['name']} selects other pods")
+    for h in hpa:
+        ref = h["spec"]["scaleTargetRef"]
+        problems.check(ref["kind"] == "Deployment" and ref["name"] == dep["metadata"]["name"], where,
+                       "HPA does not target the Deployment")
+
+
+def check_chart(problems: Problems) -> None:
+    defaults = load_yaml(CHART / "values.yaml")
+    production = load_yaml(CHART / "values-production.yaml")
+    everything = {
+        "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "externalNats": {"existingSecret": "backends", "existingSecretKey": "nats"},
+        "externalRedis": {"existingSecret": "backends", "existingSecretKey": "redis"},
+        "adminToken": {"existingSecret": "backends", "existingSecretKey": "admin"},
+        "service": {"mqtt": {"type": "NodePort", "nodePort": 31883}},
+        "podAntiAffinity": "hard",
+        "topologySpreadConstraints": [
+            {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}
+        ],
+        "podDisruptionBudget": {"minAvailable": 2},
+        "extraEnv": [{"name": "LORABROKER_MQTT__MAX_CONNECTIONS", "value": "5000"}],
+        "priorityClassName": "high",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "podAnnotations": {"example.com/team": "iot"},
+    }
+    single = {
+        "replicaCount": 1,
+        "externalNats": {"url": ""},
+        "externalRedis": {"url": ""},
+        "service": {"mqtt": {"type": "ClusterIP"}},
+        "podAntiAffinity": "",
+        "serviceAccount": {"create": False},
+        "config": {"tenancy": {"mode": "single", "default_tenant": "acme"}},
+    }
+    scenarios: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
+        ("default values", None, defaults),
+        ("values-production.yaml", production, deep_merge(defaults, production)),
+        ("all optional objects (HPA, ServiceMonitor, Secrets, NodePort, spread)", everything,
+         deep_merge(defaults, everything)),
+        ("single embedded node", single, deep_merge(defaults, single)),
+    ]
+    must_fail: list[tuple[str, dict[str, Any], str]] = [
+        ("three nodes without NATS", {"externalNats": {"url": ""}}, "shared NATS"),
+        ("autoscaled without Redis", {"replicaCount": 1, "autoscaling": {"enabled": True},
+                                      "externalRedis": {"url": ""}}, "shared Redis"),
+        ("drain window set in config", {"config": {"shutdown": {"grace_period": "5s"}}}, "config.shutdown"),
+        ("admin token in the ConfigMap", {"config": {"http": {"admin_token": "x"}}}, "admin_token"),
+        ("a margin shorter than the node's hard deadline", {"shutdown": {"terminationMarginSeconds": 5}},
+         "terminationMarginSeconds"),
+        ("unknown anti-affinity preset", {"podAntiAffinity": "sometimes"}, "podAntiAffinity"),
+    ]
+
+    for version in KUBE_VERSIONS:
+        for name, values, _ in scenarios:
+            t = time.monotonic()
+            report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{version}")
+            for m in report.get("messages", []):
+                if m.get("severity", 0) >= 2:
+                    problems.add(f"helm lint ({name}, Kubernetes {version})", f"{m.get('path')}: {m.get('error')}")
+            for e in report.get("errors", []):
+                if not any(e == m.get("error") for m in report.get("messages", [])):
+                    problems.add(f"helm lint ({name}, Kubernetes {version})", e)
+            print(f"  helm lint, {name}, Kubernetes {version}: "
+                  f"{len(report.get('messages', []))} message(s) ({time.monotonic() - t:.1f}s)", flush=True)
+
+    with helm.Chart.load(CHART) as chart:
+        for name, values, merged in scenarios:
+            t = time.monotonic()
+            try:
+                objects = render(chart, values)
+            except helm.HelmError as e:
+                problems.add(f"render ({name})", str(e))
+                continue
+            validate_objects(objects, name, problems)
+            check_promises(objects, merged, name, problems)
+            kinds = ", ".join(sorted(f"{o['kind']}" for o in objects))
+            print(f"  rendered and validated {name}: {len(objects)} objects [{kinds}] "
+                  f"({time.monotonic() - t:.1f}s)", flush=True)
+            want = {"ServiceMonitor"} if name.startswith("all optional") else set()
+            if name.startswith("all optional"):
+                want |= {"HorizontalPodAutoscaler", "PodDisruptionBudget"}
+            missing = want - {o["kind"] for o in objects}
+            problems.check(not missing, f"render ({name})", f"missing {sorted(missing)}")
+
+        for name, values, expected in must_fail:
+            try:
+                render(chart, values)
+            except helm.HelmError as e:
+                problems.check(expected in str(e), f"refusal ({name})",
+                               f"failed, but not with a message naming {expected!r}: {e}")
+                print(f"  refused as it should: {name}", flush=True)
+            else:
+                problems.add(f"refusal ({name})", "rendered, but the chart must refuse these values")
+
+
+# ---------------------------------------------------------------------------------------
+# docker-compose.yml (what the Compose JSON schema cannot see)
+
+_GO_DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+
+
+def check_compose(problems: Problems) -> None:
+    where = str(COMPOSE.relative_to(ROOT))
+    with COMPOSE.open() as f:
+        doc = yaml.safe_load(f)  # resolves the x-lorabroker anchors and << merge keys
+    known = known_config_keys()
+    services: dict[str, Any] = doc.get("services", {})
+    for name, svc in services.items():
+        here = f"{where}: services.{name}"
+        hc = svc.get("healthcheck", {})
+        for field in ("interval", "timeout", "start_period"):
+            if field in hc:
+                problems.check(bool(_GO_DURATION.match(str(hc[field]))), here,
+                               f"healthcheck.{field} {hc[field]!r} is not a duration like 5s")
+        if "stop_grace_period" in svc:
+            problems.check(bool(_GO_DURATION.match(str(svc["stop_grace_period"]))), here,
+                           f"stop_grace_period {svc['stop_grace_period']!r} is not a duration like 35s")
+        deps = svc.get("depends_on", {})
+        for dep in deps if isinstance(deps, (list, dict)) else []:
+            problems.check(dep in services, here, f"depends_on names unknown service {dep}")
+            if isinstance(deps, dict) and deps[dep].get("condition") == "service_healthy" and dep in services:
+                dhc = services[dep].get("healthcheck", {})
+                image_has_one = services[dep].get("image", "").startswith("lorabroker")
+                problems.check((bool(dhc) or image_has_one) and not dhc.get("disable"), here,
+                               f"waits for {dep} to be healthy, but {dep} has no health check")
+        env = svc.get("environment", {})
+        names = env.keys() if isinstance(env, dict) else [e.split("=", 1)[0] for e in env]
+        for n in names:
+            key = env_to_key(n)
+            if key is not None:
+                problems.check(key in known, here, f"env {n} maps to {key}, which the node does not know")
+    nodes = [n for n, s in services.items() if str(s.get("command", ["serve"])[0]) == "serve"
+             and str(s.get("image", "")).startswith("lorabroker")]
+    problems.check(len(nodes) >= 3, where, f"expected three lorabroker nodes, found {nodes}")
+    print(f"  {where}: {len(services)} services, nodes {', '.join(nodes)}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["chart", "compose"], help="run one part only")
+    args = parser.parse_args()
+    # Helm's own log records (e.g. the INFO line `fail` writes during lint) go through
+    # Python logging; warnings and errors are shown, the rest is noise here.
+    logging.basicConfig(level=logging.WARNING, format="  helm: %(levelname)s %(message)s")
+    helm.enable_logging(logging.WARNING)
+    problems = Problems()
+    print(f"check_chart: helm-python-sdk {helm.__version__} (Helm {helm.helm_sdk_version()}), "
+          f"kubernetes-validate {kubernetes_validate.version.__version__}, Kubernetes {', '.join(KUBE_VERSIONS)}",
+          flush=True)
+    parts: dict[str, Callable[[Problems], None]] = {"chart": check_chart, "compose": check_compose}
+    for name, part in parts.items():
+        if args.only in (None, name):
+            part(problems)
+    if problems.items:
+        print(f"check_chart: {len(problems.items)} problem(s):", file=sys.stderr)
+        for p in problems.items:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print("check_chart: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

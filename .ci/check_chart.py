@@ -19,7 +19,8 @@ object switched on, a single embedded node):
      node's 5s hard deadline, rolling updates keep maxUnavailable 0, probes, security
      context, enableServiceLinks off.
 Scenarios that must be refused (a multi-node install without NATS, a key the chart owns
-set in config, ...) must fail to render.
+set in config, a misspelled value caught by values.schema.json, ...) must fail to render.
+values.yaml must document every value.
 
 Exit status: 0 when everything holds, 1 otherwise; every problem is printed.
 """
@@ -360,7 +361,43 @@ def check_promises(objects: list[dict[str, Any]], values: dict[str, Any], scenar
                        "HPA does not target the Deployment")
 
 
+def check_values_documented(path: Path, problems: Problems) -> None:
+    """Every value in values.yaml has a comment right above its key, or is inside a block
+    whose key has a `# -- ` doc comment (as `resources:` does); a plain `#` section header
+    does not document what is under it."""
+    stack: list[tuple[int, bool]] = []  # (indent, documents its children) of enclosing keys
+    comment: tuple[int, bool] | None = None  # (indent, starts with "# --") of the block above
+    undocumented = 0
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped:
+            comment = None
+            continue
+        indent = len(line) - len(line.lstrip())
+        if stripped.startswith("#"):
+            if comment is None or comment[0] != indent:
+                comment = (indent, stripped.startswith("# --"))
+            continue
+        m = re.match(r"^(\s*)(- )?([A-Za-z0-9_.\-/]+):(\s.*|)$", line)
+        if not m:
+            comment = None
+            continue
+        key_indent = indent + (2 if m.group(2) else 0)
+        while stack and stack[-1][0] >= key_indent:
+            stack.pop()
+        documented = comment is not None and comment[0] == indent
+        value = m.group(4).strip()
+        is_leaf = value != "" and not value.startswith("#")
+        if is_leaf and not documented and not any(d for _, d in stack):
+            problems.add(f"{path.relative_to(ROOT)}:{n}", f"value {m.group(3)!r} has no comment")
+            undocumented += 1
+        stack.append((key_indent, documented and comment is not None and comment[1]))
+        comment = None
+    print(f"  {path.relative_to(ROOT)}: every value documented" if not undocumented
+          else f"  {path.relative_to(ROOT)}: {undocumented} undocumented value(s)", flush=True)
+
 def check_chart(problems: Problems) -> None:
+    check_values_documented(CHART / "values.yaml", problems)
     defaults = load_yaml(CHART / "values.yaml")
     production = load_yaml(CHART / "values-production.yaml")
     everything = {
@@ -405,6 +442,10 @@ def check_chart(problems: Problems) -> None:
         ("a margin shorter than the node's hard deadline", {"shutdown": {"terminationMarginSeconds": 5}},
          "terminationMarginSeconds"),
         ("unknown anti-affinity preset", {"podAntiAffinity": "sometimes"}, "podAntiAffinity"),
+        # values.schema.json
+        ("a misspelled value", {"replicaCont": 3}, "replicaCont"),
+        ("an unknown MQTT Service type", {"service": {"mqtt": {"type": "LoadBalancr"}}}, "/service/mqtt/type"),
+        ("a NATS URL that is not one", {"externalNats": {"url": "http://nats:4222"}}, "/externalNats/url"),
     ]
 
     for version in KUBE_VERSIONS:

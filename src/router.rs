@@ -67,6 +67,11 @@ struct AppState {
     task: tokio::sync::Mutex<Option<AbortHandle>>,
     /// Set when the last member left; a late subscriber must not leave a task behind.
     closed: AtomicBool,
+    /// `v3.{tenant}.{app}.`
+    prefix: String,
+    /// `v3/{app uid}/`
+    topic_prefix: String,
+    labels: AppLabels,
 }
 
 /// Per-node fan-out from bus subjects to local subscribers.
@@ -100,6 +105,12 @@ impl Router {
                         members: RwLock::new(Vec::new()),
                         task: tokio::sync::Mutex::new(None),
                         closed: AtomicBool::new(false),
+                        prefix: app.subject_prefix(),
+                        topic_prefix: format!("v3/{}/", self.tenancy.app_uid(app)),
+                        labels: AppLabels {
+                            tenant: app.tenant.to_string(),
+                            application: app.app.to_string(),
+                        },
                     })
                 })
                 .clone();
@@ -112,13 +123,7 @@ impl Router {
             self.bus.flush().await?;
             let deliver = Delivery {
                 state: state.clone(),
-                prefix: app.subject_prefix(),
-                topic_prefix: format!("v3/{}/", self.tenancy.app_uid(app)),
                 metrics: self.metrics.clone(),
-                labels: AppLabels {
-                    tenant: app.tenant.to_string(),
-                    application: app.app.to_string(),
-                },
             };
             *task = Some(tokio::spawn(deliver.run(sub)).abort_handle());
             if state.closed.load(Ordering::Acquire) {
@@ -151,6 +156,14 @@ impl Router {
         }
     }
 
+    /// Delivers one bus message of `app` to the matching local subscribers right away,
+    /// exactly as `app`'s delivery task does with what the bus hands it, and returns how
+    /// many outboxes took it. Meant for benches and tests; nothing needs to call it.
+    pub fn dispatch(&self, app: &AppRef, msg: &BusMessage) -> u64 {
+        let state = self.apps.lock().get(app).cloned();
+        state.map_or(0, |s| s.dispatch(msg, &self.metrics))
+    }
+
     /// Number of applications with a live bus subscription on this node.
     pub fn subscribed_apps(&self) -> usize {
         self.apps.lock().len()
@@ -160,31 +173,31 @@ impl Router {
 /// The delivery loop of one application.
 struct Delivery {
     state: Arc<AppState>,
-    prefix: String,
-    topic_prefix: String,
     metrics: Arc<Metrics>,
-    labels: AppLabels,
 }
 
 impl Delivery {
     async fn run(self, mut sub: Subscription) {
         while let Some(msg) = sub.next().await {
-            self.dispatch(&msg);
+            self.state.dispatch(&msg, &self.metrics);
         }
     }
+}
 
-    fn dispatch(&self, msg: &BusMessage) {
-        self.metrics.bus_messages.inc();
+impl AppState {
+    /// Hands `msg` to every matching member; returns how many took it.
+    fn dispatch(&self, msg: &BusMessage, metrics: &Metrics) -> u64 {
+        metrics.bus_messages.inc();
         let Some(rest) = msg.subject.strip_prefix(self.prefix.as_str()) else {
-            return;
+            return 0;
         };
         if parse_subject_rest(rest).is_none() {
             tracing::debug!(subject = %msg.subject, "ignoring a message on a subject that is no device event");
-            return;
+            return 0;
         }
         let mut encoded: Option<Bytes> = None;
         let (mut delivered, mut dropped) = (0u64, 0u64);
-        for member in self.state.members.read().iter() {
+        for member in self.members.read().iter() {
             if !member.matches(rest) {
                 continue;
             }
@@ -194,7 +207,7 @@ impl Delivery {
                     let Some(p) = encode_publish(&self.topic_prefix, rest, b'.', &msg.payload)
                     else {
                         tracing::warn!(subject = %msg.subject, len = msg.payload.len(), "message too large to frame as MQTT");
-                        return;
+                        return 0;
                     };
                     encoded.insert(p).clone()
                 }
@@ -205,13 +218,11 @@ impl Delivery {
             }
         }
         if delivered > 0 {
-            self.metrics.delivered.inc_by(delivered);
+            metrics.delivered.inc_by(delivered);
         }
         if dropped > 0 {
-            self.metrics
-                .dropped
-                .get_or_create(&self.labels)
-                .inc_by(dropped);
+            metrics.dropped.get_or_create(&self.labels).inc_by(dropped);
         }
+        delivered
     }
 }

@@ -1,0 +1,207 @@
+//! Fan-out (`src/router.rs`): one bus message of one application delivered to its local
+//! subscribers, while other applications' clients are connected to the same node.
+//!
+//! `router/dispatch/*` measures the router alone (match, encode once, push to every
+//! matching outbox) through [`Router::dispatch`]; `router/bus/*` goes through the embedded
+//! bus and the application's delivery task, as traffic does in `lorabroker dev`.
+//!
+//! `cargo bench --bench router`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use lorabroker::bus::{Bus, BusMessage, EmbeddedBus};
+use lorabroker::metrics::Metrics;
+use lorabroker::mqtt::outbox::Outbox;
+use lorabroker::router::{Member, Router};
+use lorabroker::topic::{AppRef, Filter, Id, Tenancy};
+use tokio::runtime::Runtime;
+
+/// Messages dispatched between two drains of the outboxes.
+const CHUNK: u64 = 128;
+/// Clients of other applications on the node: 10 applications of 100 `#` subscribers.
+const OTHER_APPS: usize = 10;
+const OTHER_CLIENTS: usize = 100;
+
+fn app(name: &str) -> AppRef {
+    AppRef::new(Id::parse("tenant1").unwrap(), Id::parse(name).unwrap())
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A node with other applications' subscribers and `filters.len()` subscribers of `app1`,
+/// the i-th with filter `filters[i]`.
+struct Node {
+    bus: Arc<EmbeddedBus>,
+    router: Router,
+    outboxes: Vec<Arc<Outbox>>,
+    app: AppRef,
+}
+
+impl Node {
+    fn new(rt: &Runtime, filters: &[String]) -> Self {
+        let bus = Arc::new(EmbeddedBus::new());
+        let router = Router::new(bus.clone(), Tenancy::Multi, Arc::new(Metrics::default()));
+        let mut next_id = 0;
+        let mut outboxes = Vec::new();
+        let mut join = |app: &AppRef, filter: &str, keep: bool| {
+            let outbox = Arc::new(Outbox::new(16 << 20));
+            let member = Arc::new(Member::new(next_id, outbox.clone()));
+            next_id += 1;
+            member.add_filter(Filter::rewrite(&Tenancy::Multi, app, filter).unwrap());
+            rt.block_on(router.join(app, member)).unwrap();
+            if keep {
+                outboxes.push(outbox);
+            }
+        };
+        for a in 0..OTHER_APPS {
+            let other = app(&format!("other{a}"));
+            for _ in 0..OTHER_CLIENTS {
+                join(&other, "#", false);
+            }
+        }
+        let target = app("app1");
+        for f in filters {
+            join(&target, f, true);
+        }
+        Node {
+            bus,
+            router,
+            outboxes,
+            app: target,
+        }
+    }
+
+    fn drain(&self) -> usize {
+        let mut out = Vec::new();
+        for o in &self.outboxes {
+            o.take(&mut out);
+        }
+        out.len()
+    }
+}
+
+fn message(device: &str) -> BusMessage {
+    BusMessage {
+        subject: format!("v3.tenant1.app1.devices.{device}.up"),
+        payload: Bytes::from(vec![b'x'; 200]),
+    }
+}
+
+/// Times `iters` dispatches of `msg` and nothing else (draining the outboxes is not timed).
+fn time_dispatch(node: &Node, msg: &BusMessage, expect: u64, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(CHUNK);
+        let start = Instant::now();
+        for _ in 0..n {
+            let delivered = node.router.dispatch(&node.app, msg);
+            debug_assert_eq!(delivered, expect);
+        }
+        total += start.elapsed();
+        assert_eq!(node.drain() as u64, n * expect);
+        left -= n;
+    }
+    total
+}
+
+fn bench_dispatch(c: &mut Criterion) {
+    let rt = runtime();
+    let mut g = c.benchmark_group("router/dispatch");
+    // Every subscriber wants everything (`#`): one encode, N pushes.
+    for n in [1usize, 10, 100, 1000] {
+        let node = Node::new(&rt, &vec!["#".to_owned(); n]);
+        let msg = message("dev1");
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("fanout_all/{n}"), |b| {
+            b.iter_custom(|iters| time_dispatch(&node, &msg, n as u64, iters))
+        });
+    }
+    // One subscriber per device: a message reaches exactly one of them.
+    for n in [100usize, 1000, 10_000] {
+        let filters: Vec<String> = (0..n).map(|i| format!("v3/+/devices/dev{i}/#")).collect();
+        let node = Node::new(&rt, &filters);
+        let msg = message(&format!("dev{}", n / 2));
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("per_device/{n}"), |b| {
+            b.iter_custom(|iters| time_dispatch(&node, &msg, 1, iters))
+        });
+    }
+    // Per-device subscribers plus a few dashboards watching every device's uplinks.
+    let mut filters: Vec<String> = (0..1000)
+        .map(|i| format!("v3/app1@tenant1/devices/dev{i}/up"))
+        .collect();
+    filters.extend((0..10).map(|_| "v3/+/devices/+/up".to_owned()));
+    let node = Node::new(&rt, &filters);
+    let msg = message("dev500");
+    g.throughput(Throughput::Elements(11));
+    g.bench_function("per_device_plus_10_wildcards/1000", |b| {
+        b.iter_custom(|iters| time_dispatch(&node, &msg, 11, iters))
+    });
+    g.finish();
+}
+
+fn bench_bus(c: &mut Criterion) {
+    let rt = runtime();
+    let mut g = c.benchmark_group("router/bus");
+    for n in [10usize, 1000] {
+        let node = Node::new(&rt, &vec!["#".to_owned(); n]);
+        let msg = message("dev1");
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("fanout_all/{n}"), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (node, msg) = (&node, &msg);
+                async move {
+                    let probe = &node.outboxes[0];
+                    let mut got = Vec::new();
+                    let mut total = Duration::ZERO;
+                    let mut left = iters;
+                    while left > 0 {
+                        let k = left.min(CHUNK);
+                        let start = Instant::now();
+                        for _ in 0..k {
+                            node.bus
+                                .publish(msg.subject.clone(), msg.payload.clone())
+                                .await
+                                .unwrap();
+                        }
+                        // The delivery task runs on this thread: when the probe has the
+                        // last message, every subscriber has it.
+                        while (got.len() as u64) < k {
+                            probe.ready().await;
+                            probe.take(&mut got);
+                        }
+                        total += start.elapsed();
+                        got.clear();
+                        node.drain();
+                        left -= k;
+                    }
+                    total
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_dispatch, bench_bus
+}
+criterion_main!(benches);

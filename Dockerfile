@@ -3,8 +3,14 @@
 # lorabroker container image.
 #
 #   docker build -t lorabroker .
-#   docker run --rm -p 1883:1883 -p 8080:8080 lorabroker            # `serve`, embedded bus/stores
-#   docker run --rm lorabroker keys --redis-url redis://… create --app demo
+#   # a cluster node (the default command is `serve`):
+#   docker run -e LORABROKER_NATS__URL=nats://… -e LORABROKER_REDIS__URL=redis://… \
+#     -p 1883:1883 -p 8080:8080 lorabroker
+#   docker run --rm lorabroker keys --redis-url redis://… --nats-url nats://… create --app demo
+#   # everything embedded, with a simulated fleet and a printed demo key:
+#   docker run --rm -p 1883:1883 lorabroker dev --mqtt-listen 0.0.0.0:1883 --http-listen 0.0.0.0:8080
+#
+# docker-compose.yml runs a whole development cluster from this image.
 #
 # Two stages: the build stage compiles the release binary with the locked dependency
 # versions; the runtime stage is debian:bookworm-slim (same glibc as the build stage) with

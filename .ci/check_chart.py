@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Validate the deployment files: the Helm chart and docker-compose.yml.
+"""Validate the deployment files: the Helm chart, docker-compose.yml and the Dockerfile.
 
 Run by .ci/check-deploy inside a venv that holds the pinned helm-python-sdk (Helm's own Go
 library behind a C ABI: lint and offline render, no helm binary) and kubernetes-validate
@@ -21,6 +21,11 @@ object switched on, a single embedded node):
 Scenarios that must be refused (a multi-node install without NATS, a key the chart owns
 set in config, a misspelled value caught by values.schema.json, ...) must fail to render.
 values.yaml must document every value.
+
+The Dockerfile is parsed with BuildKit's own parser (PyPI "dockerfile"; there is no Docker
+engine to build with) and checked for what the image promises (multi-stage, --locked build,
+non-root user, ports, entry point, health check with a tool that is installed), and
+.dockerignore must keep every file cargo needs (declared targets included).
 
 Exit status: 0 when everything holds, 1 otherwise; every problem is printed.
 """
@@ -533,9 +538,118 @@ def check_compose(problems: Problems) -> None:
     print(f"  {where}: {len(services)} services, nodes {', '.join(nodes)}", flush=True)
 
 
+# ---------------------------------------------------------------------------------------
+# Dockerfile and .dockerignore (no Docker engine here: parse with BuildKit's own parser,
+# then check what the image promises and that the build context has what cargo needs)
+
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore excludes `path` (relative, no leading ./): last match wins,
+    `!` re-includes, a pattern also excludes everything below a matched directory."""
+    from fnmatch import fnmatch
+
+    result = False
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pat in patterns:
+        negate = pat.startswith("!")
+        pat = pat[1:] if negate else pat
+        pat = pat.strip("/")
+        if pat.startswith("**/"):
+            hit = any(fnmatch(p, pat[3:]) or fnmatch(p, pat) for p in prefixes) or any(
+                fnmatch(part, pat[3:]) for part in parts)
+        else:
+            hit = any(fnmatch(p, pat) for p in prefixes)
+        if hit:
+            result = not negate
+    return result
+
+
+def check_dockerfile(problems: Problems) -> None:
+    import dockerfile  # BuildKit's parser (PyPI "dockerfile")
+
+    where = "Dockerfile"
+    try:
+        commands = dockerfile.parse_file(str(DOCKERFILE))
+    except dockerfile.GoParseError as e:
+        problems.add(where, f"does not parse: {e}")
+        return
+    known = {"ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
+             "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR"}
+    for c in commands:
+        problems.check(c.cmd in known, f"{where}:{c.start_line}", f"unknown instruction {c.original.split()[0]}")
+    stages: list[list[Any]] = []
+    for c in commands:
+        if c.cmd == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(c)
+    problems.check(len(stages) >= 2, where, "expected a multi-stage build (build, runtime)")
+    if not stages:
+        return
+    build, final = stages[0], stages[-1]
+
+    def last(stage: list[Any], cmd: str) -> Any:
+        found = [c for c in stage if c.cmd == cmd]
+        return found[-1] if found else None
+
+    runs = " ".join(" ".join(c.value) for c in build if c.cmd == "RUN")
+    problems.check("cargo build --release --locked" in runs, where, "the build stage must run cargo build --release --locked")
+    copies = [c for c in build if c.cmd == "COPY" and not any(f.startswith("--from") for f in c.flags)]
+    problems.check(any(c.value[0] == "." for c in copies), where,
+                   "the build stage must copy the whole (filtered) context: Cargo.toml may declare targets anywhere")
+    user = last(final, "USER")
+    problems.check(user is not None and user.value[0].split(":")[0] not in ("root", "0"), where,
+                   "the runtime stage must switch to a non-root USER")
+    exposed = {p.split("/")[0] for c in final if c.cmd == "EXPOSE" for p in c.value}
+    problems.check({"1883", "8883", "8080"} <= exposed, where, f"EXPOSE 1883 8883 8080, got {sorted(exposed)}")
+    entry, cmd = last(final, "ENTRYPOINT"), last(final, "CMD")
+    problems.check(entry is not None and entry.json and list(entry.value) == ["lorabroker"], where,
+                   'ENTRYPOINT ["lorabroker"] (exec form, so SIGTERM reaches the node and starts its drain)')
+    problems.check(cmd is not None and list(cmd.value) == ["serve"], where, 'CMD ["serve"]')
+    health = last(final, "HEALTHCHECK")
+    problems.check(health is not None and any("/healthz" in v for v in health.value), where, "HEALTHCHECK on /healthz")
+    if health is not None:
+        tool = health.value[1] if len(health.value) > 1 and health.value[0] == "CMD" else None
+        installs = " ".join(" ".join(c.value) for c in final if c.cmd == "RUN")
+        problems.check(tool is None or tool in installs, where,
+                       f"the HEALTHCHECK runs {tool}, which the runtime stage does not install")
+    for c in final:
+        if c.cmd == "COPY" and not any(f.startswith("--from") for f in c.flags):
+            for src in c.value[:-1]:
+                problems.check((ROOT / src).exists(), where, f"COPY source {src} does not exist")
+
+    # The build context: everything cargo reads must survive .dockerignore.
+    patterns = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines()
+                if ln.strip() and not ln.strip().startswith("#")]
+    with (ROOT / "Cargo.toml").open("rb") as f:
+        manifest = tomllib.load(f)
+    needed = {"Cargo.toml", "Cargo.lock", "src/main.rs", "src/lib.rs"}
+    for src in [c.value[0] for c in final if c.cmd == "COPY" and not any(f.startswith("--from") for f in c.flags)]:
+        needed.add(src)
+    for kind, default_dir in (("bin", "src/bin"), ("test", "tests"), ("bench", "benches"), ("example", "examples")):
+        for target in manifest.get(kind, []):
+            needed.add(target.get("path") or f"{default_dir}/{target['name']}.rs")
+    lib = manifest.get("lib", {}).get("path")
+    if lib:
+        needed.add(lib)
+    for d in ("src", "tests", "benches", "examples"):
+        if (ROOT / d).is_dir():
+            needed.update(str(p.relative_to(ROOT)) for p in (ROOT / d).rglob("*.rs"))
+    for path in sorted(needed):
+        problems.check(not ignored(path, patterns), ".dockerignore", f"excludes {path}, which the build needs")
+    for path in ("target/release/lorabroker", ".git/HEAD"):
+        problems.check(ignored(path, patterns), ".dockerignore", f"should exclude {path.split('/')[0]}/")
+    print(f"  Dockerfile: {len(commands)} instructions in {len(stages)} stages; "
+          f"{len(needed)} build inputs kept by .dockerignore", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["chart", "compose"], help="run one part only")
+    parser.add_argument("--only", choices=["chart", "compose", "dockerfile"], help="run one part only")
     args = parser.parse_args()
     # Helm's own log records (e.g. the INFO line `fail` writes during lint) go through
     # Python logging; warnings and errors are shown, the rest is noise here.
@@ -545,7 +659,11 @@ def main() -> int:
     print(f"check_chart: helm-python-sdk {helm.__version__} (Helm {helm.helm_sdk_version()}), "
           f"kubernetes-validate {kubernetes_validate.version.__version__}, Kubernetes {', '.join(KUBE_VERSIONS)}",
           flush=True)
-    parts: dict[str, Callable[[Problems], None]] = {"chart": check_chart, "compose": check_compose}
+    parts: dict[str, Callable[[Problems], None]] = {
+        "dockerfile": check_dockerfile,
+        "compose": check_compose,
+        "chart": check_chart,
+    }
     for name, part in parts.items():
         if args.only in (None, name):
             part(problems)

@@ -17,6 +17,9 @@ use crate::topic::{Id, Tenancy};
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config/lorabroker.toml";
 
+/// Settings outside any section, which environment variables name without `__`.
+const TOP_LEVEL_KEYS: &[&str] = &["node_name"];
+
 /// Why the configuration was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -268,9 +271,15 @@ impl Config {
         }
         let config: Config = figment
             .merge(
-                // Test fixtures read LORABROKER_TEST_*; they are not node settings.
+                // Sections need `__` (LORABROKER_MQTT__LISTEN); of the names without one,
+                // only top-level keys count. That leaves out the test fixtures'
+                // LORABROKER_TEST_* and the LORABROKER_MQTT_SERVICE_HOST-style variables
+                // Kubernetes injects for Services whose names start with "lorabroker".
                 Env::prefixed("LORABROKER_")
-                    .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"))
+                    .filter(|k| {
+                        k.as_str().contains("__")
+                            || TOP_LEVEL_KEYS.contains(&k.as_str().to_ascii_lowercase().as_str())
+                    })
                     .split("__"),
             )
             .merge(Serialized::globals(overrides))
@@ -444,12 +453,15 @@ mod tests {
             jail.set_env("LORABROKER_MQTT__MAX_PACKET_SIZE", "2000");
             jail.set_env("LORABROKER_REDIS__URL", "redis://127.0.0.1:6390");
             jail.set_env("LORABROKER_TEST_REDIS_URL", "redis://ignored");
+            jail.set_env("LORABROKER_MQTT_SERVICE_HOST", "10.0.0.1");
+            jail.set_env("LORABROKER_MQTT_PORT_1883_TCP", "tcp://10.0.0.1:1883");
+            jail.set_env("LORABROKER_NODE_NAME", "from-env");
             let c = Config::load(
                 Some(Path::new("node.toml")),
                 json!({"mqtt": {"listen": "127.0.0.1:2000"}}),
             )
             .map_err(|e| e.to_string())?;
-            assert_eq!(c.node_name, "from-file");
+            assert_eq!(c.node_name, "from-env");
             assert_eq!(c.mqtt.max_packet_size, 2000);
             assert_eq!(c.mqtt.listen, "127.0.0.1:2000");
             assert_eq!(c.redis.url, "redis://127.0.0.1:6390");

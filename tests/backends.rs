@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::services::{unique, NatsService, RedisService};
 use lorabroker::auth::redis::RedisKeyStore;
@@ -885,33 +885,6 @@ async fn nats_bus_built_while_down_works_once_it_starts() {
     publish_until_received(&upstream, &subject, &mut sub).await;
 }
 
-/// Whether the NATS server at `url` has a subscriber for `subject`, asked over a raw
-/// connection of its own: a publish with a reply subject comes back as a 503 "no
-/// responders" status when nobody listens.
-async fn nats_has_interest(url: &str, subject: &str) -> bool {
-    let addr = url.trim_start_matches("nats://");
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (read, mut write) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(read).lines();
-    let info = lines.next_line().await.unwrap().unwrap_or_default();
-    assert!(info.starts_with("INFO "), "{info}");
-    let probe = format!(
-        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"headers\":true,\"no_responders\":true}}\r\n\
-         SUB probe.inbox 1\r\nPUB {subject} probe.inbox 0\r\n\r\nPING\r\n"
-    );
-    write.write_all(probe.as_bytes()).await.unwrap();
-    loop {
-        let line = lines.next_line().await.unwrap().unwrap_or_default();
-        if line.starts_with("HMSG probe.inbox") {
-            return false;
-        }
-        if line == "PONG" {
-            return true;
-        }
-        assert!(!line.starts_with("-ERR"), "{line}");
-    }
-}
-
 #[tokio::test]
 async fn nats_dropping_a_subscription_removes_interest_at_the_server() {
     let nats = NatsService::start().await;
@@ -923,13 +896,13 @@ async fn nats_dropping_a_subscription_removes_interest_at_the_server() {
         one.replace('>', "devices.dev-1.up"),
         two.replace('>', "devices.dev-1.up"),
     );
-    assert!(!nats_has_interest(&nats.url, &subject_one).await);
+    assert!(!nats.has_interest(&subject_one).await);
     let sub_one = bus.subscribe(one).await.unwrap();
     let _sub_two = bus.subscribe(two).await.unwrap();
     bus.flush().await.unwrap();
     for subject in [&subject_one, &subject_two] {
         eventually("interest registered", WAIT, || async {
-            nats_has_interest(&nats.url, subject)
+            nats.has_interest(subject)
                 .await
                 .then_some(())
                 .ok_or("no interest")
@@ -940,12 +913,12 @@ async fn nats_dropping_a_subscription_removes_interest_at_the_server() {
     drop(sub_one);
     bus.flush().await.unwrap();
     eventually("interest removed", WAIT, || async {
-        (!nats_has_interest(&nats.url, &subject_one).await)
+        (!nats.has_interest(&subject_one).await)
             .then_some(())
             .ok_or("still subscribed")
     })
     .await;
-    assert!(nats_has_interest(&nats.url, &subject_two).await);
+    assert!(nats.has_interest(&subject_two).await);
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -113,6 +113,23 @@ impl RedisService {
     pub async fn restart(&mut self) {
         self.server.restart().await;
     }
+
+    /// Runs one command on a connection of its own, behind the broker's back (to read
+    /// what the broker wrote, e.g. `LRANGE {prefix}:down:{tenant}:{app}:{dev} 0 -1`).
+    pub async fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let client = redis::Client::open(self.url.as_str()).expect("a valid Redis URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to Redis at {}: {e}", self.url));
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("Redis {args:?}: {e}"))
+    }
 }
 
 /// A NATS server (JetStream enabled) for one test.
@@ -141,6 +158,36 @@ impl NatsService {
     /// Panics for a server given by URL.
     pub async fn restart(&mut self) {
         self.server.restart().await;
+    }
+
+    /// Whether the server has a subscriber for `subject` (of any client), asked over a raw
+    /// connection of its own: a publish with a reply subject comes back as a 503 "no
+    /// responders" status when nobody listens. The probe message itself is delivered to
+    /// the subscribers, so pick a subject they ignore.
+    pub async fn has_interest(&self, subject: &str) -> bool {
+        let addr = self.url.trim_start_matches("nats://");
+        let stream = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to NATS at {}: {e}", self.url));
+        let (read, mut write) = stream.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let info = lines.next_line().await.unwrap().unwrap_or_default();
+        assert!(info.starts_with("INFO "), "{info}");
+        let probe = format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"headers\":true,\"no_responders\":true}}\r\n\
+             SUB probe.inbox 1\r\nPUB {subject} probe.inbox 0\r\n\r\nPING\r\n"
+        );
+        write.write_all(probe.as_bytes()).await.unwrap();
+        loop {
+            let line = lines.next_line().await.unwrap().unwrap_or_default();
+            if line.starts_with("HMSG probe.inbox") {
+                return false;
+            }
+            if line == "PONG" {
+                return true;
+            }
+            assert!(!line.starts_with("-ERR"), "{line}");
+        }
     }
 }
 

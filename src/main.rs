@@ -75,10 +75,11 @@ struct FleetArgs {
 #[derive(Args)]
 struct BackendArgs {
     /// NATS URL (also LORABROKER_NATS__URL).
-    #[arg(long)]
+    // Global, so that `keys --nats-url … revoke` and `keys revoke --nats-url …` both work.
+    #[arg(long, global = true)]
     nats_url: Option<String>,
     /// Redis URL (also LORABROKER_REDIS__URL).
-    #[arg(long)]
+    #[arg(long, global = true)]
     redis_url: Option<String>,
 }
 
@@ -266,8 +267,34 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let backends = Backends::from_config(&config, &config.node_name).await?;
     let app = App::new(config, backends);
     let node = Node::start(app).await?;
+    print_serve_banner(&node);
     run_until_terminated(node, CancellationToken::new()).await;
     Ok(())
+}
+
+/// The bound addresses on stdout (logs go to stderr), so that a node started on port 0,
+/// by a script or a test, can be found.
+fn print_serve_banner(node: &Node) {
+    let config = &node.app.config;
+    let bus = if config.nats.url.is_empty() {
+        "embedded bus"
+    } else {
+        "NATS bus"
+    };
+    let stores = if config.redis.url.is_empty() {
+        "in-memory stores"
+    } else {
+        "Redis stores"
+    };
+    println!(
+        "lorabroker serve is running (node {node_id}, {bus}, {stores}, {mode}-tenant)
+  MQTT      {mqtt}
+  HTTP      http://{http}  (/healthz /readyz /metrics)",
+        node_id = node.app.node_id,
+        mode = config.tenancy.mode,
+        mqtt = node.mqtt_addr,
+        http = node.http_addr,
+    );
 }
 
 async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {

@@ -3,27 +3,17 @@
 //! confirmed downlink come back as `down/queued`, `down/sent` and `down/ack` carrying the
 //! application's own correlation ID.
 
+mod common;
+
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use common::shell::{correlation_ids, paste, require, until};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn require(binary: &str) {
-    let found = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {binary}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{binary} is needed for the seed-flow tests: install it with `apt-get install -y mosquitto-clients`"
-    );
-}
 
 /// A running `lorabroker dev` and the commands its banner printed.
 struct Dev {
@@ -80,48 +70,6 @@ async fn start_dev(extra: &[&str]) -> Dev {
     }
 }
 
-/// Runs a printed command through the shell, as a user pasting it would.
-fn paste(command: &str) -> Child {
-    Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("sh runs")
-}
-
-/// Reads `mosquitto_sub -v` lines (`topic payload`) until one on a topic ending in `suffix`.
-async fn until(lines: &mut Lines<BufReader<ChildStdout>>, suffix: &str) -> (String, Value) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let line = tokio::time::timeout_at(deadline, lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("no message on …{suffix} within {WAIT:?}"))
-            .expect("mosquitto_sub output")
-            .unwrap_or_else(|| panic!("mosquitto_sub ended before a message on …{suffix}"));
-        let Some((topic, payload)) = line.split_once(' ') else {
-            continue;
-        };
-        if topic.ends_with(suffix) {
-            let json = serde_json::from_str(payload)
-                .unwrap_or_else(|e| panic!("{topic}: payload is not JSON ({e}): {payload}"));
-            return (topic.to_owned(), json);
-        }
-    }
-}
-
-fn correlation_ids(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn seed_flows(extra: &[&str], uid: &str) {
     let mut dev = start_dev(extra).await;
     assert!(dev.api_key.starts_with("NNSXS."), "{}", dev.api_key);
@@ -131,13 +79,13 @@ async fn seed_flows(extra: &[&str], uid: &str) {
     let mut lines = BufReader::new(sub.stdout.take().expect("piped")).lines();
 
     // Joins and uplinks, in the seed's JSON.
-    let (topic, join) = until(&mut lines, "/join").await;
+    let (topic, join) = until(&mut lines, "/join", WAIT).await;
     assert!(
         topic.starts_with(&format!("v3/{uid}/devices/dev")),
         "{topic}"
     );
     assert!(join["join_accept"]["session_key_id"].is_string(), "{join}");
-    let (topic, up) = until(&mut lines, "/up").await;
+    let (topic, up) = until(&mut lines, "/up", WAIT).await;
     assert!(
         topic.starts_with(&format!("v3/{uid}/devices/dev")),
         "{topic}"
@@ -177,15 +125,15 @@ async fn seed_flows(extra: &[&str], uid: &str) {
         "mosquitto_pub failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let (topic, queued) = until(&mut lines, "/down/queued").await;
+    let (topic, queued) = until(&mut lines, "/down/queued", WAIT).await;
     assert_eq!(topic, format!("v3/{uid}/devices/dev1/down/queued"));
     assert!(correlation_ids(&queued["correlation_ids"]).contains(&"my-correlation-id".to_owned()));
-    let (_, sent) = until(&mut lines, "dev1/down/sent").await;
+    let (_, sent) = until(&mut lines, "dev1/down/sent", WAIT).await;
     assert!(
         correlation_ids(&sent["correlation_ids"]).contains(&"my-correlation-id".to_owned()),
         "{sent}"
     );
-    let (_, ack) = until(&mut lines, "dev1/down/ack").await;
+    let (_, ack) = until(&mut lines, "dev1/down/ack", WAIT).await;
     assert!(
         correlation_ids(&ack["correlation_ids"]).contains(&"my-correlation-id".to_owned()),
         "{ack}"

@@ -4,3 +4,4 @@
 pub mod broker;
 pub mod http;
 pub mod services;
+pub mod shell;

@@ -120,7 +120,13 @@ impl Router {
         let mut task = state.task.lock().await;
         if task.is_none() && !state.closed.load(Ordering::Acquire) {
             let sub = self.bus.subscribe(app.traffic_subject_filter()).await?;
-            self.bus.flush().await?;
+            // While the bus is down the subscription is sent when it is back (DESIGN §7);
+            // the client's filter is valid, so it is granted all the same.
+            if let Err(e) = self.bus.flush().await {
+                if self.bus.is_ready() {
+                    return Err(e);
+                }
+            }
             let deliver = Delivery {
                 state: state.clone(),
                 metrics: self.metrics.clone(),

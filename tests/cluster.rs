@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{ConnectReturnCode, QoS, SubscribeReasonCode};
 use serde_json::Value;
 
-use common::broker::{Backend, TestClient, TestEnv, TestNode, WAIT};
+use common::broker::{Backend, Seen, TestClient, TestEnv, TestNode, WAIT};
 use common::http;
 use common::services::unique;
 use lorabroker::app::Backends;
@@ -742,6 +742,11 @@ async fn nats_down_node_keeps_its_clients_reports_not_ready_and_resumes_by_itsel
         assert_eq!(c.subscribe("#").await, GRANTED);
         subs.push(c);
     }
+    // A client of another application, connected but not subscribed yet.
+    let app2 = env.app("app2");
+    let mut late = node
+        .client(&app2, &node.key(&app2, Rights::DEFAULT).await)
+        .await;
     let upstream = upstream(&env).await;
     upstream
         .publish(&device(&app, "dev1"), Event::Up, "before".into())
@@ -768,11 +773,15 @@ async fn nats_down_node_keeps_its_clients_reports_not_ready_and_resumes_by_itsel
     .await;
     assert!(body.contains("bus not connected"), "{body}");
     // The MQTT clients stay connected and served: a new filter of an application the node
-    // already subscribed needs no bus round trip.
+    // already subscribed needs no bus round trip...
     for s in &mut subs {
         assert_eq!(s.subscribe("v3/+/devices/+/up").await, GRANTED);
     }
-    assert_eq!(node.app.registry.len(), 2);
+    // ...and the first filter of another application is granted too (DESIGN §4 refuses
+    // only foreign filters and keys without the read right): its NATS subscription is sent
+    // when the connection is back.
+    assert_eq!(late.subscribe("#").await, GRANTED);
+    assert_eq!(node.app.registry.len(), 3);
 
     env.nats.as_mut().expect("NATS").restart().await;
     let restarted = Instant::now();
@@ -784,35 +793,13 @@ async fn nats_down_node_keeps_its_clients_reports_not_ready_and_resumes_by_itsel
     })
     .await;
     // The node resubscribed by itself: uplinks reach the same, still-connected clients.
-    // (Core NATS is at-most-once, so publish until the resubscription has landed.)
-    let deadline = Instant::now() + RECOVERY;
-    let mut first = None;
-    for i in 0.. {
-        assert!(
-            Instant::now() < deadline,
-            "no uplink reached the subscribers after NATS restarted"
-        );
-        upstream
-            .publish(
-                &device(&app, "dev1"),
-                Event::Up,
-                format!("after-{i}").into(),
-            )
-            .await
-            .ok();
-        if let Ok(Some(common::broker::Seen::Publish { payload, .. })) =
-            tokio::time::timeout(Duration::from_millis(100), subs[0].next()).await
-        {
-            first = Some(payload);
-            break;
-        }
-    }
-    let first = first.expect("an uplink arrived");
-    assert!(first.starts_with(b"after-"), "{first:?}");
+    publish_until_received(&upstream, &device(&app, "dev1"), &mut subs[0]).await;
     eprintln!(
         "uplinks flow again {:?} after NATS restarted",
         restarted.elapsed()
     );
+    // The subscription taken during the outage was sent once NATS was back.
+    publish_until_received(&upstream, &device(&app2, "dev1"), &mut late).await;
     // Both subscribers receive the same stream from there on, without reconnecting.
     upstream
         .publish(&device(&app, "dev1"), Event::Up, "steady".into())
@@ -827,5 +814,27 @@ async fn nats_down_node_keeps_its_clients_reports_not_ready_and_resumes_by_itsel
             assert!(payload.starts_with(b"after-"), "{payload:?}");
         }
     }
-    assert_eq!(node.app.registry.len(), 2, "nobody reconnected");
+    assert_eq!(node.app.registry.len(), 3, "nobody reconnected");
+}
+
+/// Publishes uplinks of `dev` every 100 ms until `client` receives one (core NATS is
+/// at-most-once: what is published before a resubscription lands is lost).
+async fn publish_until_received(upstream: &Upstream, dev: &DeviceRef, client: &mut TestClient) {
+    let deadline = Instant::now() + RECOVERY;
+    for i in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "no uplink of {dev:?} reached the subscriber after NATS restarted"
+        );
+        upstream
+            .publish(dev, Event::Up, format!("after-{i}").into())
+            .await
+            .ok();
+        if let Ok(Some(Seen::Publish { payload, .. })) =
+            tokio::time::timeout(Duration::from_millis(100), client.next()).await
+        {
+            assert!(payload.starts_with(b"after-"), "{payload:?}");
+            return;
+        }
+    }
 }

@@ -149,10 +149,13 @@ impl App {
         if !self.bus.is_ready() {
             problems.push("bus not connected".to_owned());
         }
-        if let Err(e) = self.keys.ping().await {
+        // Concurrently: while Redis is down each ping takes its whole operation timeout, and
+        // one after the other they would outlast a probe's timeout.
+        let (keys, queue) = tokio::join!(self.keys.ping(), self.queue.ping());
+        if let Err(e) = keys {
             problems.push(e.to_string());
         }
-        if let Err(e) = self.queue.ping().await {
+        if let Err(e) = queue {
             problems.push(e.to_string());
         }
         if problems.is_empty() {

@@ -668,7 +668,12 @@ async fn redis_down_cached_keys_connect_others_get_3_downlinks_fail_then_all_rec
 
     env.redis.as_mut().expect("Redis").stop().await;
 
+    let asked = Instant::now();
     let (status, body) = http::get(node.http_addr, "/readyz").await;
+    eprintln!(
+        "/readyz answered {status} in {:?} with Redis down",
+        asked.elapsed()
+    );
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("key store unavailable"), "{body}");
     assert!(body.contains("downlink queue unavailable"), "{body}");
@@ -676,10 +681,12 @@ async fn redis_down_cached_keys_connect_others_get_3_downlinks_fail_then_all_rec
     let mut again = node.client(&app, &cached).await;
     assert_eq!(again.subscribe("#").await, GRANTED);
     // One it has never seen cannot be verified: CONNACK 3, server unavailable.
+    let asked = Instant::now();
     assert_eq!(
         refusal(&node, &app, &uncached).await,
         Some(ConnectReturnCode::ServiceUnavailable)
     );
+    eprintln!("CONNACK 3 in {:?} with Redis down", asked.elapsed());
     // A two-item push fails as a whole and says why, per item.
     pusher
         .publish(

@@ -1,0 +1,214 @@
+//! `lorabroker-load`: a load generator for lorabroker and, for comparison, any MQTT 3.1.1
+//! broker. One process holds many lightweight connections (a tokio task and a small
+//! buffer each, mqttbytes framing), plays the upstream (NATS for lorabroker, an MQTT
+//! publisher for other brokers; see `target.rs`) and measures:
+//!
+//! - `fanout`: S subscribers of one application receive every uplink;
+//! - `devices`: S subscribers each on one device's topic, uplinks spread over the devices;
+//! - `storm`: K clients connect (API key cache hit or miss for lorabroker);
+//! - `idle`: N connected, subscribed clients; broker RSS per connection;
+//! - `downlink`: C clients push downlinks at a rate into lorabroker's Redis queues.
+//!
+//! Each run prints human text on stderr and one JSON line on stdout (delivered msg/s,
+//! loss, latency percentiles from timestamps inside the payloads, connects/s, bytes per
+//! connection). `benches/compare.sh` runs them all against lorabroker, Mosquitto and
+//! nats-server's MQTT mode.
+
+mod clients;
+mod downlink;
+mod payload;
+mod report;
+mod target;
+mod traffic;
+mod wire;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use target::Target;
+
+/// Load generator for lorabroker and other MQTT 3.1.1 brokers.
+#[derive(Parser)]
+#[command(name = "lorabroker-load", version, about)]
+struct Cli {
+    #[command(flatten)]
+    target: TargetArgs,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args)]
+struct TargetArgs {
+    /// MQTT listener(s) of the broker, comma-separated (connections are spread over them).
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:1883"
+    )]
+    mqtt: Vec<SocketAddr>,
+    /// Label of the broker in reports.
+    #[arg(long, global = true, default_value = "broker")]
+    label: String,
+    /// NATS URL of a lorabroker cluster: the upstream publishes uplinks there.
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// Redis URL of a lorabroker cluster: makes the target lorabroker (API keys are
+    /// created there; clients log in as `{app}@{tenant}`). Without it clients connect
+    /// anonymously and the upstream publishes over MQTT.
+    #[arg(long, global = true)]
+    redis_url: Option<String>,
+    /// Redis key prefix of the cluster.
+    #[arg(
+        long,
+        global = true,
+        default_value = "lorabroker",
+        env = "LORABROKER_REDIS__KEY_PREFIX"
+    )]
+    redis_prefix: String,
+    /// Tenant ID.
+    #[arg(long, global = true, default_value = "bench")]
+    tenant: String,
+    /// Application ID (default: a fresh `load-…` per run, so queues start empty).
+    #[arg(long, global = true)]
+    app: Option<String>,
+    /// Connections opened at once while setting up a scenario.
+    #[arg(long, global = true, default_value_t = 64)]
+    concurrency: usize,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// S subscribers of one application each receive every uplink.
+    Fanout(TrafficArgs),
+    /// S subscribers each subscribed to one device's uplinks; uplinks spread over them.
+    Devices(TrafficArgs),
+    /// K clients connect as fast as the broker accepts them.
+    Storm {
+        /// Number of connections.
+        #[arg(long, default_value_t = 5000)]
+        connections: usize,
+        /// Give each client its own API key (lorabroker: every CONNECT misses the cache).
+        #[arg(long)]
+        distinct_keys: bool,
+    },
+    /// N idle, subscribed clients; broker RSS per connection.
+    Idle {
+        /// Number of connections.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Broker process ID(s), comma-separated (their RSS is summed).
+        #[arg(long, value_delimiter = ',', required = true)]
+        broker_pid: Vec<u32>,
+        /// Wait this long after the last connection before reading RSS.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
+    /// C clients push downlinks at a rate (lorabroker only).
+    Downlink {
+        /// Publishing clients.
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        /// Devices the pushes are spread over.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Pushes per second, all clients together.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// How long to push.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+}
+
+#[derive(Args)]
+struct TrafficArgs {
+    /// Number of subscribers.
+    #[arg(long, default_value_t = 10)]
+    subscribers: usize,
+    /// Fan-out only: devices the upstream rotates over.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
+    /// Payload size in bytes (at least 44; padded JSON with the send time inside).
+    #[arg(long, default_value_t = 200)]
+    payload: usize,
+    /// Messages per second from the upstream, or `max`: as fast as the broker delivers.
+    #[arg(long, default_value = "max")]
+    rate: String,
+    /// How long to publish.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// With `--rate max`: deliveries in flight (all subscribers together) at most.
+    #[arg(long, default_value_t = 10_000)]
+    window: u64,
+}
+
+impl TrafficArgs {
+    fn shape(&self, per_device: bool, concurrency: usize) -> anyhow::Result<traffic::Shape> {
+        let rate = match self.rate.as_str() {
+            "max" => None,
+            r => Some(r.parse().context("--rate: a number or `max`")?),
+        };
+        Ok(traffic::Shape {
+            subscribers: self.subscribers,
+            per_device,
+            devices: self.devices,
+            payload: self.payload,
+            rate,
+            duration: self.duration,
+            window: self.window.max(1),
+            concurrency,
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let t = cli.target;
+    anyhow::ensure!(!t.mqtt.is_empty(), "--mqtt needs at least one address");
+    let target = Target {
+        label: t.label,
+        addrs: t.mqtt,
+        nats_url: t.nats_url,
+        redis_url: t.redis_url,
+        redis_prefix: t.redis_prefix,
+        tenant: t.tenant,
+        app: t
+            .app
+            .unwrap_or_else(|| format!("load-{:08x}", rand::random::<u32>())),
+    };
+    payload::now_us(); // start the clock
+    let report = match cli.scenario {
+        Scenario::Fanout(a) => traffic::run(&target, &a.shape(false, t.concurrency)?).await?,
+        Scenario::Devices(a) => traffic::run(&target, &a.shape(true, t.concurrency)?).await?,
+        Scenario::Storm {
+            connections,
+            distinct_keys,
+        } => clients::storm(&target, connections, t.concurrency, distinct_keys).await?,
+        Scenario::Idle {
+            connections,
+            broker_pid,
+            settle,
+        } => clients::idle(&target, connections, t.concurrency, &broker_pid, settle).await?,
+        Scenario::Downlink {
+            clients,
+            devices,
+            rate,
+            duration,
+        } => {
+            let shape = downlink::Shape {
+                clients,
+                devices,
+                rate,
+                duration,
+            };
+            downlink::run(&target, &shape).await?
+        }
+    };
+    report.print();
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! The traffic scenarios: fan-out (S subscribers of one application each receive every
+//! uplink) and many devices (S subscribers, each on its own device's topic, the upstream
+//! spreading uplinks over the devices).
+//!
+//! Each run: connect and subscribe everyone; warm up (publish probes until every
+//! subscriber has received one, so that no subscription is still being set up when the
+//! clock starts); publish for the given duration, either at a fixed rate or as fast as the
+//! broker delivers (a bounded window of deliveries in flight, so a broker is measured
+//! at the rate it sustains rather than at the rate a queue in front of it fills up); then
+//! wait until everything expected arrived or nothing arrived for [`DRAIN_IDLE`].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::clients::{close_all, connect_many};
+use crate::payload::{self, now_us, Kind};
+use crate::report::{Latency, Report};
+use crate::target::{Target, Upstream};
+use crate::wire::Conn;
+
+/// How long warm-up may take before the run fails.
+const WARMUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stop waiting for stragglers after this long without a delivery.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
+/// In the as-fast-as-delivered mode: when nothing arrives for this long, the messages in
+/// flight are taken as lost and publishing goes on.
+const STALL: Duration = Duration::from_millis(250);
+/// Messages published between two looks at the window.
+const BURST: u64 = 32;
+
+/// The shape of a traffic run.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    /// Number of subscribers.
+    pub subscribers: usize,
+    /// `true`: subscriber `i` subscribes to device `i` only (many devices); `false`: all
+    /// subscribe to the application's uplinks (fan-out).
+    pub per_device: bool,
+    /// Devices the fan-out upstream rotates over (per-device runs use one per subscriber).
+    pub devices: usize,
+    /// Payload size in bytes.
+    pub payload: usize,
+    /// Messages per second from the upstream; `None` publishes as fast as delivered.
+    pub rate: Option<u64>,
+    /// How long to publish.
+    pub duration: Duration,
+    /// In the as-fast-as-delivered mode, deliveries in flight (all subscribers) at most.
+    pub window: u64,
+    /// Connections opened at once while setting up.
+    pub concurrency: usize,
+}
+
+/// What the receivers share.
+struct Shared {
+    delivered: AtomicU64,
+    last_us: AtomicU64,
+    closed: AtomicU64,
+    warm: Vec<AtomicBool>,
+    progress: Notify,
+    latency: Mutex<Latency>,
+}
+
+/// Runs one traffic scenario and reports delivered msg/s, loss and latency.
+pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
+    let n = shape.subscribers;
+    let logins = target.logins(1, false).await?;
+    let app_filter = format!("v3/{}/devices/+/up", target.uid());
+    let opened = connect_many(
+        target,
+        n,
+        logins.as_deref(),
+        |i| {
+            Some(if shape.per_device {
+                target.topic(&Target::device(i), "up")
+            } else {
+                app_filter.clone()
+            })
+        },
+        shape.concurrency,
+    )
+    .await?;
+    let shared = Arc::new(Shared {
+        delivered: AtomicU64::new(0),
+        last_us: AtomicU64::new(0),
+        closed: AtomicU64::new(0),
+        warm: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        progress: Notify::new(),
+        latency: Mutex::new(Latency::new()),
+    });
+    let stop = CancellationToken::new();
+    let receivers: Vec<_> = opened
+        .conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, conn)| tokio::spawn(receive(i, conn, shared.clone(), stop.clone())))
+        .collect();
+
+    let devices = if shape.per_device { n } else { shape.devices };
+    let mut up = target.upstream(devices.max(1)).await?;
+    warm_up(&mut up, &shared, shape).await?;
+
+    let per_message = if shape.per_device { 1 } else { n as u64 };
+    let start_us = now_us();
+    let published = publish(&mut up, &shared, shape, devices.max(1), per_message).await?;
+    let publish_secs = (now_us() - start_us) as f64 / 1e6;
+    let expected = published * per_message;
+    drain(&shared, expected).await;
+
+    stop.cancel();
+    let mut conns = Vec::with_capacity(n);
+    for r in receivers {
+        if let Ok(Some(conn)) = r.await {
+            conns.push(conn);
+        }
+    }
+    close_all(conns, shape.concurrency).await;
+
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let last_us = shared.last_us.load(Ordering::Relaxed).max(start_us + 1);
+    let secs = (last_us - start_us) as f64 / 1e6;
+    let lost = expected.saturating_sub(delivered);
+    let loss = if expected == 0 {
+        0.0
+    } else {
+        lost as f64 / expected as f64
+    };
+    let name = if shape.per_device {
+        "devices"
+    } else {
+        "fanout"
+    };
+    let mut r = Report::new(name, &target.label);
+    r.set("subscribers", n as u64)
+        .set("devices", devices as u64)
+        .set("payload_bytes", shape.payload.max(payload::MIN_SIZE) as u64)
+        .set(
+            "mode",
+            match shape.rate {
+                Some(rate) => format!("rate {rate}/s"),
+                None => format!("max (window {})", shape.window),
+            },
+        )
+        .set("published", published)
+        .rate("published_per_s", published, publish_secs)
+        .set("expected", expected)
+        .set("delivered", delivered)
+        .set("lost", lost)
+        .set("loss", (loss * 1e6).round() / 1e6)
+        .rate("delivered_per_s", delivered, secs)
+        .set("subscribers_closed", shared.closed.load(Ordering::Relaxed))
+        .latency(&shared.latency.lock());
+    Ok(r)
+}
+
+/// One subscriber: counts and times measured deliveries, flags warm-up probes; returns its
+/// connection when stopped (`None` if the broker closed it).
+async fn receive(
+    i: usize,
+    mut conn: Conn,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Option<Conn> {
+    let mut times: Vec<u64> = Vec::new();
+    let mut warm = false;
+    loop {
+        let read = tokio::select! {
+            _ = stop.cancelled() => return Some(conn),
+            r = conn.read_frames(|p| match payload::parse(p) {
+                Some((Kind::Measured, t)) => times.push(t),
+                Some((Kind::Warmup, _)) => warm = true,
+                None => {}
+            }) => r,
+        };
+        if !matches!(read, Ok(true)) {
+            shared.closed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if warm && !shared.warm[i].load(Ordering::Relaxed) {
+            shared.warm[i].store(true, Ordering::Relaxed);
+        }
+        if !times.is_empty() {
+            let now = now_us();
+            {
+                let mut h = shared.latency.lock();
+                for &t in &times {
+                    h.record(now.saturating_sub(t));
+                }
+            }
+            shared
+                .delivered
+                .fetch_add(times.len() as u64, Ordering::Relaxed);
+            shared.last_us.fetch_max(now, Ordering::Relaxed);
+            shared.progress.notify_one();
+            times.clear();
+        }
+    }
+}
+
+/// Publishes probes until every subscriber has received one.
+async fn warm_up(up: &mut Upstream, shared: &Shared, shape: &Shape) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WARMUP_TIMEOUT;
+    let probe = payload::build(Kind::Warmup, 0, shape.payload);
+    loop {
+        let cold: Vec<usize> = (0..shared.warm.len())
+            .filter(|&i| !shared.warm[i].load(Ordering::Relaxed))
+            .collect();
+        if cold.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} of {} subscribers received no warm-up message within {WARMUP_TIMEOUT:?}",
+            cold.len(),
+            shared.warm.len()
+        );
+        if shape.per_device {
+            for i in cold {
+                up.publish(i, &probe).await?;
+            }
+        } else {
+            up.publish(0, &probe).await?;
+        }
+        up.settle().await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let late probes arrive before the clock starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// The measured publishing phase; returns how many messages were published.
+async fn publish(
+    up: &mut Upstream,
+    shared: &Shared,
+    shape: &Shape,
+    devices: usize,
+    per_message: u64,
+) -> anyhow::Result<u64> {
+    let mut message = payload::build(Kind::Measured, 0, shape.payload);
+    let start = Instant::now();
+    let mut published = 0u64;
+    let mut written_off = 0u64;
+    while start.elapsed() < shape.duration {
+        match shape.rate {
+            Some(rate) => {
+                let due = (rate as f64 * start.elapsed().as_secs_f64()) as u64;
+                while published < due {
+                    payload::stamp(&mut message, now_us());
+                    up.publish(published as usize % devices, &message).await?;
+                    published += 1;
+                }
+                up.flush().await?;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            None => {
+                let delivered = shared.delivered.load(Ordering::Relaxed);
+                let in_flight = (published * per_message).saturating_sub(delivered + written_off);
+                if in_flight >= shape.window.max(per_message) {
+                    up.flush().await?;
+                    let waited = tokio::time::timeout(STALL, shared.progress.notified()).await;
+                    if waited.is_err() && shared.delivered.load(Ordering::Relaxed) == delivered {
+                        written_off += in_flight;
+                    }
+                    continue;
+                }
+                for _ in 0..BURST {
+                    payload::stamp(&mut message, now_us());
+                    up.publish(published as usize % devices, &message).await?;
+                    published += 1;
+                }
+            }
+        }
+    }
+    up.settle().await?;
+    Ok(published)
+}
+
+/// Waits until `expected` deliveries arrived or none arrived for [`DRAIN_IDLE`].
+async fn drain(shared: &Shared, expected: u64) {
+    let mut last = shared.delivered.load(Ordering::Relaxed);
+    let mut idle_since = Instant::now();
+    loop {
+        let d = shared.delivered.load(Ordering::Relaxed);
+        if d >= expected {
+            return;
+        }
+        if d != last {
+            last = d;
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() >= DRAIN_IDLE {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,234 @@
+//! A minimal MQTT 3.1.1 client over one tokio `TcpStream`: just enough to connect, subscribe,
+//! publish at QoS 0 and read PUBLISH frames, so that one process can hold tens of thousands
+//! of connections. Control packets go through mqttbytes' v4 codec; the receive hot path
+//! ([`Conn::read_frames`]) only splits frames and hands out PUBLISH payloads as slices,
+//! without allocating per message.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::{Buf, BufMut, BytesMut};
+use mqttbytes::v4::{self, ConnectReturnCode, Packet, SubscribeReasonCode};
+use mqttbytes::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Keepalive announced in CONNECT. Long enough that no scenario needs PINGREQs.
+const KEEP_ALIVE_SECS: u16 = 600;
+/// Largest packet accepted from a broker.
+const MAX_PACKET: usize = 1 << 20;
+/// How long a control exchange (CONNACK, SUBACK) may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Username and password of a CONNECT.
+#[derive(Clone, Debug)]
+pub struct Login {
+    /// MQTT username (`{app}@{tenant}` for lorabroker).
+    pub username: String,
+    /// MQTT password (an API key for lorabroker).
+    pub password: String,
+}
+
+/// One MQTT connection of the load generator.
+pub struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    /// Opens a TCP connection, sends CONNECT (clean session, QoS 0 client) and waits for a
+    /// successful CONNACK; a refusal is an error naming the return code.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        login: Option<&Login>,
+    ) -> anyhow::Result<Conn> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("TCP connect to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::with_capacity(256),
+        };
+        let mut connect = v4::Connect::new(client_id);
+        connect.keep_alive = KEEP_ALIVE_SECS;
+        connect.clean_session = true;
+        if let Some(l) = login {
+            connect.set_login(l.username.as_str(), l.password.as_str());
+        }
+        let mut out = BytesMut::with_capacity(connect.len() + 8);
+        connect
+            .write(&mut out)
+            .map_err(|e| anyhow::anyhow!("encode CONNECT: {e:?}"))?;
+        conn.stream.write_all(&out).await?;
+        match conn.control_packet().await? {
+            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok(conn),
+            Packet::ConnAck(ack) => bail!("connection refused: {:?}", ack.code),
+            other => bail!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Subscribes to `filters` at QoS 0 and waits for the SUBACK; a refused filter is an error.
+    pub async fn subscribe(&mut self, filters: &[String]) -> anyhow::Result<()> {
+        let subscribe = v4::Subscribe::new_many(
+            filters
+                .iter()
+                .map(|f| v4::SubscribeFilter::new(f.clone(), QoS::AtMostOnce)),
+        );
+        let mut subscribe = subscribe;
+        subscribe.pkid = 1;
+        let mut out = BytesMut::with_capacity(64);
+        subscribe
+            .write(&mut out)
+            .map_err(|e| anyhow::anyhow!("encode SUBSCRIBE: {e:?}"))?;
+        self.stream.write_all(&out).await?;
+        loop {
+            match self.control_packet().await? {
+                Packet::SubAck(ack) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                    {
+                        bail!("subscription to {filters:?} refused");
+                    }
+                    return Ok(());
+                }
+                // A broker may already deliver before the SUBACK is read; drop it.
+                Packet::Publish(_) => continue,
+                other => bail!("expected SUBACK, got {other:?}"),
+            }
+        }
+    }
+
+    /// Writes raw bytes (e.g. a batch of [`encode_publish`] frames).
+    pub async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Sends DISCONNECT and closes; errors are ignored (the broker may be gone).
+    pub async fn disconnect(mut self) {
+        let _ = self.stream.write_all(&[0xE0, 0x00]).await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Reads once from the socket and calls `on_publish` with the payload of every whole
+    /// PUBLISH frame now buffered; other frames are skipped. Returns `Ok(false)` when the
+    /// broker closed the connection.
+    pub async fn read_frames(&mut self, mut on_publish: impl FnMut(&[u8])) -> anyhow::Result<bool> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(16 * 1024);
+        }
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        while let Some((header, body_len, header_len)) = frame_header(&self.buf)? {
+            if self.buf.len() < header_len + body_len {
+                break;
+            }
+            let body = &self.buf[header_len..header_len + body_len];
+            if header >> 4 == 3 {
+                if let Some(payload) = publish_payload(header, body) {
+                    on_publish(payload);
+                }
+            }
+            self.buf.advance(header_len + body_len);
+        }
+        Ok(true)
+    }
+
+    /// Reads until one whole control packet is decoded, within [`CONTROL_TIMEOUT`].
+    async fn control_packet(&mut self) -> anyhow::Result<Packet> {
+        let read = async {
+            loop {
+                match v4::read(&mut self.buf, MAX_PACKET) {
+                    Ok(p) => return Ok(p),
+                    Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => bail!("malformed packet from broker: {e:?}"),
+                }
+                if self.stream.read_buf(&mut self.buf).await? == 0 {
+                    bail!("connection closed by the broker");
+                }
+            }
+        };
+        tokio::time::timeout(CONTROL_TIMEOUT, read)
+            .await
+            .context("no answer from the broker")?
+    }
+}
+
+/// The first byte, remaining length and header length of the frame at the front of `buf`,
+/// or `None` if the header is not complete yet.
+fn frame_header(buf: &[u8]) -> anyhow::Result<Option<(u8, usize, usize)>> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    let mut len = 0usize;
+    for (i, &b) in buf.iter().skip(1).take(4).enumerate() {
+        len |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            if len > MAX_PACKET {
+                bail!("frame of {len} bytes from the broker");
+            }
+            return Ok(Some((first, len, i + 2)));
+        }
+    }
+    if buf.len() >= 5 {
+        bail!("malformed remaining length from the broker");
+    }
+    Ok(None)
+}
+
+/// The payload of a PUBLISH body (topic length, topic, packet ID if QoS > 0, payload).
+fn publish_payload(header: u8, body: &[u8]) -> Option<&[u8]> {
+    let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let qos = (header >> 1) & 0x3;
+    let start = 2 + topic_len + if qos > 0 { 2 } else { 0 };
+    body.get(start..)
+}
+
+/// Appends a QoS 0 PUBLISH frame of `payload` on `topic` to `out`.
+pub fn encode_publish(out: &mut BytesMut, topic: &str, payload: &[u8]) {
+    let remaining = 2 + topic.len() + payload.len();
+    out.reserve(5 + remaining);
+    out.put_u8(0x30);
+    let mut len = remaining;
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic.as_bytes());
+    out.put_slice(payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_publish_frame_round_trips() {
+        let mut out = BytesMut::new();
+        let payload = vec![b'x'; 300];
+        encode_publish(&mut out, "v3/a@t/devices/d/up", &payload);
+        let (header, len, hl) = frame_header(&out).unwrap().unwrap();
+        assert_eq!(header, 0x30);
+        assert_eq!(hl + len, out.len());
+        assert_eq!(publish_payload(header, &out[hl..]).unwrap(), &payload[..]);
+        match v4::read(&mut out, MAX_PACKET).unwrap() {
+            Packet::Publish(p) => assert_eq!(p.topic, "v3/a@t/devices/d/up"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -121,10 +121,17 @@ impl SignalHandler {
             } => {
                 if node != self.node {
                     let app = AppRef::new(tenant, application);
+                    // Two connections accepted in the same millisecond on two nodes would
+                    // each close the other; the one on the greater instance ID survives.
+                    let newer_than_ms = if self.node < node {
+                        connected_at_ms
+                    } else {
+                        connected_at_ms.saturating_sub(1)
+                    };
                     if self.registry.close_client(
                         &app,
                         &client_id,
-                        connected_at_ms,
+                        newer_than_ms,
                         CloseReason::Takeover,
                     ) {
                         tracing::info!(%app, %client_id, by = %node, "client taken over by another node");
@@ -137,5 +144,88 @@ impl SignalHandler {
                 tracing::info!(%key_id, connections = n, "API key revoked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{CacheSettings, MemoryKeyStore};
+    use crate::mqtt::outbox::Outbox;
+    use crate::registry::Connection;
+    use std::time::Duration;
+
+    /// A node's signal handler with one connection of `client-1`, accepted at `at_ms`.
+    fn node(name: &str, at_ms: u64) -> (SignalHandler, Arc<Outbox>) {
+        let registry = Arc::new(Registry::default());
+        let outbox = Arc::new(Outbox::new(1024));
+        registry.register(Arc::new(Connection {
+            id: registry.next_id(),
+            app: app(),
+            client_id: "client-1".into(),
+            key_id: "KEY".into(),
+            outbox: outbox.clone(),
+            connected_at_ms: at_ms,
+        }));
+        let auth = Arc::new(Authenticator::new(
+            Arc::new(MemoryKeyStore::new()),
+            &CacheSettings {
+                ttl: Duration::from_secs(60),
+                negative_ttl: Duration::from_secs(5),
+                capacity: 10,
+            },
+        ));
+        let handler = SignalHandler {
+            node: name.into(),
+            registry,
+            auth,
+        };
+        (handler, outbox)
+    }
+
+    fn app() -> AppRef {
+        AppRef::new(Id::parse("tenant1").unwrap(), Id::parse("app1").unwrap())
+    }
+
+    fn takeover(node: &str, at_ms: u64) -> Signal {
+        Signal::Takeover {
+            tenant: app().tenant,
+            application: app().app,
+            client_id: "client-1".into(),
+            node: node.into(),
+            connected_at_ms: at_ms,
+        }
+    }
+
+    fn closed(outbox: &Outbox) -> Option<CloseReason> {
+        outbox.take(&mut Vec::new())
+    }
+
+    #[tokio::test]
+    async fn the_newer_connection_survives_a_takeover_race() {
+        let (a, a_conn) = node("node-a", 1_000);
+        let (b, b_conn) = node("node-b", 1_001);
+        // The signals cross: each node hears of the other's connection.
+        a.handle(takeover("node-b", 1_001)).await;
+        b.handle(takeover("node-a", 1_000)).await;
+        assert_eq!(closed(&a_conn), Some(CloseReason::Takeover));
+        assert_eq!(closed(&b_conn), None);
+    }
+
+    #[tokio::test]
+    async fn exactly_one_survives_connections_of_the_same_millisecond() {
+        let (a, a_conn) = node("node-a", 1_000);
+        let (b, b_conn) = node("node-b", 1_000);
+        a.handle(takeover("node-b", 1_000)).await;
+        b.handle(takeover("node-a", 1_000)).await;
+        assert_eq!(closed(&a_conn), Some(CloseReason::Takeover));
+        assert_eq!(closed(&b_conn), None, "the greater instance ID keeps its client");
+    }
+
+    #[tokio::test]
+    async fn a_node_ignores_its_own_takeover_signals() {
+        let (a, a_conn) = node("node-a", 1_000);
+        a.handle(takeover("node-a", 2_000)).await;
+        assert_eq!(closed(&a_conn), None);
     }
 }

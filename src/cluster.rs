@@ -219,7 +219,11 @@ mod tests {
         a.handle(takeover("node-b", 1_000)).await;
         b.handle(takeover("node-a", 1_000)).await;
         assert_eq!(closed(&a_conn), Some(CloseReason::Takeover));
-        assert_eq!(closed(&b_conn), None, "the greater instance ID keeps its client");
+        assert_eq!(
+            closed(&b_conn),
+            None,
+            "the greater instance ID keeps its client"
+        );
     }
 
     #[tokio::test]

@@ -141,6 +141,9 @@ struct TrafficArgs {
     /// How long to publish.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Stop after this many messages (if sooner than `--duration`).
+    #[arg(long)]
+    messages: Option<u64>,
     /// With `--rate max`: deliveries in flight (all subscribers together) at most.
     #[arg(long, default_value_t = 10_000)]
     window: u64,
@@ -159,6 +162,7 @@ impl TrafficArgs {
             payload: self.payload,
             rate,
             duration: self.duration,
+            messages: self.messages,
             window: self.window.max(1),
             concurrency,
         })

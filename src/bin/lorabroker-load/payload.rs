@@ -2,7 +2,7 @@
 //! latency of each delivery, and the process clock they are measured against.
 //!
 //! A payload is JSON of a fixed layout, padded to the requested size:
-//! `{"k":"m","t":00000000000001234567,"p":"xxxx…"}` where `k` is `m` for a measured
+//! `{"k":"m","t":"00000000000001234567","p":"xxxx…"}` where `k` is `m` for a measured
 //! message or `w` for a warm-up probe, and `t` the send time in microseconds since the
 //! process started (publishers and receivers live in the same process, so one monotonic
 //! clock serves both).
@@ -11,13 +11,13 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 /// The fixed head of a payload up to the timestamp digits.
-const HEAD: &[u8] = br#"{"k":"m","t":"#;
+const HEAD: &[u8] = br#"{"k":"m","t":""#;
 /// Offset of the kind letter.
 const KIND_AT: usize = 6;
 /// Digits of the timestamp.
 const T_DIGITS: usize = 20;
 /// The smallest payload this layout can express.
-pub const MIN_SIZE: usize = HEAD.len() + T_DIGITS + br#","p":""}"#.len();
+pub const MIN_SIZE: usize = HEAD.len() + T_DIGITS + br#"","p":""}"#.len();
 
 /// Microseconds since the first call in this process (monotonic).
 pub fn now_us() -> u64 {
@@ -44,7 +44,7 @@ pub fn build(kind: Kind, t: u64, size: usize) -> Vec<u8> {
         Kind::Warmup => b'w',
     };
     out.extend_from_slice(format!("{t:020}").as_bytes());
-    out.extend_from_slice(br#","p":""#);
+    out.extend_from_slice(br#"","p":""#);
     out.resize(size - 2, b'x');
     out.extend_from_slice(br#""}"#);
     out

@@ -49,6 +49,8 @@ pub struct Shape {
     pub rate: Option<u64>,
     /// How long to publish.
     pub duration: Duration,
+    /// Stop after this many messages, if sooner than `duration`.
+    pub messages: Option<u64>,
     /// In the as-fast-as-delivered mode, deliveries in flight (all subscribers) at most.
     pub window: u64,
     /// Connections opened at once while setting up.
@@ -245,10 +247,11 @@ async fn publish(
     let start = Instant::now();
     let mut published = 0u64;
     let mut written_off = 0u64;
-    while start.elapsed() < shape.duration {
+    let limit = shape.messages.unwrap_or(u64::MAX);
+    while start.elapsed() < shape.duration && published < limit {
         match shape.rate {
             Some(rate) => {
-                let due = (rate as f64 * start.elapsed().as_secs_f64()) as u64;
+                let due = ((rate as f64 * start.elapsed().as_secs_f64()) as u64).min(limit);
                 while published < due {
                     payload::stamp(&mut message, now_us());
                     up.publish(published as usize % devices, &message).await?;
@@ -268,7 +271,7 @@ async fn publish(
                     }
                     continue;
                 }
-                for _ in 0..BURST {
+                for _ in 0..BURST.min(limit - published) {
                     payload::stamp(&mut message, now_us());
                     up.publish(published as usize % devices, &message).await?;
                     published += 1;

@@ -2,13 +2,16 @@
 //! and key revocation, turned from typed [`Signal`]s into bus messages and back.
 //!
 //! Every node, the embedded one included, acts on signals the same way, so single-node and
-//! clustered behaviour cannot differ.
+//! clustered behaviour cannot differ. Core NATS does not keep signals for a node that is
+//! away, so after every reconnection a node catches up from the key store instead.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::auth::{Authenticator, KeyStore, StoreError, StoredKey};
 use crate::bus::{Bus, BusError, Subscription};
@@ -51,8 +54,9 @@ pub enum RevokeError {
     /// The key store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The key was deleted but the signal could not be sent; connected clients keep their
-    /// session until their node's cache entry expires.
+    /// The key was deleted but the signal could not be sent: nodes refuse new connections
+    /// once their cache entry expires, and close existing ones only when they next
+    /// reconnect to the bus (see [`SignalHandler::catch_up`]).
     #[error("key deleted, but the revocation signal could not be sent: {0}")]
     Bus(#[from] BusError),
 }
@@ -86,7 +90,11 @@ pub async fn revoke_key(
     Ok(removed)
 }
 
+/// Keys whose records one catch-up reads from the store at the same time.
+const CATCH_UP_CONCURRENCY: usize = 32;
+
 /// What a node needs to act on signals.
+#[derive(Clone)]
 pub struct SignalHandler {
     /// This node's instance ID (its own takeover signals are ignored).
     pub node: String,
@@ -107,6 +115,42 @@ impl SignalHandler {
                 }
             }
         }
+    }
+
+    /// Catches up after every new bus connection until `connections` ends: revocation
+    /// signals sent while this node was away from the bus never reached it, so it forgets
+    /// every cached key and closes the connections whose key is no longer in the store.
+    pub async fn catch_up_after_reconnections(self, mut connections: watch::Receiver<u64>) {
+        while connections.changed().await.is_ok() {
+            self.catch_up().await;
+        }
+    }
+
+    /// Forgets every cached key and closes the connections whose key is gone; a key the
+    /// store cannot be asked about now is left alone.
+    pub async fn catch_up(&self) {
+        self.auth.evict_all();
+        let key_ids: BTreeSet<String> = self
+            .registry
+            .all()
+            .iter()
+            .map(|c| c.key_id.clone())
+            .collect();
+        let store = self.auth.store();
+        futures::stream::iter(key_ids)
+            .for_each_concurrent(CATCH_UP_CONCURRENCY, |key_id| async move {
+                match store.get(&key_id).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        let n = self.registry.close_by_key(&key_id, CloseReason::KeyRevoked);
+                        tracing::info!(%key_id, connections = n, "API key revoked while this node was away from the bus");
+                    }
+                    Err(e) => {
+                        tracing::warn!(%key_id, error = %e, "cannot check an API key after reconnecting to the bus")
+                    }
+                }
+            })
+            .await;
     }
 
     /// Acts on one signal.

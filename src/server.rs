@@ -51,6 +51,8 @@ pub struct Node {
     http_stop: CancellationToken,
     http_task: JoinHandle<()>,
     signal_task: JoinHandle<()>,
+    /// Catches up on missed revocations after bus reconnections (NATS only).
+    catch_up_task: Option<JoinHandle<()>>,
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, StartError> {
@@ -83,6 +85,9 @@ impl Node {
         };
         let shutdown = CancellationToken::new();
         let http_stop = CancellationToken::new();
+        let catch_up_task = app.bus.connections().map(|connections| {
+            tokio::spawn(handler.clone().catch_up_after_reconnections(connections))
+        });
         let signal_task = tokio::spawn(handler.run(signals));
         let http_task = tokio::spawn(crate::http::serve(http, app.clone(), http_stop.clone()));
         let mqtt_task = tokio::spawn(accept_loop(mqtt, app.clone(), shutdown.clone()));
@@ -96,6 +101,7 @@ impl Node {
             http_stop,
             http_task,
             signal_task,
+            catch_up_task,
         })
     }
 
@@ -116,6 +122,9 @@ impl Node {
         self.http_stop.cancel();
         let _ = self.http_task.await;
         self.signal_task.abort();
+        if let Some(t) = &self.catch_up_task {
+            t.abort();
+        }
         tracing::info!(node = %self.app.node_id, "node stopped");
     }
 }

@@ -824,6 +824,68 @@ async fn nats_down_node_keeps_its_clients_reports_not_ready_and_resumes_by_itsel
     assert_eq!(node.app.registry.len(), 3, "nobody reconnected");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_while_nats_is_down_is_disconnected_when_it_is_back() {
+    let mut env = TestEnv::new(Backend::Cluster).await;
+    let (n1, n2) = tokio::join!(env.node(), env.node());
+    let app = env.app("app1");
+    let revoked = n1.key(&app, Rights::DEFAULT).await;
+    let kept = n1.key(&app, Rights::DEFAULT).await;
+    let mut doomed = Vec::new();
+    for n in [&n1, &n2] {
+        let mut c = n.client(&app, &revoked).await;
+        assert_eq!(c.subscribe("#").await, GRANTED);
+        doomed.push(c);
+    }
+    let mut survivor = n2.client(&app, &kept).await;
+    assert_eq!(survivor.subscribe("#").await, GRANTED);
+
+    env.nats.as_mut().expect("NATS").stop().await;
+    for n in [&n1, &n2] {
+        eventually("node sees NATS gone", RECOVERY, || async {
+            (!n.app.bus.is_ready())
+                .then_some(())
+                .ok_or("still connected")
+        })
+        .await;
+    }
+    // The key is deleted, but no node can be told.
+    let out = cli(&env, &["keys", "revoke", key_id(&revoked)]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("revocation signal could not be sent"),
+        "{stderr}"
+    );
+    assert_eq!(n1.app.keys.get(key_id(&revoked)).await.unwrap(), None);
+
+    env.nats.as_mut().expect("NATS").restart().await;
+    let restarted = Instant::now();
+    // Each node catches up from Redis on reconnecting.
+    for (i, d) in doomed.iter_mut().enumerate() {
+        closed_by(
+            d,
+            restarted,
+            RECOVERY,
+            &format!("revoked key's client on node {} after NATS returned", i + 1),
+        )
+        .await;
+    }
+    eprintln!(
+        "clients of a key revoked during the outage closed {:?} after NATS restarted",
+        restarted.elapsed()
+    );
+    for n in [&n1, &n2] {
+        assert_eq!(
+            refusal(n, &app, &revoked).await,
+            Some(ConnectReturnCode::NotAuthorized),
+            "the cached key was forgotten"
+        );
+    }
+    let upstream = upstream(&env).await;
+    publish_until_received(&upstream, &device(&app, "dev1"), &mut survivor).await;
+}
+
 /// Publishes uplinks of `dev` every 100 ms until `client` receives one (core NATS is
 /// at-most-once: what is published before a resubscription lands is lost).
 async fn publish_until_received(upstream: &Upstream, dev: &DeviceRef, client: &mut TestClient) {

@@ -147,6 +147,12 @@ impl Authenticator {
     pub async fn evict(&self, key_id: &str) {
         self.cache.invalidate(key_id).await;
     }
+
+    /// Forgets every key, so that each next use asks the store (after this node may have
+    /// missed revocations).
+    pub fn evict_all(&self) {
+        self.cache.invalidate_all();
+    }
 }
 
 #[cfg(test)]

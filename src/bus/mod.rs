@@ -51,6 +51,13 @@ pub trait Bus: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), BusError>;
     /// Whether the bus is connected now.
     fn is_ready(&self) -> bool;
+
+    /// A counter of the connections made so far, which changes on every new one (a
+    /// reconnection after an outage included), so that a node can catch up on what it may
+    /// have missed meanwhile (cluster signals). `None` for a bus that never disconnects.
+    fn connections(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Whether a NATS subject `filter` (`*`, `>`) matches a concrete `subject`.

@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
+use tokio::sync::watch;
 use tokio::time::timeout;
 
 use super::{is_valid_subject, Bus, BusError, BusMessage, Subscription};
@@ -168,6 +169,10 @@ impl Bus for NatsBus {
     fn is_ready(&self) -> bool {
         self.client.connection_state() == State::Connected
     }
+
+    fn connections(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.events.connections.subscribe())
+    }
 }
 
 /// Delay before reconnection attempt `attempts` (1-based; reset after a success): the
@@ -186,17 +191,31 @@ fn reconnect_delay(attempts: usize) -> Duration {
 }
 
 /// Turns client events into log lines and counters.
-#[derive(Default)]
 struct EventLog {
+    /// Connections made so far (see [`Bus::connections`]).
+    connections: watch::Sender<u64>,
     dropped: AtomicU64,
     /// When the last slow-consumer warning was logged, and drops since then.
     slow: Mutex<(Option<Instant>, u64)>,
 }
 
+impl Default for EventLog {
+    fn default() -> Self {
+        Self {
+            connections: watch::Sender::new(0),
+            dropped: AtomicU64::new(0),
+            slow: Mutex::default(),
+        }
+    }
+}
+
 impl EventLog {
     fn record(&self, event: Event) {
         match event {
-            Event::Connected => tracing::info!("connected to NATS"),
+            Event::Connected => {
+                tracing::info!("connected to NATS");
+                self.connections.send_modify(|n| *n += 1);
+            }
             Event::Disconnected => tracing::warn!("lost the connection to NATS; reconnecting"),
             Event::SlowConsumer(sid) => {
                 let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;

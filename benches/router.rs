@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lorabroker::bus::{Bus, BusMessage, EmbeddedBus};
 use lorabroker::metrics::Metrics;
 use lorabroker::mqtt::outbox::Outbox;
-use lorabroker::router::{Member, Router};
+use lorabroker::router::Router;
 use lorabroker::topic::{AppRef, Filter, Id, Tenancy};
 use tokio::runtime::Runtime;
 
@@ -53,10 +53,10 @@ impl Node {
         let mut outboxes = Vec::new();
         let mut join = |app: &AppRef, filter: &str, keep: bool| {
             let outbox = Arc::new(Outbox::new(16 << 20));
-            let member = Arc::new(Member::new(next_id, outbox.clone()));
+            let filter = Filter::rewrite(&Tenancy::Multi, app, filter).unwrap();
+            rt.block_on(router.subscribe(app, next_id, &outbox, &filter))
+                .unwrap();
             next_id += 1;
-            member.add_filter(Filter::rewrite(&Tenancy::Multi, app, filter).unwrap());
-            rt.block_on(router.join(app, member)).unwrap();
             if keep {
                 outboxes.push(outbox);
             }

@@ -2,9 +2,15 @@
 //!
 //! A node holds one bus subscription per (tenant, application) with at least one
 //! subscribed client on the node: taken when the first client of that application
-//! subscribes, dropped when the last one leaves. Each bus message is parsed once, encoded
-//! as a PUBLISH once (only if someone matches), and the same bytes are handed to every
-//! matching client's outbox.
+//! subscribes, dropped when the last one leaves. Each bus message is parsed once, its
+//! subscribers are found through the application's [`Index`] (one device bucket plus the
+//! any-device subscribers, never a scan of every filter), it is encoded as a PUBLISH once
+//! (only if someone matches), and the same bytes are handed to every matching client's
+//! outbox.
+
+mod index;
+
+pub use index::{Index, Slot};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,48 +27,9 @@ use crate::mqtt::codec::encode_publish;
 use crate::mqtt::outbox::Outbox;
 use crate::topic::{parse_subject_rest, AppRef, Filter, Tenancy};
 
-/// A subscribed client as the router sees it: where to deliver and what it wants.
-pub struct Member {
-    /// The connection ID (unique on this node).
-    pub id: u64,
-    /// Where matching messages go.
-    pub outbox: Arc<Outbox>,
-    filters: RwLock<Vec<Filter>>,
-}
-
-impl Member {
-    /// A member with no filters yet.
-    pub fn new(id: u64, outbox: Arc<Outbox>) -> Self {
-        Self {
-            id,
-            outbox,
-            filters: RwLock::new(Vec::new()),
-        }
-    }
-
-    /// Adds a filter, replacing one with the same requested text (MQTT 3.1.1 §3.8.4).
-    pub fn add_filter(&self, filter: Filter) {
-        let mut filters = self.filters.write();
-        filters.retain(|f| f.requested != filter.requested);
-        filters.push(filter);
-    }
-
-    /// Removes a filter by its requested text; returns how many remain.
-    pub fn remove_filter(&self, requested: &str) -> usize {
-        let mut filters = self.filters.write();
-        filters.retain(|f| f.requested != requested);
-        filters.len()
-    }
-
-    /// Whether any filter matches `rest` (levels after `v3/{app}/`, separated by `.`).
-    fn matches(&self, rest: &str) -> bool {
-        self.filters.read().iter().any(|f| f.matches(rest, '.'))
-    }
-}
-
 /// One application's local subscribers and its bus subscription task.
 struct AppState {
-    members: RwLock<Vec<Arc<Member>>>,
+    index: RwLock<Index>,
     /// The delivery task, once subscribed; serialises the first subscribe.
     task: tokio::sync::Mutex<Option<AbortHandle>>,
     /// Set when the last member left; a late subscriber must not leave a task behind.
@@ -93,16 +60,24 @@ impl Router {
         }
     }
 
-    /// Adds `member` to `app`'s subscribers and makes sure the node's bus subscription for
-    /// `app` exists (and has reached the bus) before returning.
-    pub async fn join(&self, app: &AppRef, member: Arc<Member>) -> Result<(), BusError> {
+    /// Grants `filter` to connection `id` of `app`, delivering to `outbox` (a filter with
+    /// the same requested text is replaced), and makes sure the node's bus subscription
+    /// for `app` exists (and has reached the bus) before returning. On an error the filter
+    /// stays granted; the caller refuses it and calls [`Router::unsubscribe`].
+    pub async fn subscribe(
+        &self,
+        app: &AppRef,
+        id: u64,
+        outbox: &Arc<Outbox>,
+        filter: &Filter,
+    ) -> Result<(), BusError> {
         let state = {
             let mut apps = self.apps.lock();
             let state = apps
                 .entry(app.clone())
                 .or_insert_with(|| {
                     Arc::new(AppState {
-                        members: RwLock::new(Vec::new()),
+                        index: RwLock::new(Index::new()),
                         task: tokio::sync::Mutex::new(None),
                         closed: AtomicBool::new(false),
                         prefix: app.subject_prefix(),
@@ -114,7 +89,7 @@ impl Router {
                     })
                 })
                 .clone();
-            state.members.write().push(member);
+            state.index.write().add(id, outbox, filter);
             state
         };
         let mut task = state.task.lock().await;
@@ -142,14 +117,26 @@ impl Router {
         Ok(())
     }
 
-    /// Removes a member; the last one out drops the application's bus subscription.
-    pub fn leave(&self, app: &AppRef, member_id: u64) {
+    /// Removes the filter `requested` of connection `id`; returns how many filters it
+    /// still has. The last subscriber out drops the application's bus subscription.
+    pub fn unsubscribe(&self, app: &AppRef, id: u64, requested: &str) -> usize {
+        self.update(app, |index| index.remove(id, requested))
+    }
+
+    /// Removes every filter of connection `id`.
+    pub fn leave(&self, app: &AppRef, id: u64) {
+        self.update(app, |index| index.remove_all(id));
+    }
+
+    fn update<T: Default>(&self, app: &AppRef, change: impl FnOnce(&mut Index) -> T) -> T {
         let mut apps = self.apps.lock();
-        let Some(state) = apps.get(app) else { return };
-        let empty = {
-            let mut members = state.members.write();
-            members.retain(|m| m.id != member_id);
-            members.is_empty()
+        let Some(state) = apps.get(app) else {
+            return T::default();
+        };
+        let (result, empty) = {
+            let mut index = state.index.write();
+            let result = change(&mut index);
+            (result, index.is_empty())
         };
         if empty {
             state.closed.store(true, Ordering::Release);
@@ -160,6 +147,7 @@ impl Router {
             }
             apps.remove(app);
         }
+        result
     }
 
     /// Delivers one bus message of `app` to the matching local subscribers right away,
@@ -197,32 +185,33 @@ impl AppState {
         let Some(rest) = msg.subject.strip_prefix(self.prefix.as_str()) else {
             return 0;
         };
-        if parse_subject_rest(rest).is_none() {
+        let Some(event) = parse_subject_rest(rest) else {
             tracing::debug!(subject = %msg.subject, "ignoring a message on a subject that is no device event");
             return 0;
-        }
+        };
         let mut encoded: Option<Bytes> = None;
         let (mut delivered, mut dropped) = (0u64, 0u64);
-        for member in self.members.read().iter() {
-            if !member.matches(rest) {
-                continue;
-            }
-            let packet = match &encoded {
-                Some(p) => p.clone(),
-                None => {
-                    let Some(p) = encode_publish(&self.topic_prefix, rest, b'.', &msg.payload)
-                    else {
-                        tracing::warn!(subject = %msg.subject, len = msg.payload.len(), "message too large to frame as MQTT");
-                        return 0;
-                    };
-                    encoded.insert(p).clone()
+        let mut too_large = false;
+        self.index
+            .read()
+            .for_each_match(event.device, event.event, |slot| {
+                let packet = match &encoded {
+                    Some(p) => p.clone(),
+                    None if too_large => return,
+                    None => match encode_publish(&self.topic_prefix, rest, b'.', &msg.payload) {
+                        Some(p) => encoded.insert(p).clone(),
+                        None => {
+                            tracing::warn!(subject = %msg.subject, len = msg.payload.len(), "message too large to frame as MQTT");
+                            too_large = true;
+                            return;
+                        }
+                    },
+                };
+                match slot.outbox.push(packet) {
+                    Ok(()) => delivered += 1,
+                    Err(_) => dropped += 1,
                 }
-            };
-            match member.outbox.push(packet) {
-                Ok(()) => delivered += 1,
-                Err(_) => dropped += 1,
-            }
-        }
+            });
         if delivered > 0 {
             metrics.delivered.inc_by(delivered);
         }

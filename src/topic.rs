@@ -48,6 +48,14 @@ impl Id {
     }
 }
 
+/// Lets maps keyed by [`Id`] be queried with a `&str` (the derived `Hash` of `Id` is that
+/// of its string).
+impl std::borrow::Borrow<str> for Id {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -298,6 +306,48 @@ impl Event {
     pub fn from_subject_suffix(s: &str) -> Option<Self> {
         Event::ALL.into_iter().find(|e| e.subject_suffix() == s)
     }
+
+    /// This event's bit in an [`EventSet`].
+    fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+/// A set of [`Event`]s, as a bit set: what one filter (or one client's filters) selects
+/// of a device's traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventSet(u16);
+
+impl EventSet {
+    /// No event.
+    pub const NONE: EventSet = EventSet(0);
+    /// Every event.
+    pub const ALL: EventSet = EventSet((1 << Event::ALL.len()) - 1);
+
+    /// Whether `event` is in the set.
+    pub fn contains(self, event: Event) -> bool {
+        self.0 & event.bit() != 0
+    }
+
+    /// Adds `event`.
+    pub fn insert(&mut self, event: Event) {
+        self.0 |= event.bit();
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The events in either set.
+    pub fn union(self, other: EventSet) -> EventSet {
+        EventSet(self.0 | other.0)
+    }
+
+    /// The events of `self` that are not in `other`.
+    pub fn difference(self, other: EventSet) -> EventSet {
+        EventSet(self.0 & !other.0)
+    }
 }
 
 /// Client → server operations on the downlink queue.
@@ -402,23 +452,83 @@ impl Filter {
     /// Whether this filter matches a topic given as its levels after `v3/{app}/`
     /// (`devices/{dev}/up`), joined by `sep` (`/` for topics, `.` for subjects).
     pub fn matches(&self, rest: &str, sep: char) -> bool {
-        let mut topic = rest.split(sep);
-        for level in &self.levels {
-            match level {
-                Level::Multi => return true,
-                Level::Single => {
-                    if topic.next().is_none() {
-                        return false;
-                    }
-                }
-                Level::Exact(want) => match topic.next() {
-                    Some(got) if got == want => {}
-                    _ => return false,
-                },
+        // `v3/{app}` alone never names traffic.
+        !self.levels.is_empty() && match_levels(&self.levels, rest.split(sep))
+    }
+
+    /// What this filter selects of the application's device traffic, the only traffic a
+    /// client ever receives: for every device event topic `devices/{dev}/{event}`,
+    /// `self.matches(topic)` is `selection.includes(dev, event)`. This lets the router
+    /// index subscribers by device instead of matching every filter against every message.
+    pub fn selection(&self) -> Selection {
+        let nothing = Selection {
+            device: None,
+            events: EventSet::NONE,
+        };
+        let everything = Selection {
+            device: None,
+            events: EventSet::ALL,
+        };
+        match self.levels.first() {
+            None => return nothing,
+            Some(Level::Multi) => return everything,
+            Some(Level::Single) => {}
+            Some(Level::Exact(l)) if l == "devices" => {}
+            Some(Level::Exact(_)) => return nothing,
+        }
+        let device = match self.levels.get(1) {
+            None => return nothing,
+            Some(Level::Multi) => return everything,
+            Some(Level::Single) => None,
+            // A level that is no valid ID names no device that can send traffic.
+            Some(Level::Exact(d)) => match Id::parse(d) {
+                Ok(id) => Some(id),
+                Err(_) => return nothing,
+            },
+        };
+        let mut events = EventSet::NONE;
+        for event in Event::ALL {
+            if match_levels(&self.levels[2..], event.topic_suffix().split('/')) {
+                events.insert(event);
             }
         }
-        // Every topic level must be consumed; `v3/{app}` alone never names traffic.
-        topic.next().is_none() && !self.levels.is_empty()
+        Selection { device, events }
+    }
+}
+
+/// Whether filter `levels` match exactly the topic levels of `topic`.
+fn match_levels<'a>(levels: &[Level], mut topic: impl Iterator<Item = &'a str>) -> bool {
+    for level in levels {
+        match level {
+            Level::Multi => return true,
+            Level::Single => {
+                if topic.next().is_none() {
+                    return false;
+                }
+            }
+            Level::Exact(want) => match topic.next() {
+                Some(got) if got == want => {}
+                _ => return false,
+            },
+        }
+    }
+    topic.next().is_none()
+}
+
+/// What a [`Filter`] selects of device traffic: one device or every device, and a set of
+/// events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// The one device selected, or `None` for every device.
+    pub device: Option<Id>,
+    /// The events selected (empty: the filter matches no traffic at all).
+    pub events: EventSet,
+}
+
+impl Selection {
+    /// Whether `event` of `device` is selected.
+    pub fn includes(&self, device: &str, event: Event) -> bool {
+        self.events.contains(event) && self.device.as_ref().is_none_or(|d| d.as_str() == device)
     }
 }
 
@@ -605,7 +715,87 @@ mod tests {
         }
     }
 
+    #[test]
+    fn selections() {
+        let all = rewrite("#").unwrap().selection();
+        assert_eq!(all.device, None);
+        assert_eq!(all.events, EventSet::ALL);
+        let up = rewrite("v3/+/devices/+/up").unwrap().selection();
+        assert_eq!(up.device, None);
+        assert!(up.events.contains(Event::Up));
+        assert!(!up.events.contains(Event::UpNormalized));
+        let dev = rewrite("v3/app1@tenant1/devices/dev1/down/+")
+            .unwrap()
+            .selection();
+        assert_eq!(dev.device, Some(id("dev1")));
+        assert!(dev.includes("dev1", Event::DownAck));
+        assert!(!dev.includes("dev2", Event::DownAck));
+        assert!(!dev.includes("dev1", Event::Up));
+        for nothing in [
+            "v3/+",
+            "v3/+/gateways/#",
+            "v3/+/devices",
+            "v3/+/devices/UP/#",
+        ] {
+            assert!(
+                rewrite(nothing).unwrap().selection().events.is_empty(),
+                "{nothing}"
+            );
+        }
+    }
+
+    /// Filters of the shapes clients use, over a few devices and events.
+    fn any_filter() -> impl Strategy<Value = String> {
+        let level = prop::sample::select(vec![
+            "+",
+            "devices",
+            "dev1",
+            "dev2",
+            "up",
+            "down",
+            "normalized",
+            "queued",
+            "ack",
+            "x",
+        ]);
+        (
+            prop::sample::select(vec!["#", "v3/#", "v3/+", "v3/app1@tenant1"]),
+            prop::collection::vec(level, 0..5),
+            any::<bool>(),
+        )
+            .prop_map(|(head, levels, hash)| {
+                let mut f = head.to_owned();
+                if !f.ends_with('#') {
+                    for l in levels {
+                        f.push('/');
+                        f.push_str(l);
+                    }
+                    if hash {
+                        f.push_str("/#");
+                    }
+                }
+                f
+            })
+    }
+
     proptest! {
+        /// A filter's selection agrees with matching the filter, on every device event.
+        #[test]
+        fn selection_agrees_with_matching(f in any_filter()) {
+            let filter = rewrite(&f).unwrap();
+            let selection = filter.selection();
+            for device in ["dev1", "dev2", "dev3"] {
+                for event in Event::ALL {
+                    let rest = format!("devices.{device}.{}", event.subject_suffix());
+                    prop_assert_eq!(
+                        filter.matches(&rest, '.'),
+                        selection.includes(device, event),
+                        "{} on {}", f, rest
+                    );
+                }
+            }
+        }
+
         /// Whatever a client asks for, a granted filter never matches another application's
         /// traffic, because matching only ever sees the levels after `v3/{app}/`.
         #[test]

@@ -29,7 +29,6 @@ use crate::app::App;
 use crate::cluster::{self, Signal};
 use crate::metrics::OutcomeLabels;
 use crate::registry::Connection;
-use crate::router::Member;
 use crate::topic::{parse_downlink_topic, Filter};
 
 /// How a session ended.
@@ -296,7 +295,8 @@ struct Session {
     will: Option<mqttbytes::v4::LastWill>,
     outbox: Arc<Outbox>,
     registration: Arc<Connection>,
-    member: Option<Arc<Member>>,
+    /// Whether the router holds filters of this connection.
+    subscribed: bool,
     /// Packets waiting to be written.
     out: Vec<Bytes>,
 }
@@ -324,7 +324,7 @@ impl Session {
             will,
             outbox,
             registration,
-            member: None,
+            subscribed: false,
             out: Vec::new(),
         }
     }
@@ -354,8 +354,10 @@ impl Session {
         let end = self.main_loop(&mut wire).await;
 
         self.app.registry.unregister(&self.registration);
-        if let Some(m) = &self.member {
-            self.app.router.leave(&self.accepted.app, m.id);
+        if self.subscribed {
+            self.app
+                .router
+                .leave(&self.accepted.app, self.registration.id);
         }
         self.app.metrics.connections.dec();
         self.app
@@ -449,14 +451,14 @@ impl Session {
                     .push(encode(&Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
             }
             Packet::Unsubscribe(unsubscribe) => {
-                if let Some(member) = &self.member {
-                    let mut remaining = usize::MAX;
+                if self.subscribed {
                     for f in &unsubscribe.topics {
-                        remaining = member.remove_filter(f);
-                    }
-                    if remaining == 0 {
-                        self.app.router.leave(&self.accepted.app, member.id);
-                        self.member = None;
+                        let left = self.app.router.unsubscribe(
+                            &self.accepted.app,
+                            self.registration.id,
+                            f,
+                        );
+                        self.subscribed = left > 0;
                     }
                 }
                 self.out
@@ -497,21 +499,19 @@ impl Session {
             );
             return SubscribeReasonCode::Failure;
         };
-        let member = match &self.member {
-            Some(m) => m.clone(),
-            None => {
-                let m = Arc::new(Member::new(self.registration.id, self.outbox.clone()));
-                m.add_filter(filter);
-                if let Err(e) = self.app.router.join(&self.accepted.app, m.clone()).await {
-                    tracing::warn!(error = %e, "subscription failed: bus unavailable");
-                    self.app.router.leave(&self.accepted.app, m.id);
-                    return SubscribeReasonCode::Failure;
-                }
-                self.member = Some(m);
-                return SubscribeReasonCode::Success(QoS::AtMostOnce);
-            }
-        };
-        member.add_filter(filter);
+        let (app, id) = (&self.accepted.app, self.registration.id);
+        if let Err(e) = self
+            .app
+            .router
+            .subscribe(app, id, &self.outbox, &filter)
+            .await
+        {
+            tracing::warn!(error = %e, "subscription failed: bus unavailable");
+            let left = self.app.router.unsubscribe(app, id, requested);
+            self.subscribed = left > 0;
+            return SubscribeReasonCode::Failure;
+        }
+        self.subscribed = true;
         SubscribeReasonCode::Success(QoS::AtMostOnce)
     }
 

@@ -4,6 +4,7 @@
 #
 #   benches/compare.sh            # full run (a few minutes)
 #   benches/compare.sh --quick    # smaller shapes, shorter runs (a smoke test)
+#   benches/compare.sh --wait-quiet 20   # first wait (up to 20 min) for an idle machine
 #
 # It builds the release binaries, starts its own servers on free loopback ports (never the
 # default 1883/4222/6379, so it runs beside anything else), runs `lorabroker-load` against
@@ -19,13 +20,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
+ARGS="$*"
 QUICK=0
 OUT=""
+WAIT_QUIET=0
 while (($#)); do
   case "$1" in
     --quick) QUICK=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --wait-quiet) WAIT_QUIET="$2"; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -35,7 +39,7 @@ done
 if ((QUICK)); then
   DUR=2s; DEVICES=200; IDLE=2000; STORM=1000; STORM_MISS=300; DL_RATE=1000
 else
-  DUR=5s; DEVICES=1000; IDLE=10000; STORM=5000; STORM_MISS=2000; DL_RATE=2000
+  DUR=8s; DEVICES=1000; IDLE=10000; STORM=5000; STORM_MISS=2000; DL_RATE=2000
 fi
 FANOUT_SUBS=10
 PAYLOAD=200
@@ -51,14 +55,35 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 echo "== building release binaries" >&2
 cargo build --release --quiet --bin lorabroker --bin lorabroker-load
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-LB="$TARGET_DIR/release/lorabroker"
-LOAD="$TARGET_DIR/release/lorabroker-load"
 
 WORK=$(mktemp -d /tmp/lorabroker-compare.XXXXXX)
 OUT=${OUT:-$WORK}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
+# Private copies, so that a concurrent build cannot swap the binaries mid-run.
+cp "$TARGET_DIR/release/lorabroker" "$TARGET_DIR/release/lorabroker-load" "$WORK/"
+LB="$WORK/lorabroker"
+LOAD="$WORK/lorabroker-load"
+
+# What the figures were measured on; the state is sampled again before each broker.
+load_state() {
+  echo "$(date -u +%H:%M:%S) $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15-min load), $(pgrep -c rustc || true) rustc running"
+}
+if ((WAIT_QUIET)); then
+  echo "== waiting up to $WAIT_QUIET min for a quiet machine (no rustc, 1-min load < 0.5)" >&2
+  for _ in $(seq 1 $((WAIT_QUIET * 6))); do
+    if ! pgrep -x rustc >/dev/null && awk '{ exit !($1 < 0.5) }' /proc/loadavg; then break; fi
+    sleep 10
+  done
+fi
+{
+  echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, $(uname -sr)"
+  echo "lorabroker: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' (with uncommitted changes in src/)'), $(rustc --version)"
+  echo "mosquitto: $(mosquitto -h 2>/dev/null | head -n1); nats-server: $(nats-server --version); redis: $(redis-server --version | awk '{print $3}')"
+  echo "command: benches/compare.sh $ARGS (ulimit -n $(ulimit -n))"
+  echo "start: $(load_state)"
+} | tee "$OUT/machine.txt" >&2
 
 PIDS=()
 cleanup() {
@@ -120,6 +145,7 @@ run() {
 scenarios() {
   local label=$1 pids=$2; shift 2
   local args=(--label "$label" "$@")
+  echo "$label: $(load_state)" | tee -a "$OUT/machine.txt" >&2
   sleep 1
   run idle "${args[@]}" idle --connections "$IDLE" --broker-pid "$pids"
   run fanout "${args[@]}" fanout --subscribers "$FANOUT_SUBS" --payload "$PAYLOAD" --rate max --duration "$DUR"
@@ -225,7 +251,9 @@ row() { # row TITLE CASE JQ-PATH
   echo "| $1 | $l1 | $l2 | $m | $n | $(ratio "$l1" "$m") | $(ratio "$l1" "$n") |"
 }
 
+echo "end: $(load_state)" >>"$OUT/machine.txt"
 {
+  cat "$OUT/machine.txt"
   echo
   echo "| shape | lorabroker-1 | lorabroker-2 | mosquitto | nats-mqtt | lb-1 ÷ mosquitto | lb-1 ÷ nats-mqtt |"
   echo "|---|---:|---:|---:|---:|---:|---:|"

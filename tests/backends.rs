@@ -921,6 +921,34 @@ async fn nats_dropping_a_subscription_removes_interest_at_the_server() {
     assert!(nats.has_interest(&subject_two).await);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_flush_makes_a_subscription_visible_to_other_publishers() {
+    // What a SUBACK promises: once the node's subscribe + flush return, a message another
+    // client publishes (the upstream, another node) reaches it. A socket flush alone
+    // leaves a window in which the server has not yet read the SUB.
+    let nats = NatsService::start().await;
+    let node = NatsBus::connect(&nats.url, "test-node").await.unwrap();
+    let upstream = NatsBus::connect(&nats.url, "test-upstream").await.unwrap();
+    ready(&node, true, "node connected").await;
+    ready(&upstream, true, "upstream connected").await;
+    let tenant = unique("tenant");
+    for i in 0..300 {
+        let filter = format!("v3.{tenant}.app-{i}.>");
+        let mut sub = node.subscribe(filter.clone()).await.unwrap();
+        node.flush().await.unwrap();
+        upstream
+            .publish(filter.replace('>', "devices.dev-1.up"), "x".into())
+            .await
+            .unwrap();
+        upstream.flush().await.unwrap();
+        let got = tokio::time::timeout(WAIT, sub.next()).await;
+        assert!(
+            matches!(got, Ok(Some(_))),
+            "subscription {i} missed a message published after its flush"
+        );
+    }
+}
+
 #[tokio::test]
 async fn nats_slow_consumer_drops_are_counted_not_fatal() {
     let nats = NatsService::start().await;

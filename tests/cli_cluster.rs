@@ -260,6 +260,7 @@ async fn seed_flow_across_two_serve_nodes_with_keys_simulate_and_mosquitto() {
     let listed = world.run(KEYS_LIST).await;
     assert!(listed.contains(&key_id), "{listed}");
     assert!(!listed.contains(&secret), "a secret was printed: {listed}");
+    assert!(!listed.contains("secret"), "nor its hash: {listed}");
     let record: serde_json::Value =
         serde_json::from_str(listed.lines().next().unwrap_or_default()).expect("JSON lines");
     assert_eq!(record["id"], key_id.as_str());

@@ -47,7 +47,9 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, subject: String, payload: Bytes) -> Result<(), BusError>;
     /// Subscribes to a subject filter (`*` and `>` allowed).
     async fn subscribe(&self, filter: String) -> Result<Subscription, BusError>;
-    /// Makes sure everything published so far has left this process.
+    /// Makes sure everything published and subscribed so far has reached the bus: once it
+    /// returns, a message anyone publishes reaches the subscriptions taken before (what a
+    /// SUBACK promises), and what was published is no longer only in this process.
     async fn flush(&self) -> Result<(), BusError>;
     /// Whether the bus is connected now.
     fn is_ready(&self) -> bool;

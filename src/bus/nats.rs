@@ -47,7 +47,7 @@ const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Client PING interval: how fast a silently dead connection is noticed (two missed PONGs).
 const PING_INTERVAL: Duration = Duration::from_secs(10);
-/// How long `flush` waits for everything to be written to NATS.
+/// How long `flush` waits for everything to be processed by the NATS server.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long handing a command to the client task may take (its queue is bounded).
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -63,6 +63,9 @@ pub struct NatsBus {
     client: Client,
     created: Instant,
     events: Arc<EventLog>,
+    /// This connection's own inbox for the round trip of [`Bus::flush`] (taken on the
+    /// first flush), and the token of the last round trip.
+    barrier: Arc<tokio::sync::Mutex<Option<Barrier>>>,
 }
 
 impl NatsBus {
@@ -94,7 +97,55 @@ impl NatsBus {
             client,
             created: Instant::now(),
             events,
+            barrier: Arc::default(),
         })
+    }
+
+    /// Sends everything buffered, then waits until the server has processed it: a message
+    /// to this connection's own inbox comes back only after the server has handled every
+    /// SUB and PUB sent before it (an async-nats `flush` only empties the socket buffer, so
+    /// a subscription "flushed" that way may still miss a message another client publishes
+    /// right after).
+    async fn round_trip(&self) -> Result<(), String> {
+        self.client
+            .flush()
+            .await
+            .map_err(|e| format!("NATS flush failed: {e}"))?;
+        let mut barrier = self.barrier.lock().await;
+        if barrier.is_none() {
+            let subject = self.client.new_inbox();
+            let inbox = self
+                .client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| format!("NATS subscribe failed: {e}"))?;
+            *barrier = Some(Barrier {
+                inbox,
+                subject,
+                last: 0,
+            });
+        }
+        let Some(Barrier {
+            inbox,
+            subject,
+            last,
+        }) = barrier.as_mut()
+        else {
+            unreachable!("set above");
+        };
+        *last += 1;
+        let token = last.to_string();
+        self.client
+            .publish(subject.clone(), Bytes::from(token.clone()))
+            .await
+            .map_err(|e| format!("NATS publish failed: {e}"))?;
+        // Tokens of earlier round trips that timed out may still arrive first.
+        while let Some(m) = inbox.next().await {
+            if m.payload == token.as_bytes() {
+                return Ok(());
+            }
+        }
+        Err("NATS round trip: the inbox subscription ended".into())
     }
 
     /// Messages dropped so far because a subscription's buffer was full (slow consumer).
@@ -157,9 +208,9 @@ impl Bus for NatsBus {
 
     async fn flush(&self) -> Result<(), BusError> {
         self.check_sendable()?;
-        match timeout(FLUSH_TIMEOUT, self.client.flush()).await {
+        match timeout(FLUSH_TIMEOUT, self.round_trip()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BusError::Unavailable(format!("NATS flush failed: {e}"))),
+            Ok(Err(e)) => Err(BusError::Unavailable(e)),
             Err(_) => Err(BusError::Unavailable(format!(
                 "NATS flush did not complete within {FLUSH_TIMEOUT:?}"
             ))),
@@ -173,6 +224,14 @@ impl Bus for NatsBus {
     fn connections(&self) -> Option<watch::Receiver<u64>> {
         Some(self.events.connections.subscribe())
     }
+}
+
+/// The inbox of [`NatsBus::round_trip`].
+struct Barrier {
+    inbox: async_nats::Subscriber,
+    subject: String,
+    /// Token of the last round trip.
+    last: u64,
 }
 
 /// Delay before reconnection attempt `attempts` (1-based; reset after a success): the

@@ -19,6 +19,7 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::services::{unique, NatsService, RedisService};
+use common::wait::eventually;
 use lorabroker::auth::redis::RedisKeyStore;
 use lorabroker::auth::{generate, KeyStore, MemoryKeyStore, Rights, StoreError, StoredKey};
 use lorabroker::bus::{Bus, BusError, BusMessage, EmbeddedBus, NatsBus, Subscription};
@@ -181,22 +182,6 @@ async fn payloads_until(sub: &mut Subscription, last: &str, what: &str) -> Vec<S
         got.push(p.clone());
         if p == last {
             return got;
-        }
-    }
-}
-
-/// Polls `f` every 20 ms until it succeeds; panics after `limit` with the last error.
-async fn eventually<T, E: Debug, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what}: still {e:?} after {limit:?}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }

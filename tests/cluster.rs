@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use serde_json::Value;
 use common::broker::{Backend, Seen, TestClient, TestEnv, TestNode, WAIT};
 use common::http;
 use common::services::unique;
+use common::wait::eventually;
 use lorabroker::app::Backends;
 use lorabroker::auth::Rights;
 use lorabroker::topic::{AppRef, DeviceRef, Event, Id};
@@ -62,22 +62,6 @@ async fn upstream(env: &TestEnv) -> Upstream {
     })
     .await;
     upstream
-}
-
-/// Polls `f` every 20 ms until it succeeds; panics after `limit` with the last error.
-async fn eventually<T, E: std::fmt::Debug, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what}: still {e:?} after {limit:?}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 /// Waits until the server closes `client`, no later than `limit` after `since` (which may

@@ -5,3 +5,4 @@ pub mod broker;
 pub mod http;
 pub mod services;
 pub mod shell;
+pub mod wait;

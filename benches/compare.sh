@@ -133,7 +133,7 @@ run() {
   echo "-- $case: lorabroker-load $*" >&2
   if line=$("$LOAD" "$@" 2>>"$OUT/load.log"); then
     jq -c --arg case "$case" '. + {case: $case}' <<<"$line" >>"$RESULTS"
-    jq -r '"   " + ([to_entries[] | select(.key|test("per_s|loss|bytes_per|p99")) | "\(.key)=\(.value)"] | join(" "))' <<<"$line" >&2
+    jq -r '"   " + ([to_entries[] | select(.key|test("per_s|loss|bytes_per|cpu")) | "\(.key)=\(.value)"] | join(" "))' <<<"$line" >&2
     jq -r '"   latency p50=\(.latency_us.p50 // "-")µs p99=\(.latency_us.p99 // "-")µs"' <<<"$line" >&2
   else
     echo "   FAILED (see $OUT/load.log)" >&2
@@ -144,10 +144,10 @@ run() {
 # so that the idle-memory run, which goes first, sees a broker that has not served yet).
 scenarios() {
   local label=$1 pids=$2; shift 2
-  local args=(--label "$label" "$@")
+  local args=(--label "$label" --broker-pid "$pids" "$@")
   echo "$label: $(load_state)" | tee -a "$OUT/machine.txt" >&2
   sleep 1
-  run idle "${args[@]}" idle --connections "$IDLE" --broker-pid "$pids"
+  run idle "${args[@]}" idle --connections "$IDLE"
   run fanout "${args[@]}" fanout --subscribers "$FANOUT_SUBS" --payload "$PAYLOAD" --rate max --duration "$DUR"
   run devices "${args[@]}" devices --subscribers "$DEVICES" --payload "$PAYLOAD" --rate max --duration "$DUR"
   run latency "${args[@]}" fanout --subscribers "$FANOUT_SUBS" --payload "$PAYLOAD" --rate "$LATENCY_RATE" --duration "$DUR"
@@ -171,6 +171,8 @@ PIDS+=("$NATS_PID")
 wait_port "$REDIS_PORT" redis-server "$REDIS_PID"
 wait_port "$NATS_PORT" nats-server "$NATS_PID"
 BACKENDS=(--nats-url "nats://127.0.0.1:$NATS_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT")
+# The load generator reports their CPU apart from the nodes' (--aux-pid).
+AUX=(--aux-pid "$NATS_PID,$REDIS_PID")
 
 node() { # node NAME -> starts a node, sets NODE_PID and NODE_PORT
   NODE_PORT=$(free_port)
@@ -185,14 +187,14 @@ node() { # node NAME -> starts a node, sets NODE_PID and NODE_PORT
 
 echo "== lorabroker, one node" >&2
 node lb1
-scenarios lorabroker-1 "$NODE_PID" --mqtt "127.0.0.1:$NODE_PORT" "${BACKENDS[@]}"
+scenarios lorabroker-1 "$NODE_PID" --mqtt "127.0.0.1:$NODE_PORT" "${BACKENDS[@]}" "${AUX[@]}"
 stop "$NODE_PID"
 
 echo "== lorabroker, two nodes" >&2
 node lb2a
 A_PID=$NODE_PID A_PORT=$NODE_PORT
 node lb2b
-scenarios lorabroker-2 "$A_PID,$NODE_PID" --mqtt "127.0.0.1:$A_PORT,127.0.0.1:$NODE_PORT" "${BACKENDS[@]}"
+scenarios lorabroker-2 "$A_PID,$NODE_PID" --mqtt "127.0.0.1:$A_PORT,127.0.0.1:$NODE_PORT" "${BACKENDS[@]}" "${AUX[@]}"
 stop "$A_PID" "$NODE_PID"
 
 # --- Mosquitto ----------------------------------------------------------------------------
@@ -259,17 +261,26 @@ echo "end: $(load_state)" >>"$OUT/machine.txt"
   echo "|---|---:|---:|---:|---:|---:|---:|"
   row "fan-out, $FANOUT_SUBS subs, ${PAYLOAD} B: delivered msg/s" fanout .delivered_per_s
   row "fan-out: loss" fanout .loss
+  row "fan-out: broker CPU µs per delivery" fanout .broker_cpu_us_per_delivery
+  row "fan-out: NATS+Redis CPU µs per delivery (lorabroker's bus)" fanout \
+    '(if .aux_cpu_s then (.aux_cpu_s * 1e8 / .delivered | round / 100) else null end)'
   row "many devices, $DEVICES subs on $DEVICES topics: delivered msg/s" devices .delivered_per_s
   row "many devices: loss" devices .loss
+  row "many devices: broker CPU µs per delivery" devices .broker_cpu_us_per_delivery
+  row "many devices: NATS+Redis CPU µs per delivery (lorabroker's bus)" devices \
+    '(if .aux_cpu_s then (.aux_cpu_s * 1e8 / .delivered | round / 100) else null end)'
   row "latency at $((LATENCY_RATE * FANOUT_SUBS)) deliveries/s: p50 µs" latency .latency_us.p50
   row "latency at $((LATENCY_RATE * FANOUT_SUBS)) deliveries/s: p99 µs" latency .latency_us.p99
   row "latency run: loss" latency .loss
   row "connection storm, $STORM clients (cached key / anonymous): connects/s" storm_hit .connects_per_s
+  row "connection storm: broker CPU µs per connect" storm_hit .broker_cpu_us_per_connect
   row "connection storm, $STORM_MISS distinct keys (cache miss): connects/s" storm_miss .connects_per_s
   row "idle, $IDLE subscribed connections: broker RSS bytes/connection" idle .bytes_per_connection
   row "downlink push at $DL_RATE/s: down/queued events/s" downlink .queued_events_per_s
   row "downlink: push → down/queued p99 µs" downlink .latency_us.p99
   echo
   echo "Ratios: lorabroker-1's figure divided by the other broker's (higher is better for msg/s"
-  echo "and connects/s, lower is better for latency and bytes). Raw results: $RESULTS"
+  echo "and connects/s, lower is better for latency, bytes and CPU). Broker CPU is the nodes'"
+  echo "user+system time during the measured phase; for lorabroker the NATS and Redis it needs"
+  echo "are not included there (they are in results.jsonl as aux_cpu_s). Raw results: $RESULTS"
 } | tee "$OUT/table.md"

@@ -94,8 +94,11 @@ pub async fn storm(
         let warm = connect_many(target, 1, logins.as_deref(), |_| None, 1).await?;
         close_all(warm.conns, 1).await;
     }
+    let cpu = target.cpu_meter();
     let opened = connect_many(target, n, logins.as_deref(), |_| None, concurrency).await?;
     let secs = opened.elapsed.as_secs_f64();
+    let mut cpu_report = Report::new("cpu", "");
+    cpu.report(&mut cpu_report, n as u64, "broker_cpu_us_per_connect");
     close_all(opened.conns, concurrency).await;
     let cache = match (target.is_lorabroker(), distinct_keys) {
         (false, _) => "anonymous",
@@ -109,6 +112,7 @@ pub async fn storm(
         .set("seconds", (secs * 1000.0).round() / 1000.0)
         .rate("connects_per_s", n as u64, secs)
         .latency(&opened.latency);
+    r.extend(cpu_report);
     Ok(r)
 }
 
@@ -118,9 +122,9 @@ pub async fn idle(
     target: &Target,
     n: usize,
     concurrency: usize,
-    pids: &[u32],
     settle: Duration,
 ) -> anyhow::Result<Report> {
+    let pids = &target.broker_pids;
     anyhow::ensure!(!pids.is_empty(), "idle needs --broker-pid (one per node)");
     let logins = target.logins(1, false).await?;
     let before = rss_bytes(pids)?;

@@ -76,6 +76,7 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
         (seen, latency, listener)
     });
 
+    let cpu = target.cpu_meter();
     let start = Instant::now();
     let mut pushed = 0u64;
     let mut batches: Vec<BytesMut> = vec![BytesMut::new(); clients];
@@ -104,6 +105,8 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
     }
     let publish_secs = start.elapsed().as_secs_f64();
     let (seen, latency, listener) = listen.await.context("event listener")?;
+    let mut cpu_report = Report::new("cpu", "");
+    cpu.report(&mut cpu_report, pushed, "broker_cpu_us_per_push");
     let secs = publish_secs.max(start.elapsed().as_secs_f64() - DRAIN_IDLE.as_secs_f64());
     let in_redis = queue_lengths(target, shape.devices.max(1)).await?;
     pushers.push(listener);
@@ -120,6 +123,7 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
         .set("queued_in_redis", in_redis)
         .set("lost", pushed.saturating_sub(seen.min(in_redis)))
         .latency(&latency);
+    r.extend(cpu_report);
     Ok(r)
 }
 

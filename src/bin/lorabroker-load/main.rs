@@ -75,6 +75,14 @@ struct TargetArgs {
     /// Application ID (default: a fresh `load-…` per run, so queues start empty).
     #[arg(long, global = true)]
     app: Option<String>,
+    /// Broker process ID(s), comma-separated, one per node: `idle` reads their RSS (needed
+    /// there), every scenario reports their CPU time.
+    #[arg(long, global = true, value_delimiter = ',')]
+    broker_pid: Vec<u32>,
+    /// Process IDs of the broker's backing services (NATS, Redis), comma-separated: their
+    /// CPU time is reported apart.
+    #[arg(long, global = true, value_delimiter = ',')]
+    aux_pid: Vec<u32>,
     /// Connections opened at once while setting up a scenario.
     #[arg(long, global = true, default_value_t = 64)]
     concurrency: usize,
@@ -95,14 +103,11 @@ enum Scenario {
         #[arg(long)]
         distinct_keys: bool,
     },
-    /// N idle, subscribed clients; broker RSS per connection.
+    /// N idle, subscribed clients; broker RSS per connection (needs --broker-pid).
     Idle {
         /// Number of connections.
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
-        /// Broker process ID(s), comma-separated (their RSS is summed).
-        #[arg(long, value_delimiter = ',', required = true)]
-        broker_pid: Vec<u32>,
         /// Wait this long after the last connection before reading RSS.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         settle: Duration,
@@ -184,6 +189,8 @@ async fn main() -> anyhow::Result<()> {
         app: t
             .app
             .unwrap_or_else(|| format!("load-{:08x}", rand::random::<u32>())),
+        broker_pids: t.broker_pid,
+        aux_pids: t.aux_pid,
     };
     payload::now_us(); // start the clock
     let report = match cli.scenario {
@@ -195,9 +202,8 @@ async fn main() -> anyhow::Result<()> {
         } => clients::storm(&target, connections, t.concurrency, distinct_keys).await?,
         Scenario::Idle {
             connections,
-            broker_pid,
             settle,
-        } => clients::idle(&target, connections, t.concurrency, &broker_pid, settle).await?,
+        } => clients::idle(&target, connections, t.concurrency, settle).await?,
         Scenario::Downlink {
             clients,
             devices,

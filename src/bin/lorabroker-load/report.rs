@@ -75,6 +75,11 @@ impl Report {
         self.set(name, (r * 10.0).round() / 10.0)
     }
 
+    /// Adds another report's figures.
+    pub fn extend(&mut self, other: Report) {
+        self.fields.extend(other.fields);
+    }
+
     /// Adds the latency percentiles under `latency_us`.
     pub fn latency(&mut self, h: &Latency) -> &mut Self {
         self.set("latency_us", h.json())
@@ -142,6 +147,68 @@ pub fn rss_bytes(pids: &[u32]) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// Clock ticks per second of /proc/PID/stat times (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system) used so far by `pids`, in seconds; processes that cannot be
+/// read count as zero.
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    let mut ticks = 0u64;
+    for pid in pids {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may contain spaces) start at field 3;
+        // utime and stime are fields 14 and 15.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        for i in [11, 12] {
+            ticks += fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ticks as f64 / USER_HZ
+}
+
+/// CPU used by the broker (and its backing services) between [`CpuMeter::start`] and
+/// [`CpuMeter::report`].
+pub struct CpuMeter {
+    broker: Vec<u32>,
+    aux: Vec<u32>,
+    at_start: (f64, f64),
+}
+
+impl CpuMeter {
+    /// Starts measuring the CPU time of `broker` and `aux` (e.g. NATS and Redis) processes.
+    pub fn start(broker: &[u32], aux: &[u32]) -> Self {
+        CpuMeter {
+            broker: broker.to_vec(),
+            aux: aux.to_vec(),
+            at_start: (cpu_seconds(broker), cpu_seconds(aux)),
+        }
+    }
+
+    /// Adds the CPU seconds used since the start, and per `unit` of work (`ops` of them),
+    /// in microseconds; nothing when no broker PID was given.
+    pub fn report(&self, r: &mut Report, ops: u64, unit: &'static str) {
+        if self.broker.is_empty() {
+            return;
+        }
+        let broker = cpu_seconds(&self.broker) - self.at_start.0;
+        let per = |s: f64| ((s * 1e6 / ops.max(1) as f64) * 100.0).round() / 100.0;
+        r.set("broker_cpu_s", (broker * 100.0).round() / 100.0);
+        r.set(unit, per(broker));
+        if !self.aux.is_empty() {
+            let aux = cpu_seconds(&self.aux) - self.at_start.1;
+            r.set("aux_cpu_s", (aux * 100.0).round() / 100.0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,7 +230,16 @@ mod tests {
     }
 
     #[test]
-    fn this_process_has_a_resident_set() {
+    fn this_process_has_a_resident_set_and_uses_cpu() {
         assert!(rss_bytes(&[std::process::id()]).unwrap() > 0);
+        let meter = CpuMeter::start(&[std::process::id()], &[]);
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(50) {
+            std::hint::black_box(0u64);
+        }
+        let mut r = Report::new("cpu", "self");
+        meter.report(&mut r, 10, "broker_cpu_us_per_op");
+        let v: Value = serde_json::from_str(&r.json_line()).unwrap();
+        assert!(v["broker_cpu_s"].as_f64().unwrap() >= 0.0);
     }
 }

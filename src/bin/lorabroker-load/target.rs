@@ -19,6 +19,7 @@ use lorabroker::auth::redis::RedisKeyStore;
 use lorabroker::auth::{create_key, Rights};
 use lorabroker::topic::{AppRef, Id};
 
+use crate::report::CpuMeter;
 use crate::wire::{encode_publish, Conn, Login};
 
 /// Flush the MQTT upstream's batch once it holds this many bytes.
@@ -41,12 +42,22 @@ pub struct Target {
     pub tenant: String,
     /// Application ID of the load.
     pub app: String,
+    /// Broker process IDs (one per node): RSS and CPU are read from /proc.
+    pub broker_pids: Vec<u32>,
+    /// Processes the broker needs besides itself (NATS, Redis): their CPU is reported
+    /// apart.
+    pub aux_pids: Vec<u32>,
 }
 
 impl Target {
     /// Whether this is a lorabroker cluster (authenticated clients, NATS upstream).
     pub fn is_lorabroker(&self) -> bool {
         self.redis_url.is_some()
+    }
+
+    /// Starts measuring the CPU time of the broker and its backing services.
+    pub fn cpu_meter(&self) -> CpuMeter {
+        CpuMeter::start(&self.broker_pids, &self.aux_pids)
     }
 
     /// The listener for the `i`-th connection.

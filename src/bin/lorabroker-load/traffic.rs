@@ -107,11 +107,21 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
     warm_up(&mut up, &shared, shape).await?;
 
     let per_message = if shape.per_device { 1 } else { n as u64 };
+    let cpu = target.cpu_meter();
     let start_us = now_us();
     let published = publish(&mut up, &shared, shape, devices.max(1), per_message).await?;
     let publish_secs = (now_us() - start_us) as f64 / 1e6;
     let expected = published * per_message;
     drain(&shared, expected).await;
+    let cpu_end = {
+        let mut r = Report::new("cpu", "");
+        cpu.report(
+            &mut r,
+            shared.delivered.load(Ordering::Relaxed),
+            "broker_cpu_us_per_delivery",
+        );
+        r
+    };
 
     stop.cancel();
     let mut conns = Vec::with_capacity(n);
@@ -156,6 +166,7 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
         .rate("delivered_per_s", delivered, secs)
         .set("subscribers_closed", shared.closed.load(Ordering::Relaxed))
         .latency(&shared.latency.lock());
+    r.extend(cpu_end);
     Ok(r)
 }
 

@@ -5,6 +5,7 @@
 #   benches/compare.sh            # full run (a few minutes)
 #   benches/compare.sh --quick    # smaller shapes, shorter runs (a smoke test)
 #   benches/compare.sh --wait-quiet 20   # first wait (up to 20 min) for an idle machine
+#   benches/compare.sh --report DIR      # print the table of an earlier run's results again
 #
 # It builds the release binaries, starts its own servers on free loopback ports (never the
 # default 1883/4222/6379, so it runs beside anything else), runs `lorabroker-load` against
@@ -24,12 +25,14 @@ ARGS="$*"
 QUICK=0
 OUT=""
 WAIT_QUIET=0
+REPORT=""
 while (($#)); do
   case "$1" in
     --quick) QUICK=1 ;;
     --out) OUT="$2"; shift ;;
     --wait-quiet) WAIT_QUIET="$2"; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --report) REPORT="$2"; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -45,6 +48,8 @@ FANOUT_SUBS=10
 PAYLOAD=200
 LATENCY_RATE=5000 # messages/s to 10 subscribers: 50,000 deliveries/s
 
+# Everything that starts servers and measures (skipped by --report).
+measure() {
 for tool in cargo jq redis-server nats-server mosquitto; do
   command -v "$tool" >/dev/null || { echo "compare.sh needs $tool on PATH" >&2; exit 1; }
 done
@@ -238,6 +243,8 @@ wait_port "$NM_MQTT" "nats-server MQTT" "$NM_PID"
 scenarios nats-mqtt "$NM_PID" --mqtt "127.0.0.1:$NM_MQTT"
 stop "$NM_PID"
 
+}
+
 # --- the table --------------------------------------------------------------------------------
 # val CASE TARGET JQ-PATH -> the figure, or "-"
 val() {
@@ -253,7 +260,47 @@ row() { # row TITLE CASE JQ-PATH
   echo "| $1 | $l1 | $l2 | $m | $n | $(ratio "$l1" "$m") | $(ratio "$l1" "$n") |"
 }
 
-echo "end: $(load_state)" >>"$OUT/machine.txt"
+# verdict NAME VALUE OP GOAL: "met" or "missed", with the figures (OP is >= or <=).
+verdict() {
+  awk -v name="$1" -v v="$2" -v op="$3" -v goal="$4" 'BEGIN {
+    if (v == "-" || goal == "-") { printf "- %s: not measured\n", name; exit }
+    ok = (op == ">=") ? (v >= goal) : (v <= goal)
+    printf "- %s: %s (lorabroker-1 %s, goal %s %.0f, %.0f%% of the goal)\n", name, ok ? "MET" : "MISSED",
+      v, op, goal, (op == ">=") ? 100 * v / goal : 100 * goal / v
+  }'
+}
+# Goals of issue 4, checked on lorabroker-1 (one node).
+targets() {
+  local f fm fn d dm dn p pm pn best c cm cn i
+  f=$(val fanout lorabroker-1 .delivered_per_s); fm=$(val fanout mosquitto .delivered_per_s)
+  fn=$(val fanout nats-mqtt .delivered_per_s)
+  d=$(val devices lorabroker-1 .delivered_per_s); dm=$(val devices mosquitto .delivered_per_s)
+  dn=$(val devices nats-mqtt .delivered_per_s)
+  p=$(val latency lorabroker-1 .latency_us.p99); pm=$(val latency mosquitto .latency_us.p99)
+  pn=$(val latency nats-mqtt .latency_us.p99)
+  c=$(val storm_hit lorabroker-1 .connects_per_s); cm=$(val storm_hit mosquitto .connects_per_s)
+  cn=$(val storm_hit nats-mqtt .connects_per_s)
+  i=$(val idle lorabroker-1 .bytes_per_connection)
+  mul() { awk -v a="$1" -v k="$2" 'BEGIN { if (a == "-") print "-"; else print a * k }'; }
+  best() { awk -v a="$1" -v b="$2" -v w="$3" 'BEGIN { if (a == "-" || b == "-") print "-";
+    else if (w == "max") print (a > b ? a : b); else print (a < b ? a : b) }'; }
+  echo "Targets of issue 4 (lorabroker-1 against the same run's figures):"
+  verdict "fan-out >= nats-mqtt" "$f" ">=" "$fn"
+  verdict "fan-out >= 5x mosquitto" "$f" ">=" "$(mul "$fm" 5)"
+  verdict "many devices >= nats-mqtt" "$d" ">=" "$dn"
+  verdict "many devices >= 2x mosquitto" "$d" ">=" "$(mul "$dm" 2)"
+  verdict "idle <= 2 KiB per connection" "$i" "<=" 2048
+  verdict "storm (cached key) >= 2x the better anonymous rate" "$c" ">=" "$(mul "$(best "$cm" "$cn" max)" 2)"
+  verdict "p99 at 50k deliveries/s <= half the better p99" "$p" "<=" "$(mul "$(best "$pm" "$pn" min)" 0.5)"
+}
+
+if [[ -n $REPORT ]]; then
+  OUT=$REPORT
+  RESULTS="$OUT/results.jsonl"
+else
+  measure
+  echo "end: $(load_state)" >>"$OUT/machine.txt"
+fi
 {
   cat "$OUT/machine.txt"
   echo
@@ -278,6 +325,8 @@ echo "end: $(load_state)" >>"$OUT/machine.txt"
   row "idle, $IDLE subscribed connections: broker RSS bytes/connection" idle .bytes_per_connection
   row "downlink push at $DL_RATE/s: down/queued events/s" downlink .queued_events_per_s
   row "downlink: push → down/queued p99 µs" downlink .latency_us.p99
+  echo
+  targets
   echo
   echo "Ratios: lorabroker-1's figure divided by the other broker's (higher is better for msg/s"
   echo "and connects/s, lower is better for latency, bytes and CPU). Broker CPU is the nodes'"

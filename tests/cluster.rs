@@ -76,6 +76,25 @@ async fn closed_by(client: &mut TestClient, since: Instant, limit: Duration, wha
     }
 }
 
+/// Waits until every client in `clients` is closed by the server, no later than `limit`
+/// after `since`; the panic names the node (the client's position, from 1).
+async fn all_closed_by(clients: &mut [TestClient], since: Instant, limit: Duration, what: &str) {
+    for (i, c) in clients.iter_mut().enumerate() {
+        closed_by(c, since, limit, &format!("{what} (node {})", i + 1)).await;
+    }
+}
+
+/// Polls `/readyz` until it answers `status`, within `limit`; returns the body.
+async fn readiness(node: &TestNode, status: u16, limit: Duration, what: &str) -> String {
+    eventually(what, limit, || async {
+        match http::get(node.http_addr, "/readyz").await {
+            (s, body) if s == status => Ok(body),
+            other => Err(other),
+        }
+    })
+    .await
+}
+
 /// The connect refusal code, `None` when accepted.
 async fn refusal(node: &TestNode, app: &AppRef, key: &str) -> Option<ConnectReturnCode> {
     TestClient::connect(node.mqtt_addr, &node.username(app), key, &unique("c"))
@@ -293,15 +312,7 @@ async fn cli_revocation_disconnects_the_key_on_every_node_within_a_second() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for (i, d) in doomed.iter_mut().enumerate() {
-        closed_by(
-            d,
-            done,
-            ONE_SECOND,
-            &format!("revoked key's client on node {}", i + 1),
-        )
-        .await;
-    }
+    all_closed_by(&mut doomed, done, ONE_SECOND, "revoked key's client").await;
     eprintln!(
         "all three revoked clients closed {:?} after `keys revoke` returned",
         done.elapsed()
@@ -366,15 +377,7 @@ async fn a_key_expiring_while_connected_is_disconnected_on_every_node() {
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
     let expires = Instant::now() + until_expiry;
-    for (i, c) in expiring.iter_mut().enumerate() {
-        closed_by(
-            c,
-            expires,
-            ONE_SECOND,
-            &format!("expired key's client on node {}", i + 1),
-        )
-        .await;
-    }
+    all_closed_by(&mut expiring, expires, ONE_SECOND, "expired key's client").await;
     for n in &nodes {
         assert_eq!(
             refusal(n, &app, &key).await,
@@ -693,13 +696,7 @@ async fn redis_down_cached_keys_connect_others_get_3_downlinks_fail_then_all_rec
 
     env.redis.as_mut().expect("Redis").restart().await;
     let restarted = Instant::now();
-    eventually("ready again", RECOVERY, || async {
-        match http::get(node.http_addr, "/readyz").await {
-            (200, _) => Ok(()),
-            other => Err(other),
-        }
-    })
-    .await;
+    readiness(&node, 200, RECOVERY, "ready again").await;
     eprintln!("node ready {:?} after Redis restarted", restarted.elapsed());
     assert!(
         redis_queue(&env, &device(&app, "dev1")).await.is_empty(),
@@ -746,22 +743,10 @@ async fn nats_down_node_keeps_its_clients_reports_not_ready_and_resumes_by_itsel
     for s in &mut subs {
         assert_eq!(s.next_publish().await.1, "before");
     }
-    eventually("ready with NATS up", WAIT, || async {
-        match http::get(node.http_addr, "/readyz").await {
-            (200, _) => Ok(()),
-            other => Err(other),
-        }
-    })
-    .await;
+    readiness(&node, 200, WAIT, "ready with NATS up").await;
 
     env.nats.as_mut().expect("NATS").stop().await;
-    let body = eventually("not ready while NATS is down", RECOVERY, || async {
-        match http::get(node.http_addr, "/readyz").await {
-            (503, body) => Ok(body),
-            other => Err(other),
-        }
-    })
-    .await;
+    let body = readiness(&node, 503, RECOVERY, "not ready while NATS is down").await;
     assert!(body.contains("bus not connected"), "{body}");
     // The MQTT clients stay connected and served: a new filter of an application the node
     // already subscribed needs no bus round trip...
@@ -776,13 +761,7 @@ async fn nats_down_node_keeps_its_clients_reports_not_ready_and_resumes_by_itsel
 
     env.nats.as_mut().expect("NATS").restart().await;
     let restarted = Instant::now();
-    eventually("ready again", RECOVERY, || async {
-        match http::get(node.http_addr, "/readyz").await {
-            (200, _) => Ok(()),
-            other => Err(other),
-        }
-    })
-    .await;
+    readiness(&node, 200, RECOVERY, "ready again").await;
     // The node resubscribed by itself: uplinks reach the same, still-connected clients.
     publish_until_received(&upstream, &device(&app, "dev1"), &mut subs[0]).await;
     eprintln!(
@@ -846,15 +825,13 @@ async fn a_key_revoked_while_nats_is_down_is_disconnected_when_it_is_back() {
     env.nats.as_mut().expect("NATS").restart().await;
     let restarted = Instant::now();
     // Each node catches up from Redis on reconnecting.
-    for (i, d) in doomed.iter_mut().enumerate() {
-        closed_by(
-            d,
-            restarted,
-            RECOVERY,
-            &format!("revoked key's client on node {} after NATS returned", i + 1),
-        )
-        .await;
-    }
+    all_closed_by(
+        &mut doomed,
+        restarted,
+        RECOVERY,
+        "revoked key's client after NATS returned",
+    )
+    .await;
     eprintln!(
         "clients of a key revoked during the outage closed {:?} after NATS restarted",
         restarted.elapsed()

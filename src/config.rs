@@ -421,6 +421,17 @@ impl Config {
     }
 }
 
+/// `url` with its credentials masked, for logs and error messages
+/// (`redis://:pw@h:6379/0` → `redis://***@h:6379/0`).
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
@@ -436,6 +447,13 @@ mod tests {
             format!("{:?}", Config::default()),
             "config/lorabroker.toml must document exactly the built-in defaults"
         );
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redact_url("nats://u:p@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
     }
 
     #[test]

@@ -39,7 +39,12 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 /// connection at once and reconnects before the next command needs it. Fails only for a
 /// URL that cannot be parsed.
 pub(crate) fn connection(url: &str) -> Result<ConnectionManager, String> {
-    let invalid = |e: redis::RedisError| format!("invalid Redis URL {:?}: {e}", redact(url));
+    let invalid = |e: redis::RedisError| {
+        format!(
+            "invalid Redis URL {:?}: {e}",
+            crate::config::redact_url(url)
+        )
+    };
     let mut info = url.into_connection_info().map_err(invalid)?;
     if !url.contains("protocol=") {
         let settings = info
@@ -69,16 +74,6 @@ pub(crate) async fn run<T>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(format!("Redis {what}: {e}")),
         Err(_) => Err(format!("Redis {what}: no answer within {OP_TIMEOUT:?}")),
-    }
-}
-
-/// `url` without a password, for error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -283,12 +278,6 @@ mod tests {
         assert!(!plausible_id("a:b"));
         assert!(!plausible_id("a*"));
         assert!(!plausible_id(&"A".repeat(65)));
-    }
-
-    #[test]
-    fn redacts_credentials() {
-        assert_eq!(redact("redis://:pw@h:6379/0"), "redis://***@h:6379/0");
-        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
     }
 
     #[tokio::test]

@@ -91,7 +91,10 @@ impl NatsBus {
             .connect(url)
             .await
             .map_err(|e| {
-                BusError::Unavailable(format!("cannot use NATS URL {:?}: {e}", redact(url)))
+                BusError::Unavailable(format!(
+                    "cannot use NATS URL {:?}: {e}",
+                    crate::config::redact_url(url)
+                ))
             })?;
         Ok(NatsBus {
             client,
@@ -303,16 +306,6 @@ impl EventLog {
     }
 }
 
-/// `url` without a password, for error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,11 +323,5 @@ mod tests {
                 "{d:?}"
             );
         }
-    }
-
-    #[test]
-    fn redacts_credentials() {
-        assert_eq!(redact("nats://u:p@h:4222"), "nats://***@h:4222");
-        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
     }
 }

@@ -40,9 +40,9 @@ done
 
 # Shapes. The full run uses the targets' shapes; --quick shrinks them.
 if ((QUICK)); then
-  DUR=2s; DEVICES=200; IDLE=2000; STORM=1000; STORM_MISS=300; DL_RATE=1000
+  DUR=2s; DEVICES=200; IDLE=2000; STORM=1000; STORM_MISS=300; ROUNDS=1; DL_RATE=1000
 else
-  DUR=8s; DEVICES=1000; IDLE=10000; STORM=5000; STORM_MISS=2000; DL_RATE=2000
+  DUR=8s; DEVICES=1000; IDLE=10000; STORM=5000; STORM_MISS=2000; ROUNDS=4; DL_RATE=2000
 fi
 FANOUT_SUBS=10
 PAYLOAD=200
@@ -156,9 +156,9 @@ scenarios() {
   run fanout "${args[@]}" fanout --subscribers "$FANOUT_SUBS" --payload "$PAYLOAD" --rate max --duration "$DUR"
   run devices "${args[@]}" devices --subscribers "$DEVICES" --payload "$PAYLOAD" --rate max --duration "$DUR"
   run latency "${args[@]}" fanout --subscribers "$FANOUT_SUBS" --payload "$PAYLOAD" --rate "$LATENCY_RATE" --duration "$DUR"
-  run storm_hit "${args[@]}" storm --connections "$STORM"
+  run storm_hit "${args[@]}" storm --connections "$STORM" --rounds "$ROUNDS"
   if [[ $label == lorabroker* ]]; then
-    run storm_miss "${args[@]}" storm --connections "$STORM_MISS" --distinct-keys
+    run storm_miss "${args[@]}" storm --connections "$STORM_MISS" --rounds "$ROUNDS" --distinct-keys
     run downlink "${args[@]}" downlink --clients 10 --devices 100 --rate "$DL_RATE" --duration "$DUR"
   fi
 }
@@ -319,9 +319,9 @@ fi
   row "latency at $((LATENCY_RATE * FANOUT_SUBS)) deliveries/s: p50 µs" latency .latency_us.p50
   row "latency at $((LATENCY_RATE * FANOUT_SUBS)) deliveries/s: p99 µs" latency .latency_us.p99
   row "latency run: loss" latency .loss
-  row "connection storm, $STORM clients (cached key / anonymous): connects/s" storm_hit .connects_per_s
-  row "connection storm: broker CPU µs per connect" storm_hit .broker_cpu_us_per_connect
-  row "connection storm, $STORM_MISS distinct keys (cache miss): connects/s" storm_miss .connects_per_s
+  row "connection storm, $ROUNDS×$STORM clients (cached key / anonymous): connects/s" storm_hit .connects_per_s
+  row "connection storm: broker CPU µs per connect+disconnect" storm_hit .broker_cpu_us_per_connection
+  row "connection storm, $ROUNDS×$STORM_MISS distinct keys (cache miss): connects/s" storm_miss .connects_per_s
   row "idle, $IDLE subscribed connections: broker RSS bytes/connection" idle .bytes_per_connection
   row "downlink push at $DL_RATE/s: down/queued events/s" downlink .queued_events_per_s
   row "downlink: push → down/queued p99 µs" downlink .latency_us.p99

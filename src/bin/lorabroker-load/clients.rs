@@ -79,27 +79,44 @@ pub async fn close_all(conns: Vec<Conn>, concurrency: usize) {
 }
 
 /// Connection storm: `n` clients connect (and stay connected until all are in), at most
-/// `concurrency` in flight. With `distinct_keys` every client has its own API key, created
-/// beforehand, so that every CONNECT misses the broker's key cache; otherwise all share one
-/// key that a first connection has put in the cache. Anonymous brokers ignore keys.
+/// `concurrency` in flight, then all disconnect; `rounds` times. Connects/s counts the
+/// connecting phases only; the broker CPU figure covers connects and disconnects. With
+/// `distinct_keys` every connection has its own API key, created beforehand, so that
+/// every CONNECT misses the broker's key cache; otherwise all share one key that a first
+/// connection has put in the cache. Anonymous brokers ignore keys.
 pub async fn storm(
     target: &Target,
     n: usize,
+    rounds: usize,
     concurrency: usize,
     distinct_keys: bool,
 ) -> anyhow::Result<Report> {
-    let logins = target.logins(n, distinct_keys).await?;
+    let rounds = rounds.max(1);
+    let logins = target.logins(n * rounds, distinct_keys).await?;
     if !distinct_keys {
         // Warm the cache (and the broker) with one connection.
         let warm = connect_many(target, 1, logins.as_deref(), |_| None, 1).await?;
         close_all(warm.conns, 1).await;
     }
     let cpu = target.cpu_meter();
-    let opened = connect_many(target, n, logins.as_deref(), |_| None, concurrency).await?;
-    let secs = opened.elapsed.as_secs_f64();
+    let mut secs = 0.0;
+    let mut latency = Latency::new();
+    for round in 0..rounds {
+        let these = logins.as_ref().map(|l| {
+            if distinct_keys {
+                l[round * n..(round + 1) * n].to_vec()
+            } else {
+                l.clone()
+            }
+        });
+        let opened = connect_many(target, n, these.as_deref(), |_| None, concurrency).await?;
+        secs += opened.elapsed.as_secs_f64();
+        latency.merge(&opened.latency);
+        close_all(opened.conns, concurrency).await;
+    }
+    let total = (n * rounds) as u64;
     let mut cpu_report = Report::new("cpu", "");
-    cpu.report(&mut cpu_report, n as u64, "broker_cpu_us_per_connect");
-    close_all(opened.conns, concurrency).await;
+    cpu.report(&mut cpu_report, total, "broker_cpu_us_per_connection");
     let cache = match (target.is_lorabroker(), distinct_keys) {
         (false, _) => "anonymous",
         (true, false) => "hit",
@@ -107,11 +124,12 @@ pub async fn storm(
     };
     let mut r = Report::new("storm", &target.label);
     r.set("connections", n as u64)
+        .set("rounds", rounds as u64)
         .set("concurrency", concurrency as u64)
         .set("key_cache", cache)
         .set("seconds", (secs * 1000.0).round() / 1000.0)
-        .rate("connects_per_s", n as u64, secs)
-        .latency(&opened.latency);
+        .rate("connects_per_s", total, secs)
+        .latency(&latency);
     r.extend(cpu_report);
     Ok(r)
 }

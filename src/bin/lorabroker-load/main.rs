@@ -99,6 +99,9 @@ enum Scenario {
         /// Number of connections.
         #[arg(long, default_value_t = 5000)]
         connections: usize,
+        /// Connect (and then disconnect) all of them this many times.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Give each client its own API key (lorabroker: every CONNECT misses the cache).
         #[arg(long)]
         distinct_keys: bool,
@@ -198,8 +201,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Devices(a) => traffic::run(&target, &a.shape(true, t.concurrency)?).await?,
         Scenario::Storm {
             connections,
+            rounds,
             distinct_keys,
-        } => clients::storm(&target, connections, t.concurrency, distinct_keys).await?,
+        } => clients::storm(&target, connections, rounds, t.concurrency, distinct_keys).await?,
         Scenario::Idle {
             connections,
             settle,

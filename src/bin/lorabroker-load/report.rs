@@ -19,6 +19,12 @@ impl Latency {
         self.0.saturating_record(us.max(1));
     }
 
+    /// Adds another histogram's counts.
+    pub fn merge(&mut self, other: &Latency) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.0.add(&other.0);
+    }
+
     /// The percentiles as JSON (microseconds), or `null` when nothing was recorded.
     fn json(&self) -> Value {
         if self.0.is_empty() {
@@ -174,12 +180,12 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
     ticks as f64 / USER_HZ
 }
 
-/// CPU used by the broker (and its backing services) between [`CpuMeter::start`] and
+/// CPU used by the broker, its backing services and this load generator between [`CpuMeter::start`] and
 /// [`CpuMeter::report`].
 pub struct CpuMeter {
     broker: Vec<u32>,
     aux: Vec<u32>,
-    at_start: (f64, f64),
+    at_start: (f64, f64, f64),
 }
 
 impl CpuMeter {
@@ -188,7 +194,11 @@ impl CpuMeter {
         CpuMeter {
             broker: broker.to_vec(),
             aux: aux.to_vec(),
-            at_start: (cpu_seconds(broker), cpu_seconds(aux)),
+            at_start: (
+                cpu_seconds(broker),
+                cpu_seconds(aux),
+                cpu_seconds(&[std::process::id()]),
+            ),
         }
     }
 
@@ -206,6 +216,8 @@ impl CpuMeter {
             let aux = cpu_seconds(&self.aux) - self.at_start.1;
             r.set("aux_cpu_s", (aux * 100.0).round() / 100.0);
         }
+        let own = cpu_seconds(&[std::process::id()]) - self.at_start.2;
+        r.set("loadgen_cpu_s", (own * 100.0).round() / 100.0);
     }
 }
 

@@ -33,7 +33,7 @@ fn session(uid: &str, key: &str) -> Vec<BytesMut> {
     connect.write(&mut b).unwrap();
     packets.push(b);
     let mut b = BytesMut::new();
-    Subscribe::new(&format!("v3/{uid}/devices/+/up"), QoS::AtMostOnce)
+    Subscribe::new(format!("v3/{uid}/devices/+/up"), QoS::AtMostOnce)
         .write(&mut b)
         .unwrap();
     packets.push(b);

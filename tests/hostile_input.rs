@@ -113,6 +113,7 @@ async fn hostile_streams_never_panic_and_the_node_keeps_serving() {
     let key = node.key(&app, Rights::DEFAULT).await;
     let valid = session(&uid, &key);
 
+    let mut accepted = 0;
     for case in 0..CASES {
         let mut rng = StdRng::seed_from_u64(case);
         let bytes = hostile(&mut rng, &valid);
@@ -128,7 +129,16 @@ async fn hostile_streams_never_panic_and_the_node_keeps_serving() {
             "case {case}: the node neither answered nor closed within 5 s"
         );
         assert_eq!(panics.load(Ordering::SeqCst), 0, "case {case} panicked");
+        if sink.starts_with(&[0x20, 0x02, 0x00, 0x00]) {
+            accepted += 1;
+        }
     }
+    // The mutated sessions must get past authentication, or the packet paths behind it
+    // were never exercised.
+    assert!(
+        accepted >= CASES / 10,
+        "only {accepted} of {CASES} cases got a CONNACK 0"
+    );
 
     // A well-behaved client is served as before.
     let mut client = node.client(&app, &key).await;

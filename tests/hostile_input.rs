@@ -139,6 +139,7 @@ async fn hostile_streams_never_panic_and_the_node_keeps_serving() {
         accepted >= CASES / 10,
         "only {accepted} of {CASES} cases got a CONNACK 0"
     );
+    eprintln!("{accepted} of {CASES} hostile sessions got past CONNECT");
 
     // A well-behaved client is served as before.
     let mut client = node.client(&app, &key).await;

@@ -80,11 +80,14 @@ impl Node {
     }
 
     fn drain(&self) -> usize {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(CHUNK as usize);
+        let mut n = 0;
         for o in &self.outboxes {
             o.take(&mut out);
+            n += out.len();
+            out.clear();
         }
-        out.len()
+        n
     }
 }
 

@@ -5,11 +5,11 @@
 //! listener closes at once; connected clients are told to close spread evenly over the
 //! grace period; then the process may exit. A hard deadline bounds the whole drain.
 
+use futures::FutureExt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -151,11 +151,9 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: Cancellatio
                 }
             },
         };
-        let app = app.clone();
-        tokio::spawn(async move {
-            session::serve(app, stream, peer).await;
-            drop(permit);
-        });
+        // A combinator, not an `async` block: a block awaiting the connection's future
+        // would hold it twice, and it is most of an idle connection's memory.
+        tokio::spawn(session::serve(app.clone(), stream, peer).map(move |()| drop(permit)));
     }
     drop(listener);
     drain(&app, &limit).await;

@@ -4,11 +4,12 @@
 //! It is deliberately small when idle (no allocation until something is queued) because
 //! every connection has one.
 
-use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 /// Why a connection is being closed by someone other than its own task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,15 +35,18 @@ impl CloseReason {
 
 #[derive(Default)]
 struct State {
-    packets: VecDeque<Bytes>,
+    packets: Vec<Bytes>,
     bytes: usize,
     close: Option<CloseReason>,
 }
 
-/// A connection's outbound queue and close signal.
+/// A connection's outbound queue and close signal. Any task may push or close; one task,
+/// the connection's, waits and takes.
 pub struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
+    /// The connection task, when it waits. Registered before the queue is checked, so a
+    /// push after the check always finds it.
+    waker: AtomicWaker,
     limit: usize,
 }
 
@@ -55,55 +59,78 @@ impl Outbox {
     pub fn new(limit: usize) -> Self {
         Self {
             state: Mutex::default(),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
             limit,
         }
     }
 
     /// Queues an encoded packet, or drops it if that would exceed the byte budget.
     pub fn push(&self, packet: Bytes) -> Result<(), Dropped> {
-        {
+        let was_empty = {
             let mut s = self.state.lock();
             if s.close.is_some() || s.bytes + packet.len() > self.limit {
                 return Err(Dropped);
             }
             s.bytes += packet.len();
-            s.packets.push_back(packet);
+            s.packets.push(packet);
+            s.packets.len() == 1
+        };
+        // Only the first packet of a batch needs to wake the connection: it takes
+        // everything queued when it runs.
+        if was_empty {
+            self.waker.wake();
         }
-        self.notify.notify_one();
         Ok(())
     }
 
     /// Asks the connection to close; the first reason wins.
     pub fn close(&self, reason: CloseReason) {
         self.state.lock().close.get_or_insert(reason);
-        self.notify.notify_one();
+        self.waker.wake();
     }
 
-    /// Waits until something is queued or a close was requested.
-    pub async fn ready(&self) {
-        loop {
-            let notified = self.notify.notified();
-            {
-                let s = self.state.lock();
-                if !s.packets.is_empty() || s.close.is_some() {
-                    return;
-                }
-            }
-            notified.await;
+    /// Ready when something is queued or a close was requested; otherwise `cx` is woken
+    /// when that happens. Only one task may wait on an outbox.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        let s = self.state.lock();
+        if !s.packets.is_empty() || s.close.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 
-    /// Moves everything queued into `out` (oldest first) and returns a pending close.
+    /// Waits until something is queued or a close was requested (see
+    /// [`Outbox::poll_ready`]).
+    pub async fn ready(&self) {
+        poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
+    /// Moves everything queued to the end of `out` (oldest first) and returns a pending
+    /// close. When `out` is empty the two buffers trade places, so that a connection
+    /// that keeps taking into the same emptied vector allocates nothing.
     pub fn take(&self, out: &mut Vec<Bytes>) -> Option<CloseReason> {
         let mut s = self.state.lock();
-        out.extend(s.packets.drain(..));
-        s.bytes = 0;
-        if s.packets.capacity() > 64 {
-            // Give back what a burst grew; idle connections should stay small.
-            s.packets = VecDeque::new();
+        if out.is_empty() {
+            std::mem::swap(&mut s.packets, out);
+            if s.packets.capacity() > 256 {
+                // Give back what a burst grew.
+                s.packets = Vec::new();
+            }
+        } else {
+            out.append(&mut s.packets);
         }
+        s.bytes = 0;
         s.close
+    }
+
+    /// Frees the queue's buffer if nothing is queued: for a connection going idle.
+    pub fn release_idle(&self) {
+        let mut s = self.state.lock();
+        if s.packets.is_empty() {
+            s.packets = Vec::new();
+        }
     }
 }
 

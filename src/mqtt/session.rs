@@ -6,18 +6,21 @@
 //! CONNACK codes, keepalive at 1.5×, maximum packet size, The Things Stack's subscription
 //! rewriting, write rights, and takeover.
 
+use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, Subscribe,
     SubscribeReasonCode, UnsubAck,
 };
 use mqttbytes::QoS;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{field, Instrument};
@@ -26,6 +29,7 @@ use super::codec::{decode, encode, DecodeError, Decoded};
 use super::connect::{accept, Accepted};
 use super::outbox::{CloseReason, Outbox};
 use crate::app::App;
+use crate::auth::StoredKey;
 use crate::cluster::{self, Signal};
 use crate::metrics::OutcomeLabels;
 use crate::registry::Connection;
@@ -76,7 +80,12 @@ impl End {
 }
 
 /// Serves one accepted TCP connection until it closes.
-pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+///
+/// Every connection's task holds this future for its whole life, so it is kept small
+/// (a test checks its size): the handshake and the packets that wait on a backend run in
+/// allocations of their own, and no argument is held twice (a plain `fn` returning an
+/// `async` block; an `async fn` would store its arguments both as captures and as locals).
+pub fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> {
     let span = tracing::info_span!(
         "conn",
         %peer,
@@ -84,68 +93,81 @@ pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
         app = field::Empty,
         client_id = field::Empty
     );
+    // Boxed: the handshake (CONNECT, key lookup) is a large future that the task of an
+    // established connection should not keep room for.
+    let handshake = Box::pin(handshake(app, stream));
     async move {
-        let _ = stream.set_nodelay(true);
-        let mut conn = Wire::new(stream, app.config.mqtt.max_packet_size);
-        let connect_timeout = app.config.mqtt.connect_timeout;
-        let connect = match timeout(connect_timeout, conn.read_connect()).await {
-            Err(_) => {
-                tracing::debug!("no CONNECT within {connect_timeout:?}");
-                return count_connect(&app, "timeout");
-            }
-            Ok(Ok(Some(Packet::Connect(c)))) => c,
-            Ok(Ok(Some(other))) => {
-                tracing::debug!(packet = ?packet_kind(&other), "first packet is not CONNECT");
-                return count_connect(&app, "protocol_error");
-            }
-            Ok(Ok(None)) => return,
-            Ok(Err(ReadError::Decode(
-                DecodeError::InvalidProtocol | DecodeError::InvalidProtocolLevel(_),
-            ))) => {
-                let _ = conn
-                    .send_now(connack(ConnectReturnCode::RefusedProtocolVersion))
-                    .await;
-                return count_connect(&app, "refused_protocol");
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "unreadable CONNECT");
-                return count_connect(&app, "protocol_error");
-            }
+        let Some((mut session, mut wire)) = handshake.await else {
+            return;
         };
-        let accepted = match accept(
-            &connect,
-            &app.tenancy,
-            &app.auth,
-            app.config.mqtt.max_client_id_len,
-            || format!("lorabroker-{}", ulid::Ulid::new()),
-        )
-        .await
-        {
-            Ok(a) => a,
-            Err(refusal) => {
-                tracing::info!(reason = %refusal, "connection refused");
-                let _ = conn.send_now(connack(refusal.code())).await;
-                return count_connect(&app, refusal.outcome());
-            }
-        };
-        let span = tracing::Span::current();
-        span.record("tenant", field::display(&accepted.app.tenant));
-        span.record("app", field::display(&accepted.app.app));
-        span.record("client_id", field::display(&accepted.client_id));
-        count_connect(&app, "accepted");
-        let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
-        let session = Session::new(app.clone(), accepted, keep_alive, connect.last_will);
-        session.run(conn).await;
+        session.run(&mut wire).await;
     }
     .instrument(span)
-    .await
 }
 
-fn count_connect(app: &App, outcome: &'static str) {
+/// Reads and decides the CONNECT; `None` when the connection ends here (refused,
+/// timed out, closed).
+async fn handshake(app: Arc<App>, stream: TcpStream) -> Option<(Session, Wire)> {
+    let _ = stream.set_nodelay(true);
+    let mut conn = Wire::new(stream, app.config.mqtt.max_packet_size);
+    let connect_timeout = app.config.mqtt.connect_timeout;
+    let connect = match timeout(connect_timeout, conn.read_connect()).await {
+        Err(_) => {
+            tracing::debug!("no CONNECT within {connect_timeout:?}");
+            return count_connect(&app, "timeout");
+        }
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(other))) => {
+            tracing::debug!(packet = ?packet_kind(&other), "first packet is not CONNECT");
+            return count_connect(&app, "protocol_error");
+        }
+        Ok(Ok(None)) => return None,
+        Ok(Err(ReadError::Decode(
+            DecodeError::InvalidProtocol | DecodeError::InvalidProtocolLevel(_),
+        ))) => {
+            let _ = conn
+                .send_now(connack(ConnectReturnCode::RefusedProtocolVersion))
+                .await;
+            return count_connect(&app, "refused_protocol");
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "unreadable CONNECT");
+            return count_connect(&app, "protocol_error");
+        }
+    };
+    let accepted = match accept(
+        &connect,
+        &app.tenancy,
+        &app.auth,
+        app.config.mqtt.max_client_id_len,
+        || format!("lorabroker-{}", ulid::Ulid::new()),
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(refusal) => {
+            tracing::info!(reason = %refusal, "connection refused");
+            let _ = conn.send_now(connack(refusal.code())).await;
+            return count_connect(&app, refusal.outcome());
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("tenant", field::display(&accepted.app.tenant));
+    span.record("app", field::display(&accepted.app.app));
+    span.record("client_id", field::display(&accepted.client_id));
+    count_connect::<()>(&app, "accepted");
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
+    let session = Session::new(app, accepted, keep_alive, connect.last_will);
+    Some((session, conn))
+}
+
+/// Counts a CONNECT outcome; `None`, for the handshake to return.
+fn count_connect<T>(app: &App, outcome: &'static str) -> Option<T> {
     app.metrics
         .connects
         .get_or_create(&OutcomeLabels { outcome })
         .inc();
+    None
 }
 
 fn connack(code: ConnectReturnCode) -> Bytes {
@@ -171,6 +193,22 @@ fn packet_kind(p: &Packet) -> &'static str {
     }
 }
 
+/// A packet handled at once, or the handling that waits on a backend.
+enum Handled<'a> {
+    Done(Option<End>),
+    Wait(futures::future::BoxFuture<'a, Option<End>>),
+}
+
+/// What ended a wait of the main loop.
+enum Wake {
+    /// The outbox has packets or a close.
+    Outbox,
+    /// The socket was read.
+    Read(Result<bool, ReadError>),
+    /// The keepalive or key expiry timer fired.
+    Timer,
+}
+
 /// Why reading a packet failed.
 #[derive(Debug, thiserror::Error)]
 enum ReadError {
@@ -183,6 +221,9 @@ enum ReadError {
     #[error("the first packet is not CONNECT (first byte {0:#04x})")]
     NotConnect(u8),
 }
+
+/// Most packets handed to one `writev` (Linux's `UIO_MAXIOV` is 1024).
+const MAX_IOV: usize = 64;
 
 /// The socket with its read buffer. Buffers start empty and are given back when idle, so
 /// a quiet connection holds almost no memory.
@@ -206,7 +247,9 @@ impl Wire {
         match decode(&mut self.read_buf, self.max_packet_size) {
             Ok(Decoded::Packet(p)) => Ok(Some(p)),
             Ok(Decoded::Incomplete) => {
-                if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
+                if self.read_buf.is_empty() {
+                    // Also when its capacity is 0: it may still share the allocation of
+                    // the packets taken from it.
                     self.read_buf = BytesMut::new();
                 }
                 Ok(None)
@@ -217,18 +260,36 @@ impl Wire {
 
     /// Reads whatever the socket has; `Ok(false)` at a clean end of stream.
     async fn fill(&mut self) -> Result<bool, ReadError> {
+        poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    /// [`Wire::fill`] as a poll function, so that waiting for a read holds no future (the
+    /// read buffer is only grown once the socket is readable).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ReadError>> {
         loop {
-            self.stream.readable().await?;
-            if self.read_buf.capacity() - self.read_buf.len() < 1024 {
-                self.read_buf.reserve(4096);
-            }
-            match self.stream.try_read_buf(&mut self.read_buf) {
-                Ok(0) if self.read_buf.is_empty() => return Ok(false),
-                Ok(0) => return Err(ReadError::Truncated),
-                Ok(_) => return Ok(true),
+            ready!(self.stream.poll_read_ready(cx))?;
+            let read = if self.read_buf.is_empty() {
+                // Nothing buffered: read on the stack and keep only what came, so that a
+                // connection holds a buffer only while a packet is incomplete or in hand
+                // (readiness is often stale, and most reads are one small packet).
+                let mut chunk = [0u8; 4096];
+                self.stream.try_read(&mut chunk).inspect(|&n| {
+                    self.read_buf = BytesMut::from(&chunk[..n]);
+                })
+            } else {
+                if self.read_buf.capacity() - self.read_buf.len() < 1024 {
+                    self.read_buf.reserve(4096);
+                }
+                self.stream.try_read_buf(&mut self.read_buf)
+            };
+            return Poll::Ready(match read {
+                Ok(0) if self.read_buf.is_empty() => Ok(false),
+                Ok(0) => Err(ReadError::Truncated),
+                Ok(_) => Ok(true),
+                // Readiness was cleared: poll again to register for the next one.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e.into()),
-            }
+                Err(e) => Err(e.into()),
+            });
         }
     }
 
@@ -255,44 +316,49 @@ impl Wire {
         self.stream.write_all(&bytes).await
     }
 
-    /// Writes every packet in `out` with as few syscalls as possible, then empties it.
-    async fn write_all(&mut self, out: &mut Vec<Bytes>) -> std::io::Result<()> {
-        let mut start = 0;
-        while start < out.len() {
-            let slices: Vec<IoSlice<'_>> = out[start..]
-                .iter()
-                .take(64)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            let mut written = self.stream.write_vectored(&slices).await?;
+    /// Writes `out[*start..]` with one `writev` per up to [`MAX_IOV`] packets, advancing
+    /// `*start` past what was written. The slice array lives on the stack of one poll,
+    /// not in the connection's future.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut [Bytes],
+        start: &mut usize,
+    ) -> Poll<std::io::Result<()>> {
+        while *start < out.len() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n = out.len().min(*start + MAX_IOV) - *start;
+            for (slice, packet) in slices.iter_mut().zip(&out[*start..]) {
+                *slice = IoSlice::new(packet);
+            }
+            let mut written =
+                ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]))?;
             if written == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             while written > 0 {
-                let first = &mut out[start];
+                let first = &mut out[*start];
                 if written >= first.len() {
                     written -= first.len();
-                    start += 1;
+                    *start += 1;
                 } else {
                     first.advance(written);
                     written = 0;
                 }
             }
         }
-        out.clear();
-        if out.capacity() > 256 {
-            *out = Vec::new();
-        }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 }
 
 /// The state of one accepted connection.
 struct Session {
     app: Arc<App>,
-    accepted: Accepted,
+    /// The key the client authenticated with (its application and client ID are in
+    /// `registration`).
+    key: Arc<StoredKey>,
     keep_alive: Duration,
-    will: Option<mqttbytes::v4::LastWill>,
+    will: Option<Box<mqttbytes::v4::LastWill>>,
     outbox: Arc<Outbox>,
     registration: Arc<Connection>,
     /// Whether the router holds filters of this connection.
@@ -311,17 +377,17 @@ impl Session {
         let outbox = Arc::new(Outbox::new(app.config.mqtt.outbound_buffer_bytes));
         let registration = Arc::new(Connection {
             id: app.registry.next_id(),
-            app: accepted.app.clone(),
-            client_id: accepted.client_id.clone(),
+            app: accepted.app,
+            client_id: accepted.client_id,
             key_id: accepted.key.id.clone(),
             outbox: outbox.clone(),
             connected_at_ms: unix_millis(),
         });
         Self {
             app,
-            accepted,
+            key: accepted.key,
             keep_alive,
-            will,
+            will: will.map(Box::new),
             outbox,
             registration,
             subscribed: false,
@@ -329,35 +395,27 @@ impl Session {
         }
     }
 
-    async fn run(mut self, mut wire: Wire) {
+    async fn run(&mut self, wire: &mut Wire) {
         if let Some(old) = self.app.registry.register(self.registration.clone()) {
             tracing::info!(old_connection = old.id, "client ID taken over on this node");
         }
-        let takeover = Signal::Takeover {
-            tenant: self.accepted.app.tenant.clone(),
-            application: self.accepted.app.app.clone(),
-            client_id: self.accepted.client_id.clone(),
-            node: self.app.node_id.clone(),
-            connected_at_ms: self.registration.connected_at_ms,
-        };
         if self.app.draining.load(std::sync::atomic::Ordering::Acquire) {
             // Accepted while the node began to drain: leave with the others.
             self.outbox.close(CloseReason::Draining);
         }
-        if let Err(e) = cluster::send(self.app.bus.as_ref(), &takeover).await {
-            tracing::warn!(error = %e, "could not announce the connection to other nodes");
-        }
+        // Boxed, like the handshake: only the first moments of a connection need it.
+        Box::pin(self.announce()).await;
         self.app.metrics.connections.inc();
-        tracing::info!(key_id = %self.accepted.key.id, "connected");
+        tracing::info!(key_id = %self.key.id, "connected");
 
         self.out.push(connack(ConnectReturnCode::Success));
-        let end = self.main_loop(&mut wire).await;
+        let end = self.main_loop(wire).await;
 
         self.app.registry.unregister(&self.registration);
         if self.subscribed {
             self.app
                 .router
-                .leave(&self.accepted.app, self.registration.id);
+                .leave(&self.registration.app, self.registration.id);
         }
         self.app.metrics.connections.dec();
         self.app
@@ -375,7 +433,7 @@ impl Session {
         }
         if end.publishes_will() {
             if let Some(will) = self.will.take() {
-                self.publish_downlink(&will.topic, &will.message).await;
+                Box::pin(self.publish_downlink(&will.topic, &will.message)).await;
             }
         }
         if let End::Closed(_) | End::KeyExpired | End::KeepaliveTimeout = end {
@@ -383,78 +441,168 @@ impl Session {
         }
     }
 
+    /// Tells the other nodes that this client ID connected here, so that they close an
+    /// older connection with the same client ID (takeover across nodes).
+    async fn announce(&self) {
+        let takeover = Signal::Takeover {
+            tenant: self.registration.app.tenant.clone(),
+            application: self.registration.app.app.clone(),
+            client_id: self.registration.client_id.clone(),
+            node: self.app.node_id.clone(),
+            connected_at_ms: self.registration.connected_at_ms,
+        };
+        if let Err(e) = cluster::send(self.app.bus.as_ref(), &takeover).await {
+            tracing::warn!(error = %e, "could not announce the connection to other nodes");
+        }
+    }
+
     async fn main_loop(&mut self, wire: &mut Wire) -> End {
         let write_timeout = self.app.config.mqtt.write_timeout;
         // MQTT 3.1.1 §3.1.2.10: one and a half keepalive periods without a packet.
         let keepalive = (!self.keep_alive.is_zero()).then(|| self.keep_alive.mul_f32(1.5));
+        let expiry = key_expiry_instant(self.key.expires_at);
+        // One timer for both the keepalive and the key expiry: a timer is a tenth of an
+        // idle connection's memory.
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        let deadline = sleep_until(keepalive.map_or(far, |k| Instant::now() + k));
-        tokio::pin!(deadline);
-        let expiry = sleep_until(key_expiry_instant(self.accepted.key.expires_at).unwrap_or(far));
-        tokio::pin!(expiry);
+        let mut keepalive_at = keepalive.map(|k| Instant::now() + k);
+        let next = |keepalive_at: Option<Instant>| {
+            keepalive_at.into_iter().chain(expiry).min().unwrap_or(far)
+        };
+        let timer = sleep_until(next(keepalive_at));
+        tokio::pin!(timer);
 
         loop {
             if !self.out.is_empty() {
-                match timeout(write_timeout, wire.write_all(&mut self.out)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return End::Io(e.to_string()),
-                    Err(_) => return End::Io(format!("write blocked for {write_timeout:?}")),
+                // The write deadline borrows the timer, and only once a write blocks: a
+                // write that completes at once (the usual case) touches no timer.
+                let mut start = 0;
+                let mut armed = false;
+                let written = poll_fn(|cx| {
+                    if let Poll::Ready(r) = wire.poll_write(cx, &mut self.out, &mut start) {
+                        return Poll::Ready(r.map_err(|e| End::Io(e.to_string())));
+                    }
+                    if !armed {
+                        armed = true;
+                        timer.as_mut().reset(Instant::now() + write_timeout);
+                    }
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Err(End::Io(format!(
+                            "write blocked for {write_timeout:?}"
+                        )))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                })
+                .await;
+                if let Err(end) = written {
+                    return end;
                 }
+                if armed {
+                    timer.as_mut().reset(next(keepalive_at));
+                }
+                self.out.clear();
             }
-            tokio::select! {
-                biased;
-                _ = self.outbox.ready() => {
+            // Waiting is a poll function over the outbox, the socket and the timer rather
+            // than a select over three futures: an idle connection's task holds no future
+            // state but the timer.
+            let (outbox, out) = (&self.outbox, &mut self.out);
+            let woke = poll_fn(|cx| {
+                if outbox.poll_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::Outbox);
+                }
+                if let Poll::Ready(filled) = wire.poll_fill(cx) {
+                    return Poll::Ready(Wake::Read(filled));
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                // Going idle: give back the outbound buffers (the session's and the
+                // outbox's, which trade places at every take). An idle connection then
+                // holds no buffer; a busy one never gets here between two batches.
+                if out.capacity() > 0 {
+                    *out = Vec::new();
+                    outbox.release_idle();
+                }
+                Poll::Pending
+            })
+            .await;
+            let filled = match woke {
+                Wake::Outbox => {
                     if let Some(reason) = self.outbox.take(&mut self.out) {
                         return End::Closed(reason);
                     }
+                    continue;
                 }
-                filled = wire.fill() => {
-                    match filled {
-                        Ok(true) => {}
-                        Ok(false) => return End::Eof,
-                        Err(e) => return End::Io(e.to_string()),
+                Wake::Timer => {
+                    let now = Instant::now();
+                    if keepalive_at.is_some_and(|at| at <= now) {
+                        return End::KeepaliveTimeout;
                     }
-                    if let Some(k) = keepalive {
-                        deadline.as_mut().reset(Instant::now() + k);
+                    if expiry.is_some_and(|at| at <= now) {
+                        return End::KeyExpired;
                     }
-                    loop {
-                        match wire.buffered_packet() {
-                            Ok(Some(packet)) => {
-                                if let Some(end) = self.handle(packet).await {
-                                    return end;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => return End::Violation(e.to_string()),
-                        }
-                    }
+                    timer.as_mut().reset(next(keepalive_at));
+                    continue;
                 }
-                _ = &mut deadline => return End::KeepaliveTimeout,
-                _ = &mut expiry => return End::KeyExpired,
+                Wake::Read(filled) => filled,
+            };
+            match filled {
+                Ok(true) => {}
+                Ok(false) => return End::Eof,
+                Err(e) => return End::Io(e.to_string()),
+            }
+            if let Some(k) = keepalive {
+                keepalive_at = Some(Instant::now() + k);
+                timer.as_mut().reset(next(keepalive_at));
+            }
+            loop {
+                let packet = match wire.buffered_packet() {
+                    Ok(Some(packet)) => packet,
+                    Ok(None) => break,
+                    Err(e) => return End::Violation(e.to_string()),
+                };
+                let end = match self.handle(packet) {
+                    Handled::Done(end) => end,
+                    Handled::Wait(backend) => backend.await,
+                };
+                if let Some(end) = end {
+                    return end;
+                }
             }
         }
     }
 
-    /// Handles one packet; `Some` ends the session.
-    async fn handle(&mut self, packet: Packet) -> Option<End> {
+    async fn handle_subscribe(&mut self, subscribe: Subscribe) -> Option<End> {
+        if subscribe.filters.is_empty() {
+            return Some(End::Violation("SUBSCRIBE without filters".into()));
+        }
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        for f in &subscribe.filters {
+            codes.push(self.subscribe(&f.path).await);
+        }
+        self.out
+            .push(encode(&Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
+        None
+    }
+
+    /// Handles one packet; an end of `Some` ends the session.
+    fn handle(&mut self, packet: Packet) -> Handled<'_> {
         match packet {
-            Packet::Publish(publish) => return self.handle_publish(publish).await,
-            Packet::Subscribe(subscribe) => {
-                if subscribe.filters.is_empty() {
-                    return Some(End::Violation("SUBSCRIBE without filters".into()));
-                }
-                let mut codes = Vec::with_capacity(subscribe.filters.len());
-                for f in &subscribe.filters {
-                    codes.push(self.subscribe(&f.path).await);
-                }
-                self.out
-                    .push(encode(&Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
-            }
+            // The two packets that wait on a backend run in an allocation of their own, so
+            // that the task of every connection does not carry their state while idle.
+            Packet::Publish(p) => Handled::Wait(Box::pin(self.handle_publish(p))),
+            Packet::Subscribe(s) => Handled::Wait(Box::pin(self.handle_subscribe(s))),
+            other => Handled::Done(self.handle_now(other)),
+        }
+    }
+
+    /// Handles a packet that needs no backend; `Some` ends the session.
+    fn handle_now(&mut self, packet: Packet) -> Option<End> {
+        match packet {
             Packet::Unsubscribe(unsubscribe) => {
                 if self.subscribed {
                     for f in &unsubscribe.topics {
                         let left = self.app.router.unsubscribe(
-                            &self.accepted.app,
+                            &self.registration.app,
                             self.registration.id,
                             f,
                         );
@@ -485,21 +633,22 @@ impl Session {
     /// Grants or refuses one filter (DESIGN §4): QoS 0 for a rewritten filter of the
     /// client's own application when the key may read, 0x80 otherwise.
     async fn subscribe(&mut self, requested: &str) -> SubscribeReasonCode {
-        if !self.accepted.key.rights.can_read() {
+        if !self.key.rights.can_read() {
             tracing::info!(
                 filter = requested,
                 "subscription refused: the key has no read right"
             );
             return SubscribeReasonCode::Failure;
         }
-        let Some(filter) = Filter::rewrite(&self.app.tenancy, &self.accepted.app, requested) else {
+        let Some(filter) = Filter::rewrite(&self.app.tenancy, &self.registration.app, requested)
+        else {
             tracing::info!(
                 filter = requested,
                 "subscription refused: not a topic of this application"
             );
             return SubscribeReasonCode::Failure;
         };
-        let (app, id) = (&self.accepted.app, self.registration.id);
+        let (app, id) = (&self.registration.app, self.registration.id);
         if let Err(e) = self
             .app
             .router
@@ -516,8 +665,8 @@ impl Session {
     }
 
     async fn handle_publish(&mut self, publish: Publish) -> Option<End> {
-        let writable = self.accepted.key.rights.can_write_down()
-            && parse_downlink_topic(&self.app.tenancy, &self.accepted.app, &publish.topic)
+        let writable = self.key.rights.can_write_down()
+            && parse_downlink_topic(&self.app.tenancy, &self.registration.app, &publish.topic)
                 .is_some();
         if !writable {
             // MQTT 3.1.1 has no negative PUBACK: closing is the only refusal (DESIGN §4).
@@ -543,7 +692,8 @@ impl Session {
     /// Hands a downlink publish (or the will) to the downlink service. Failures are
     /// reported to the application by the service as `down/failed` events.
     async fn publish_downlink(&self, topic: &str, payload: &[u8]) {
-        let Some((device, op)) = parse_downlink_topic(&self.app.tenancy, &self.accepted.app, topic)
+        let Some((device, op)) =
+            parse_downlink_topic(&self.app.tenancy, &self.registration.app, topic)
         else {
             return;
         };
@@ -561,8 +711,8 @@ impl Session {
             .metrics
             .downlinks
             .get_or_create(&crate::metrics::DownlinkLabels {
-                tenant: self.accepted.app.tenant.to_string(),
-                application: self.accepted.app.app.to_string(),
+                tenant: self.registration.app.tenant.to_string(),
+                application: self.registration.app.app.to_string(),
                 outcome,
             })
             .inc();
@@ -583,4 +733,26 @@ fn key_expiry_instant(expires_at: Option<u64>) -> Option<Instant> {
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
     Some(Instant::now() + left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::Backends;
+    use crate::config::Config;
+
+    /// Every connection's task holds the `serve` future for its whole life, and most of an
+    /// idle connection's memory is that future (issue 4 targets at most 2 KiB of broker
+    /// memory per idle, subscribed connection): keep it from growing back.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let app = App::new(Config::default(), Backends::embedded(10));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let size = std::mem::size_of_val(&serve(app, stream, peer));
+        assert!(size <= 768, "the serve future is {size} bytes");
+    }
 }

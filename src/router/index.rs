@@ -74,9 +74,10 @@ impl Index {
     /// the same requested text (MQTT 3.1.1 §3.8.4).
     pub fn add(&mut self, id: u64, outbox: &Arc<Outbox>, filter: &Filter) {
         self.unindex(id);
+        // Sized for the usual single filter: this is per-connection memory.
         let sub = self.subscribers.entry(id).or_insert_with(|| Subscriber {
             outbox: outbox.clone(),
-            filters: Vec::new(),
+            filters: Vec::with_capacity(1),
         });
         sub.filters.retain(|(r, _)| **r != *filter.requested);
         sub.filters
@@ -160,7 +161,10 @@ impl Index {
             self.any.push(slot(any));
         }
         for (device, events) in devices {
-            self.by_device.entry(device).or_default().push(slot(events));
+            self.by_device
+                .entry(device)
+                .or_insert_with(|| Vec::with_capacity(1))
+                .push(slot(events));
         }
     }
 }

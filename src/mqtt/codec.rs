@@ -74,7 +74,13 @@ pub fn encode_publish(prefix: &str, rest: &str, sep: u8, payload: &[u8]) -> Opti
     }
     buf.put_u16(topic_len as u16);
     buf.put_slice(prefix.as_bytes());
-    buf.extend(rest.bytes().map(|b| if b == sep { b'/' } else { b }));
+    let at = buf.len();
+    buf.put_slice(rest.as_bytes());
+    for b in &mut buf[at..] {
+        if *b == sep {
+            *b = b'/';
+        }
+    }
     buf.put_slice(payload);
     Some(buf.freeze())
 }

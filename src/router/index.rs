@@ -121,7 +121,12 @@ impl Index {
 
     /// Calls `deliver` once for each subscriber that wants `event` of `device`.
     pub fn for_each_match(&self, device: &str, event: Event, mut deliver: impl FnMut(&Slot)) {
-        let bucket = self.by_device.get(device).map_or(&[][..], Vec::as_slice);
+        // No hashing at all when every subscriber takes every device (plain fan-out).
+        let bucket = if self.by_device.is_empty() {
+            &[][..]
+        } else {
+            self.by_device.get(device).map_or(&[][..], Vec::as_slice)
+        };
         for slot in self.any.iter().chain(bucket) {
             if slot.events.contains(event) {
                 deliver(slot);

@@ -221,3 +221,58 @@ impl AppState {
         delivered
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::EmbeddedBus;
+    use crate::topic::Id;
+
+    fn app(a: &str) -> AppRef {
+        AppRef::new(Id::parse("tenant1").unwrap(), Id::parse(a).unwrap())
+    }
+
+    fn uplink(device: &str) -> BusMessage {
+        BusMessage {
+            subject: format!("v3.tenant1.app1.devices.{device}.up"),
+            payload: Bytes::from(vec![b'x'; 200]),
+        }
+    }
+
+    /// A slow subscriber loses what exceeds its byte budget, alone; the drop is counted
+    /// for its application in /metrics.
+    #[tokio::test]
+    async fn a_full_outbox_drops_for_its_client_only_and_is_counted() {
+        let metrics = Arc::new(Metrics::default());
+        let router = Router::new(
+            Arc::new(EmbeddedBus::new()),
+            Tenancy::Multi,
+            metrics.clone(),
+        );
+        let a = app("app1");
+        let slow = Arc::new(Outbox::new(1024));
+        let fast = Arc::new(Outbox::new(1 << 20));
+        let all = Filter::rewrite(&Tenancy::Multi, &a, "#").unwrap();
+        router.subscribe(&a, 1, &slow, &all).await.unwrap();
+        router.subscribe(&a, 2, &fast, &all).await.unwrap();
+        let mut delivered = 0;
+        for _ in 0..10 {
+            delivered += router.dispatch(&a, &uplink("dev1"));
+        }
+        let (mut got_slow, mut got_fast) = (Vec::new(), Vec::new());
+        slow.take(&mut got_slow);
+        fast.take(&mut got_fast);
+        assert_eq!(got_fast.len(), 10);
+        // 1024 bytes hold four 236-byte packets.
+        assert_eq!(got_slow.len(), 4);
+        assert_eq!(delivered, 14);
+        assert!(metrics.render().contains(
+            r#"lorabroker_dropped_messages_total{tenant="tenant1",application="app1"} 6"#
+        ));
+        // Other applications and unmatched devices are not touched.
+        assert_eq!(router.dispatch(&app("app2"), &uplink("dev1")), 0);
+        router.leave(&a, 1);
+        router.leave(&a, 2);
+        assert_eq!(router.subscribed_apps(), 0);
+    }
+}

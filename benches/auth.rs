@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench auth`
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,16 +104,9 @@ fn bench_key(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config(Duration::from_secs(2), 30);
     targets = bench_authenticator, bench_key
 }
 criterion_main!(benches);

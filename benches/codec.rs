@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench codec`
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -97,16 +99,9 @@ fn bench_encode(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config(Duration::from_secs(2), 30);
     targets = bench_decode, bench_encode
 }
 criterion_main!(benches);

@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench downlink`
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -40,16 +42,9 @@ fn bench_validate(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(30)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config(Duration::from_secs(1), 30);
     targets = bench_validate
 }
 criterion_main!(benches);

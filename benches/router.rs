@@ -7,6 +7,8 @@
 //!
 //! `cargo bench --bench router`
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -195,16 +197,9 @@ fn bench_bus(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(20)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config(Duration::from_secs(2), 20);
     targets = bench_dispatch, bench_bus
 }
 criterion_main!(benches);

@@ -359,18 +359,7 @@ fn connect_packet(
         body.put_slice(p.as_bytes());
     }
     let mut packet = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        packet.push(b);
-        if len == 0 {
-            break;
-        }
-    }
+    lorabroker::mqtt::codec::put_remaining_length(&mut packet, body.len());
     packet.extend_from_slice(&body);
     packet
 }

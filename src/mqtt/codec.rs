@@ -50,17 +50,8 @@ pub fn encode(packet: &Packet) -> Bytes {
     buf.freeze()
 }
 
-/// A QoS 0 PUBLISH of `payload` on the topic `prefix` + `rest` (with `rest`'s `sep`
-/// characters written as `/`), encoded once. `None` if the packet cannot be framed.
-pub fn encode_publish(prefix: &str, rest: &str, sep: u8, payload: &[u8]) -> Option<Bytes> {
-    let topic_len = prefix.len() + rest.len();
-    let remaining = 2 + topic_len + payload.len();
-    if topic_len > u16::MAX as usize || remaining > 268_435_455 {
-        return None;
-    }
-    let mut buf = BytesMut::with_capacity(1 + 4 + remaining);
-    buf.put_u8(0x30);
-    let mut len = remaining;
+/// Appends MQTT's variable-length "remaining length" (1 to 4 bytes, 7 bits each).
+pub fn put_remaining_length(buf: &mut impl BufMut, mut len: usize) {
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
@@ -72,6 +63,19 @@ pub fn encode_publish(prefix: &str, rest: &str, sep: u8, payload: &[u8]) -> Opti
             break;
         }
     }
+}
+
+/// A QoS 0 PUBLISH of `payload` on the topic `prefix` + `rest` (with `rest`'s `sep`
+/// characters written as `/`), encoded once. `None` if the packet cannot be framed.
+pub fn encode_publish(prefix: &str, rest: &str, sep: u8, payload: &[u8]) -> Option<Bytes> {
+    let topic_len = prefix.len() + rest.len();
+    let remaining = 2 + topic_len + payload.len();
+    if topic_len > u16::MAX as usize || remaining > 268_435_455 {
+        return None;
+    }
+    let mut buf = BytesMut::with_capacity(1 + 4 + remaining);
+    buf.put_u8(0x30);
+    put_remaining_length(&mut buf, remaining);
     buf.put_u16(topic_len as u16);
     buf.put_slice(prefix.as_bytes());
     let at = buf.len();

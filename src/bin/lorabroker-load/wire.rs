@@ -196,18 +196,7 @@ pub fn encode_publish(out: &mut BytesMut, topic: &str, payload: &[u8]) {
     let remaining = 2 + topic.len() + payload.len();
     out.reserve(5 + remaining);
     out.put_u8(0x30);
-    let mut len = remaining;
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if len == 0 {
-            break;
-        }
-    }
+    lorabroker::mqtt::codec::put_remaining_length(out, remaining);
     out.put_u16(topic.len() as u16);
     out.put_slice(topic.as_bytes());
     out.put_slice(payload);

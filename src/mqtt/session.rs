@@ -7,27 +7,25 @@
 //! rewriting, write rights, and takeover.
 
 use std::future::{poll_fn, Future};
-use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, Subscribe,
     SubscribeReasonCode, UnsubAck,
 };
 use mqttbytes::QoS;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{field, Instrument};
 
-use super::codec::{decode, encode, DecodeError, Decoded};
+use super::codec::{encode, DecodeError};
 use super::connect::{accept, Accepted};
 use super::outbox::{CloseReason, Outbox};
+use super::wire::{ReadError, Wire};
 use crate::app::App;
 use crate::auth::StoredKey;
 use crate::cluster::{self, Signal};
@@ -209,148 +207,6 @@ enum Wake {
     Timer,
 }
 
-/// Why reading a packet failed.
-#[derive(Debug, thiserror::Error)]
-enum ReadError {
-    #[error("malformed packet: {0:?}")]
-    Decode(DecodeError),
-    #[error("socket: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("connection closed in the middle of a packet")]
-    Truncated,
-    #[error("the first packet is not CONNECT (first byte {0:#04x})")]
-    NotConnect(u8),
-}
-
-/// Most packets handed to one `writev` (Linux's `UIO_MAXIOV` is 1024).
-const MAX_IOV: usize = 64;
-
-/// The socket with its read buffer. Buffers start empty and are given back when idle, so
-/// a quiet connection holds almost no memory.
-struct Wire {
-    stream: TcpStream,
-    read_buf: BytesMut,
-    max_packet_size: usize,
-}
-
-impl Wire {
-    fn new(stream: TcpStream, max_packet_size: usize) -> Self {
-        Self {
-            stream,
-            read_buf: BytesMut::new(),
-            max_packet_size,
-        }
-    }
-
-    /// The next whole packet already buffered, if any.
-    fn buffered_packet(&mut self) -> Result<Option<Packet>, ReadError> {
-        match decode(&mut self.read_buf, self.max_packet_size) {
-            Ok(Decoded::Packet(p)) => Ok(Some(p)),
-            Ok(Decoded::Incomplete) => {
-                if self.read_buf.is_empty() {
-                    // Also when its capacity is 0: it may still share the allocation of
-                    // the packets taken from it.
-                    self.read_buf = BytesMut::new();
-                }
-                Ok(None)
-            }
-            Err(e) => Err(ReadError::Decode(e)),
-        }
-    }
-
-    /// Reads whatever the socket has; `Ok(false)` at a clean end of stream.
-    async fn fill(&mut self) -> Result<bool, ReadError> {
-        poll_fn(|cx| self.poll_fill(cx)).await
-    }
-
-    /// [`Wire::fill`] as a poll function, so that waiting for a read holds no future (the
-    /// read buffer is only grown once the socket is readable).
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ReadError>> {
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            let read = if self.read_buf.is_empty() {
-                // Nothing buffered: read on the stack and keep only what came, so that a
-                // connection holds a buffer only while a packet is incomplete or in hand
-                // (readiness is often stale, and most reads are one small packet).
-                let mut chunk = [0u8; 4096];
-                self.stream.try_read(&mut chunk).inspect(|&n| {
-                    self.read_buf = BytesMut::from(&chunk[..n]);
-                })
-            } else {
-                if self.read_buf.capacity() - self.read_buf.len() < 1024 {
-                    self.read_buf.reserve(4096);
-                }
-                self.stream.try_read_buf(&mut self.read_buf)
-            };
-            return Poll::Ready(match read {
-                Ok(0) if self.read_buf.is_empty() => Ok(false),
-                Ok(0) => Err(ReadError::Truncated),
-                Ok(_) => Ok(true),
-                // Readiness was cleared: poll again to register for the next one.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => Err(e.into()),
-            });
-        }
-    }
-
-    /// Reads the CONNECT packet; `None` at a clean end of stream. Anything that does not
-    /// start like a CONNECT (an HTTP request, TLS, noise) is refused at its first byte
-    /// instead of waiting for a packet that will never be whole.
-    async fn read_connect(&mut self) -> Result<Option<Packet>, ReadError> {
-        loop {
-            if let Some(&first) = self.read_buf.first() {
-                if first != 0x10 {
-                    return Err(ReadError::NotConnect(first));
-                }
-            }
-            if let Some(p) = self.buffered_packet()? {
-                return Ok(Some(p));
-            }
-            if !self.fill().await? {
-                return Ok(None);
-            }
-        }
-    }
-
-    async fn send_now(&mut self, bytes: Bytes) -> std::io::Result<()> {
-        self.stream.write_all(&bytes).await
-    }
-
-    /// Writes `out[*start..]` with one `writev` per up to [`MAX_IOV`] packets, advancing
-    /// `*start` past what was written. The slice array lives on the stack of one poll,
-    /// not in the connection's future.
-    fn poll_write(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &mut [Bytes],
-        start: &mut usize,
-    ) -> Poll<std::io::Result<()>> {
-        while *start < out.len() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let n = out.len().min(*start + MAX_IOV) - *start;
-            for (slice, packet) in slices.iter_mut().zip(&out[*start..]) {
-                *slice = IoSlice::new(packet);
-            }
-            let mut written =
-                ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]))?;
-            if written == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
-            while written > 0 {
-                let first = &mut out[*start];
-                if written >= first.len() {
-                    written -= first.len();
-                    *start += 1;
-                } else {
-                    first.advance(written);
-                    written = 0;
-                }
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// The state of one accepted connection.
 struct Session {
     app: Arc<App>,
@@ -437,7 +293,7 @@ impl Session {
             }
         }
         if let End::Closed(_) | End::KeyExpired | End::KeepaliveTimeout = end {
-            let _ = wire.stream.shutdown().await;
+            wire.shutdown().await;
         }
     }
 

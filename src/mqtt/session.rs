@@ -31,7 +31,7 @@ use crate::auth::StoredKey;
 use crate::cluster::{self, Signal};
 use crate::metrics::OutcomeLabels;
 use crate::registry::Connection;
-use crate::topic::{parse_downlink_topic, Filter};
+use crate::topic::{parse_downlink_topic, DeviceRef, DownlinkOp, Filter};
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,7 +289,12 @@ impl Session {
         }
         if end.publishes_will() {
             if let Some(will) = self.will.take() {
-                Box::pin(self.publish_downlink(&will.topic, &will.message)).await;
+                // CONNECT accepted the will only for a writable downlink topic.
+                if let Some((device, op)) =
+                    parse_downlink_topic(&self.app.tenancy, &self.registration.app, &will.topic)
+                {
+                    Box::pin(self.publish_downlink(&device, op, &will.message)).await;
+                }
             }
         }
         if let End::Closed(_) | End::KeyExpired | End::KeepaliveTimeout = end {
@@ -521,18 +526,17 @@ impl Session {
     }
 
     async fn handle_publish(&mut self, publish: Publish) -> Option<End> {
-        let writable = self.key.rights.can_write_down()
-            && parse_downlink_topic(&self.app.tenancy, &self.registration.app, &publish.topic)
-                .is_some();
-        if !writable {
+        let target =
+            parse_downlink_topic(&self.app.tenancy, &self.registration.app, &publish.topic)
+                .filter(|_| self.key.rights.can_write_down());
+        let Some((device, op)) = target else {
             // MQTT 3.1.1 has no negative PUBACK: closing is the only refusal (DESIGN §4).
             return Some(End::Violation(format!(
                 "PUBLISH to {:?} is not allowed for this key",
                 publish.topic
             )));
-        }
-        self.publish_downlink(&publish.topic, &publish.payload)
-            .await;
+        };
+        self.publish_downlink(&device, op, &publish.payload).await;
         match publish.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self
@@ -547,13 +551,8 @@ impl Session {
 
     /// Hands a downlink publish (or the will) to the downlink service. Failures are
     /// reported to the application by the service as `down/failed` events.
-    async fn publish_downlink(&self, topic: &str, payload: &[u8]) {
-        let Some((device, op)) =
-            parse_downlink_topic(&self.app.tenancy, &self.registration.app, topic)
-        else {
-            return;
-        };
-        let outcome = match self.app.downlinks.handle(&device, op, payload).await {
+    async fn publish_downlink(&self, device: &DeviceRef, op: DownlinkOp, payload: &[u8]) {
+        let outcome = match self.app.downlinks.handle(device, op, payload).await {
             Ok(n) => {
                 tracing::debug!(device = %device.device, ?op, items = n, "downlinks queued");
                 "queued"

@@ -46,11 +46,11 @@ impl DownlinkService {
                 return Err(e);
             }
         };
-        let items: Vec<Map<String, Value>> = items.into_iter().map(with_server_id).collect();
-        let encoded: Vec<String> = items
-            .iter()
-            .map(|i| Value::Object(i.clone()).to_string())
+        let items: Vec<Value> = items
+            .into_iter()
+            .map(|item| Value::Object(with_server_id(item)))
             .collect();
+        let encoded: Vec<String> = items.iter().map(Value::to_string).collect();
         let result = match op {
             DownlinkOp::Push => self.queue.push(device, &encoded).await,
             DownlinkOp::Replace => self.queue.replace(device, &encoded).await,
@@ -61,20 +61,15 @@ impl DownlinkService {
             return Err(e);
         }
         for item in items {
-            let ids = correlation_ids(&Value::Object(item.clone()));
-            let doc = document(end_device_ids(device), ids, "downlink_queued", item.into());
+            let ids = correlation_ids(&item);
+            let doc = document(end_device_ids(device), ids, "downlink_queued", item);
             self.publish(device, Event::DownQueued, &doc).await;
         }
         Ok(encoded.len())
     }
 
     /// One `down/failed` per rejected item (one without a downlink when none is readable).
-    async fn publish_failed(
-        &self,
-        device: &DeviceRef,
-        items: &[Map<String, Value>],
-        error: &DownlinkError,
-    ) {
+    async fn publish_failed(&self, device: &DeviceRef, items: &[Value], error: &DownlinkError) {
         let details = error.to_error_details();
         if items.is_empty() {
             let body = serde_json::json!({ "error": details });
@@ -83,7 +78,7 @@ impl DownlinkService {
             return;
         }
         for item in items {
-            let ids = correlation_ids(&Value::Object(item.clone()));
+            let ids = correlation_ids(item);
             let body = serde_json::json!({ "downlink": item, "error": details });
             let doc = document(end_device_ids(device), ids, "downlink_failed", body);
             self.publish(device, Event::DownFailed, &doc).await;
@@ -114,18 +109,15 @@ fn with_server_id(mut item: Map<String, Value>) -> Map<String, Value> {
 }
 
 /// The object items of a rejected body, when it has a `downlinks` array at all.
-fn readable_items(body: &[u8]) -> Vec<Map<String, Value>> {
+fn readable_items(body: &[u8]) -> Vec<Value> {
     let Ok(Value::Object(mut request)) = serde_json::from_slice::<Value>(body) else {
         return Vec::new();
     };
     match request.remove("downlinks") {
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .filter_map(|i| match i {
-                Value::Object(map) => Some(map),
-                _ => None,
-            })
-            .collect(),
+        Some(Value::Array(mut items)) => {
+            items.retain(Value::is_object);
+            items
+        }
         _ => Vec::new(),
     }
 }

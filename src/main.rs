@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use lorabroker::app::{App, Backends};
-use lorabroker::auth::{create_key, KeyView, PresentedKey, Rights, StoredKey};
+use lorabroker::auth::{create_key, GeneratedKey, KeyView, PresentedKey, Rights, StoredKey};
 use lorabroker::cluster::revoke_key;
 use lorabroker::config::Config;
 use lorabroker::server::Node;
@@ -305,18 +305,14 @@ async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
     let key = match &args.api_key {
         Some(k) => {
             let presented = PresentedKey::parse(k).context("--api-key")?;
-            let record = StoredKey {
+            let given = GeneratedKey {
                 id: presented.id.clone(),
-                tenant: application.tenant.clone(),
-                application: application.app.clone(),
-                rights,
-                name: "dev".into(),
-                created_at: lorabroker::auth::store::unix_now(),
-                expires_at: None,
+                key: k.clone(),
                 secret_hash: presented.secret_hash(),
             };
+            let record = StoredKey::new(&given, &application, rights, "dev", None);
             backends.keys.insert(&record).await?;
-            k.clone()
+            given.key
         }
         None => {
             create_key(backends.keys.as_ref(), &application, rights, "dev", None)

@@ -110,31 +110,28 @@ impl NatsBus {
     /// a subscription "flushed" that way may still miss a message another client publishes
     /// right after).
     async fn round_trip(&self) -> Result<(), String> {
-        self.client
-            .flush()
-            .await
-            .map_err(|e| format!("NATS flush failed: {e}"))?;
-        let mut barrier = self.barrier.lock().await;
-        if barrier.is_none() {
-            let subject = self.client.new_inbox();
-            let inbox = self
-                .client
-                .subscribe(subject.clone())
-                .await
-                .map_err(|e| format!("NATS subscribe failed: {e}"))?;
-            *barrier = Some(Barrier {
-                inbox,
-                subject,
-                last: 0,
-            });
-        }
-        let Some(Barrier {
+        // The token travels behind everything published before it on this connection, so
+        // its return also proves those messages reached the server: no separate flush.
+        let mut guard = self.barrier.lock().await;
+        let Barrier {
             inbox,
             subject,
             last,
-        }) = barrier.as_mut()
-        else {
-            unreachable!("set above");
+        } = match &mut *guard {
+            Some(barrier) => barrier,
+            None => {
+                let subject = self.client.new_inbox();
+                let inbox = self
+                    .client
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|e| format!("NATS subscribe failed: {e}"))?;
+                guard.insert(Barrier {
+                    inbox,
+                    subject,
+                    last: 0,
+                })
+            }
         };
         *last += 1;
         let token = last.to_string();

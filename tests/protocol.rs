@@ -1161,8 +1161,9 @@ async fn with_redis_down_downlinks_are_not_acknowledged_and_retransmissions_are_
 
     // rumqttc reconnects and retransmits what it holds. (rumqttc 0.25 drops its held
     // publishes when the CONNACK says "no session present", which every clean session of
-    // ours does; paho and MQTT.js resend them. So the test hands rumqttc's own held
-    // request back to it after the CONNACK, and rumqttc resends it with its packet ID.)
+    // ours says; libraries that keep in-flight messages across a reconnect resend them.
+    // So the test hands rumqttc's own held request back to it after the CONNACK, and
+    // rumqttc resends it with its packet ID.)
     loop {
         match tokio::time::timeout(WAIT, eventloop.poll()).await {
             Ok(Ok(Event::Incoming(rumqttc::Packet::ConnAck(_)))) => break,

@@ -492,7 +492,7 @@ async fn connect_timeout_and_keepalive_are_enforced(backend: Backend) {
 }
 
 /// DESIGN §4: acknowledged and dropped as The Things Stack does, never a close (client
-/// libraries would reconnect and resend forever). tests/protocol.rs checks the bytes.
+/// libraries would reconnect and resend forever). tests/protocol/ checks the bytes.
 async fn forbidden_publishes_are_acknowledged_and_dropped(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let node = env.node().await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use common::shell::{correlation_ids, paste, require, until};
+use common::shell::{correlation_ids, exec, paste, require, until};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -75,7 +75,8 @@ async fn seed_flows(extra: &[&str], uid: &str) {
     assert!(dev.api_key.starts_with("NNSXS."), "{}", dev.api_key);
     assert!(dev.sub.contains(&format!("-u '{uid}'")), "{}", dev.sub);
 
-    let mut sub = paste(&dev.sub);
+    // `exec`, so that killing the child stops mosquitto_sub rather than only its shell.
+    let mut sub = paste(&exec(&dev.sub));
     let mut lines = BufReader::new(sub.stdout.take().expect("piped")).lines();
 
     // Joins and uplinks, in the seed's JSON.
@@ -166,5 +167,64 @@ async fn dev_accepts_a_given_api_key() {
     let mut dev = start_dev(&["--api-key", &key]).await;
     assert_eq!(dev.api_key, key);
     assert!(dev.sub.contains(&key));
+    let _ = dev.child.kill().await;
+}
+
+/// What a newcomer's other mosquitto commands do (issue 8): a subscriber with a status
+/// will on a topic it may not write connects; a QoS 1 publish with a typo in the topic is
+/// acknowledged (mosquitto_pub exits 0) and explained by a `down/failed`; QoS 2 pushes
+/// complete; `-V mqttv31` works; `-V mqttv5` gets a clear refusal instead of hanging.
+#[tokio::test]
+async fn mosquitto_clients_with_wills_typos_qos_2_and_other_versions() {
+    let mut dev = start_dev(&[]).await;
+    let mut sub = paste(&exec(&format!(
+        "{} --will-topic homeassistant/status --will-payload offline --will-qos 1 --will-retain",
+        dev.sub
+    )));
+    let mut lines = BufReader::new(sub.stdout.take().expect("piped")).lines();
+    until(&mut lines, "/up", WAIT).await;
+
+    let run = |command: String| async move {
+        let output = tokio::time::timeout(WAIT, paste(&command).wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("still running after {WAIT:?}: {command}"))
+            .expect("the command runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let typo = dev
+        .publish
+        .replace("/down/push'", "/down/pushh'")
+        .replace(" -m ", " -q 1 -m ");
+    assert!(typo.contains("down/pushh"), "{typo}");
+    let (code, stderr) = run(typo).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "a forbidden QoS 1 publish is acknowledged: {stderr}"
+    );
+    let (topic, failed) = until(&mut lines, "/down/failed", WAIT).await;
+    assert_eq!(topic, "v3/demo/devices/dev1/down/failed");
+    assert_eq!(
+        failed["downlink_failed"]["error"]["name"],
+        "topic_not_writable"
+    );
+
+    let (code, stderr) = run(dev.publish.replace(" -m ", " -q 2 -m ")).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let (_, queued) = until(&mut lines, "/down/queued", WAIT).await;
+    assert!(correlation_ids(&queued["correlation_ids"]).contains(&"my-correlation-id".to_owned()));
+
+    let (code, stderr) = run(dev.sub.replace(" -v", " -v -V mqttv31 -C 1")).await;
+    assert_eq!(code, Some(0), "MQTT 3.1: {stderr}");
+    let (code, stderr) = run(dev.sub.replace(" -v", " -v -V mqttv5 -C 1")).await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("Unsupported Protocol Version"), "{stderr}");
+
+    // The subscriber with its status will is still there.
+    until(&mut lines, "/up", WAIT).await;
+    let _ = sub.kill().await;
     let _ = dev.child.kill().await;
 }

@@ -90,7 +90,7 @@ impl State {
             return Ok(());
         }
         let usage = self.usage(device);
-        let app = usage.application_bytes - old;
+        let app = usage.application_bytes.saturating_sub(old);
         if app + new > limits.application_bytes {
             return Err(QueueError::ApplicationQuota {
                 queued: app,
@@ -98,7 +98,7 @@ impl State {
                 limit: limits.application_bytes,
             });
         }
-        let tenant = usage.tenant_bytes - old;
+        let tenant = usage.tenant_bytes.saturating_sub(old);
         if tenant + new > limits.tenant_bytes {
             return Err(QueueError::TenantQuota {
                 queued: tenant,
@@ -225,7 +225,7 @@ impl DownlinkQueue for MemoryDownlinkQueue {
         };
         let item = q.items.pop_front();
         let taken = item.as_ref().map_or(0, |i| i.len() as u64);
-        q.bytes -= taken;
+        q.bytes = q.bytes.saturating_sub(taken);
         let empty = q.items.is_empty();
         state.account(device, -(taken as i128));
         if empty {

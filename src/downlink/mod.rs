@@ -2,6 +2,7 @@
 //! per-device [`DownlinkQueue`] with its limits and quotas (memory and Redis), and the
 //! events that tell the application what happened.
 
+pub mod class_b_c;
 pub mod error;
 pub mod memory;
 pub mod queue;

@@ -213,7 +213,7 @@ impl Session {
             tracing::debug!(topic = bounded(topic), reason, "PUBLISH dropped");
         }
         if let Some((device, error)) = failed {
-            self.app.downlinks.report_refused(&device, &error).await;
+            self.app.downlinks.report_refused(&device, error).await;
         }
     }
 

@@ -80,6 +80,9 @@ pub struct MqttConfig {
     /// Time a blocked socket write may take before the connection is closed.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Most QoS 2 PUBLISH packet IDs one connection may hold unreleased (PUBREC sent, no
+    /// PUBREL yet); one more closes the connection.
+    pub max_inflight_qos2: usize,
 }
 
 /// `[http]`
@@ -188,6 +191,7 @@ impl Default for MqttConfig {
             max_client_id_len: 256,
             outbound_buffer_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(30),
+            max_inflight_qos2: 64,
         }
     }
 }
@@ -343,6 +347,13 @@ impl Config {
         check(
             !self.mqtt.write_timeout.is_zero(),
             "mqtt.write_timeout: must be more than 0s".into(),
+        );
+        check(
+            (1..=65_535).contains(&self.mqtt.max_inflight_qos2),
+            format!(
+                "mqtt.max_inflight_qos2: {} out of range 1..=65535",
+                self.mqtt.max_inflight_qos2
+            ),
         );
         check(
             matches!(self.tenancy.mode.as_str(), "single" | "multi"),

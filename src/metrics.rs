@@ -23,6 +23,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// A single `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: &'static str,
+}
+
 /// Per-application downlink outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DownlinkLabels {
@@ -51,6 +58,11 @@ pub struct Metrics {
     pub bus_messages: Counter,
     /// Downlink publishes by outcome.
     pub downlinks: Family<DownlinkLabels, Counter>,
+    /// PUBLISH packets (and wills) acknowledged and dropped because the client may not
+    /// write their topic, by reason.
+    pub publishes_refused: Family<ReasonLabels, Counter>,
+    /// Malformed packets (each closed its connection), by reason.
+    pub malformed_packets: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +76,8 @@ impl Default for Metrics {
             dropped: Family::default(),
             bus_messages: Counter::default(),
             downlinks: Family::default(),
+            publishes_refused: Family::default(),
+            malformed_packets: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -100,6 +114,16 @@ impl Default for Metrics {
             "downlinks",
             "Downlink publishes by outcome",
             m.downlinks.clone(),
+        );
+        registry.register(
+            "publishes_refused",
+            "PUBLISH packets and wills dropped because the client may not write their topic",
+            m.publishes_refused.clone(),
+        );
+        registry.register(
+            "malformed_packets",
+            "Malformed packets, each of which closed its connection",
+            m.malformed_packets.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -42,12 +42,12 @@ suite!(
     protocol_level_and_client_id_refusals,
     garbage_and_oversized_packets_close_only_that_connection,
     connect_timeout_and_keepalive_are_enforced,
-    forbidden_publishes_close_the_connection,
+    forbidden_publishes_are_acknowledged_and_dropped,
     downlink_push_and_replace_reach_the_queue_and_events,
     rejected_downlinks_publish_down_failed_and_enqueue_nothing,
     client_id_takeover_on_one_node,
     revocation_and_expiry_disconnect_clients,
-    will_messages_only_on_writable_topics,
+    wills_are_kept_only_on_writable_topics,
     single_tenant_mode_uses_bare_application_ids,
     health_readiness_metrics_and_drain,
 );
@@ -370,12 +370,18 @@ async fn protocol_level_and_client_id_refusals(backend: Backend) {
     let app = env.app("app1");
     let uid = node.username(&app);
     let key = node.key(&app, Rights::DEFAULT).await;
-    for level in [3u8, 5] {
+    for level in [5u8, 6] {
         let mut raw = RawClient::connect(&node).await;
         raw.send(&connect_packet(level, "c1", true, 30, Some((&uid, &key))))
             .await;
         assert_eq!(raw.connack().await, Some(1), "protocol level {level}");
+        raw.expect_closed(WAIT).await;
     }
+    // MQTT 3.1 (MQIsdp, level 3) is accepted, as The Things Stack accepts it.
+    let mut raw = RawClient::connect(&node).await;
+    raw.send(&connect_packet(3, "c1", true, 30, Some((&uid, &key))))
+        .await;
+    assert_eq!(raw.connack().await, Some(0), "MQTT 3.1");
     let mut raw = RawClient::connect(&node).await;
     raw.send(&connect_packet(4, "", false, 30, Some((&uid, &key))))
         .await;
@@ -485,7 +491,9 @@ async fn connect_timeout_and_keepalive_are_enforced(backend: Backend) {
     }
 }
 
-async fn forbidden_publishes_close_the_connection(backend: Backend) {
+/// DESIGN §4: acknowledged and dropped as The Things Stack does, never a close (client
+/// libraries would reconnect and resend forever). tests/protocol/ checks the bytes.
+async fn forbidden_publishes_are_acknowledged_and_dropped(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let node = env.node().await;
     let app = env.app("app1");
@@ -503,8 +511,14 @@ async fn forbidden_publishes_close_the_connection(backend: Backend) {
         (&read_only, format!("v3/{uid}/devices/dev1/down/push")),
     ] {
         let mut c = node.client(&app, key).await;
+        c.client
+            .publish(&topic, QoS::AtLeastOnce, false, r#"{"downlinks":[]}"#)
+            .await
+            .unwrap();
         c.publish(&topic, r#"{"downlinks":[]}"#).await;
-        c.expect_closed().await;
+        // Still connected, and the publishes were handled before this SUBSCRIBE.
+        assert_eq!(c.subscribe("v3/+/devices/+/up").await, GRANTED, "{topic}");
+        c.expect_silence(SILENCE).await;
     }
     let dev1 = dev(&env, "app1", "dev1");
     assert!(node.app.queue.list(&dev1).await.unwrap().is_empty());
@@ -745,7 +759,7 @@ async fn revocation_and_expiry_disconnect_clients(backend: Backend) {
     c.expect_closed().await;
 }
 
-async fn will_messages_only_on_writable_topics(backend: Backend) {
+async fn wills_are_kept_only_on_writable_topics(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let node = env.node().await;
     let app = env.app("app1");
@@ -760,10 +774,11 @@ async fn will_messages_only_on_writable_topics(backend: Backend) {
         QoS::AtMostOnce,
         false,
     ));
-    assert_eq!(
-        TestClient::connect_with(opts).await.err(),
-        Some(ConnectReturnCode::NotAuthorized)
-    );
+    // A will on a topic the key may not write is ignored, and the CONNECT accepted.
+    let ignored = TestClient::connect_with(opts)
+        .await
+        .expect("accepted despite its will");
+    drop(ignored);
 
     // A will on down/push is a downlink pushed when the client vanishes.
     let mut raw = RawClient::connect(&node).await;

@@ -219,3 +219,61 @@ async fn a_command_that_leaves_a_process_running_fails_its_test() {
     assert!(message.contains("sleep 1000"), "{message}");
     until_dead(&background).await;
 }
+
+/// What a newcomer's other mosquitto commands do (issue 8): a subscriber with a status
+/// will on a topic it may not write connects; a QoS 1 publish with a typo in the topic is
+/// acknowledged (mosquitto_pub exits 0) and explained by a `down/failed`; QoS 2 pushes
+/// complete; `-V mqttv31` works; `-V mqttv5` gets a clear refusal instead of hanging.
+#[tokio::test]
+async fn mosquitto_clients_with_wills_typos_qos_2_and_other_versions() {
+    let mut dev = start_dev(&[]).await;
+    let mut sub = paste(&format!(
+        "{} --will-topic homeassistant/status --will-payload offline --will-qos 1 --will-retain",
+        dev.sub
+    ));
+    let mut lines = sub.stdout_lines();
+    until(&mut lines, "/up", WAIT).await;
+
+    let run = |command: String| async move {
+        let output = tokio::time::timeout(WAIT, paste(&command).output())
+            .await
+            .unwrap_or_else(|_| panic!("still running after {WAIT:?}: {command}"));
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let typo = dev
+        .publish
+        .replace("/down/push'", "/down/pushh'")
+        .replace(" -m ", " -q 1 -m ");
+    assert!(typo.contains("down/pushh"), "{typo}");
+    let (code, stderr) = run(typo).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "a forbidden QoS 1 publish is acknowledged: {stderr}"
+    );
+    let (topic, failed) = until(&mut lines, "/down/failed", WAIT).await;
+    assert_eq!(topic, "v3/demo/devices/dev1/down/failed");
+    assert_eq!(
+        failed["downlink_failed"]["error"]["name"],
+        "topic_not_writable"
+    );
+
+    let (code, stderr) = run(dev.publish.replace(" -m ", " -q 2 -m ")).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let (_, queued) = until(&mut lines, "/down/queued", WAIT).await;
+    assert!(correlation_ids(&queued["correlation_ids"]).contains(&"my-correlation-id".to_owned()));
+
+    let (code, stderr) = run(dev.sub.replace(" -v", " -v -V mqttv31 -C 1")).await;
+    assert_eq!(code, Some(0), "MQTT 3.1: {stderr}");
+    let (code, stderr) = run(dev.sub.replace(" -v", " -v -V mqttv5 -C 1")).await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("Unsupported Protocol Version"), "{stderr}");
+
+    // The subscriber with its status will is still there.
+    until(&mut lines, "/up", WAIT).await;
+    sub.stop().await;
+    dev.process.stop().await;
+}

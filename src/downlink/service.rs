@@ -68,6 +68,13 @@ impl DownlinkService {
         Ok(encoded.len())
     }
 
+    /// Publishes the one `down/failed` of a publish refused before it reached
+    /// [`DownlinkService::handle`] (a topic of the device that is not writable, a key
+    /// without the down-write right), without its items: nothing of it was read.
+    pub async fn report_refused(&self, device: &DeviceRef, error: &DownlinkError) {
+        self.publish_failed(device, &[], error).await;
+    }
+
     /// One `down/failed` per rejected item (one without a downlink when none is readable).
     async fn publish_failed(&self, device: &DeviceRef, items: &[Value], error: &DownlinkError) {
         let details = error.to_error_details();

@@ -1,5 +1,8 @@
 //! CONNECT: who the client is and whether it may in (DESIGN §2–§4). Every refusal is a
 //! [`Refusal`], mapped to its CONNACK code in exactly one place, [`Refusal::code`].
+//!
+//! The will never refuses a CONNECT: one on a topic the key may not write is ignored after
+//! acceptance, as The Things Stack does (the session's handshake decides that).
 
 use std::sync::Arc;
 
@@ -7,12 +10,12 @@ use mqttbytes::v4::{Connect, ConnectReturnCode};
 use mqttbytes::Protocol;
 
 use crate::auth::{AuthError, Authenticator, StoredKey};
-use crate::topic::{parse_downlink_topic, AppRef, Tenancy};
+use crate::topic::{AppRef, Tenancy};
 
 /// Why a CONNECT was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// Not MQTT 3.1.1.
+    /// Not MQTT 3.1.1 or 3.1.
     #[error("unsupported protocol {0}")]
     Protocol(String),
     /// Empty client ID without a clean session, or one that is too long.
@@ -21,8 +24,7 @@ pub enum Refusal {
     /// Missing or malformed username or password.
     #[error("bad username or password: {0}")]
     BadCredentials(String),
-    /// The key is unknown, wrong, expired, for another application, or without rights;
-    /// or the will topic is not writable.
+    /// The key is unknown, wrong, expired, for another application, or without rights.
     #[error("not authorized: {0}")]
     NotAuthorized(String),
     /// A backend needed to decide is unavailable.
@@ -112,16 +114,6 @@ pub async fn accept(
         .parse_app(&login.username)
         .map_err(|e| Refusal::BadCredentials(e.to_string()))?;
     let key = auth.authenticate(&app, &login.password).await?;
-    if let Some(will) = &connect.last_will {
-        let writable = key.rights.can_write_down()
-            && parse_downlink_topic(tenancy, &app, &will.topic).is_some();
-        if !writable {
-            return Err(Refusal::NotAuthorized(format!(
-                "will topic {:?} is not writable",
-                will.topic
-            )));
-        }
-    }
     Ok(Accepted {
         app,
         client_id,

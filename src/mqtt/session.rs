@@ -2,9 +2,10 @@
 //! session state; other tasks reach it only through its [`Outbox`].
 //!
 //! The session never parses bytes itself ([`super::codec`] does) and never routes
-//! ([`crate::router`] does); it applies the protocol rules of DESIGN §4: connect timeout,
-//! CONNACK codes, keepalive at 1.5×, maximum packet size, The Things Stack's subscription
-//! rewriting, write rights, and takeover.
+//! ([`crate::router`] does); it applies the protocol rules of DESIGN §4: connect timeout
+//! and CONNACK codes ([`super::handshake`]), keepalive at 1.5×, maximum packet size,
+//! malformed packets, The Things Stack's subscription rewriting, write rights and
+//! acknowledgements ([`super::publish`]), and takeover.
 
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
@@ -13,29 +14,28 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, Subscribe,
-    SubscribeReasonCode, UnsubAck,
-};
+use mqttbytes::v4::{ConnectReturnCode, Packet, SubAck, Subscribe, SubscribeReasonCode, UnsubAck};
 use mqttbytes::QoS;
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, Instant};
 use tracing::{field, Instrument};
 
 use super::codec::{encode, DecodeError};
-use super::connect::{accept, Accepted};
+use super::connect::Accepted;
+use super::handshake::{connack, count_malformed, handshake};
 use super::outbox::{CloseReason, Outbox};
+use super::publish::Qos2Ids;
 use super::wire::{ReadError, Wire};
 use crate::app::App;
 use crate::auth::StoredKey;
 use crate::cluster::{self, Signal};
 use crate::metrics::OutcomeLabels;
 use crate::registry::Connection;
-use crate::topic::{parse_downlink_topic, DeviceRef, DownlinkOp, Filter};
+use crate::topic::{parse_downlink_topic, Filter};
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum End {
+pub(super) enum End {
     /// The client sent DISCONNECT.
     Disconnect,
     /// The client closed the socket.
@@ -46,8 +46,15 @@ enum End {
     KeyExpired,
     /// Closed from outside (takeover, revocation, drain).
     Closed(CloseReason),
-    /// The client broke the protocol or its rights; the connection is closed.
+    /// The client sent a malformed packet (MQTT 3.1.1 §4.8: close the connection).
+    Malformed(DecodeError),
+    /// The client broke the protocol (a second CONNECT, a server-to-client packet).
     Violation(String),
+    /// More QoS 2 packet IDs held than `mqtt.max_inflight_qos2` (the bound).
+    Qos2InflightExceeded(usize),
+    /// A QoS 1/2 downlink could not be stored because the queue backend is unavailable:
+    /// closed without acknowledging it, so that the client retransmits after reconnecting.
+    QueueUnavailable,
     /// The socket failed.
     Io(String),
 }
@@ -60,19 +67,28 @@ impl End {
             End::KeepaliveTimeout => "keepalive_timeout",
             End::KeyExpired => "key_expired",
             End::Closed(r) => r.as_str(),
+            End::Malformed(_) => "malformed",
             End::Violation(_) => "violation",
+            End::Qos2InflightExceeded(_) => "qos2_inflight_exceeded",
+            End::QueueUnavailable => "queue_unavailable",
             End::Io(_) => "io_error",
         }
     }
 
     /// MQTT 3.1.1 §3.1.2.5: the will is published when the connection is lost without
-    /// DISCONNECT. Not when the server itself ends the session for an operational reason
-    /// (takeover, revocation, expiry, drain): acting on behalf of a revoked key or a
-    /// draining node would surprise the application.
+    /// DISCONNECT, a protocol error included. Not when the server itself ends the session
+    /// for an operational reason (takeover, revocation, expiry, drain, a queue backend
+    /// that is down): acting on behalf of a revoked key or a draining node would surprise
+    /// the application, and a client closed for a down backend reconnects with its will.
     fn publishes_will(&self) -> bool {
         matches!(
             self,
-            End::Eof | End::KeepaliveTimeout | End::Violation(_) | End::Io(_)
+            End::Eof
+                | End::KeepaliveTimeout
+                | End::Malformed(_)
+                | End::Violation(_)
+                | End::Qos2InflightExceeded(_)
+                | End::Io(_)
         )
     }
 }
@@ -101,75 +117,6 @@ pub fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) -> impl Future<
         session.run(&mut wire).await;
     }
     .instrument(span)
-}
-
-/// Reads and decides the CONNECT; `None` when the connection ends here (refused,
-/// timed out, closed).
-async fn handshake(app: Arc<App>, stream: TcpStream) -> Option<(Session, Wire)> {
-    let _ = stream.set_nodelay(true);
-    let mut conn = Wire::new(stream, app.config.mqtt.max_packet_size);
-    let connect_timeout = app.config.mqtt.connect_timeout;
-    let connect = match timeout(connect_timeout, conn.read_connect()).await {
-        Err(_) => {
-            tracing::debug!("no CONNECT within {connect_timeout:?}");
-            return count_connect(&app, "timeout");
-        }
-        Ok(Ok(Some(Packet::Connect(c)))) => c,
-        Ok(Ok(Some(other))) => {
-            tracing::debug!(packet = ?packet_kind(&other), "first packet is not CONNECT");
-            return count_connect(&app, "protocol_error");
-        }
-        Ok(Ok(None)) => return None,
-        Ok(Err(ReadError::Decode(
-            DecodeError::InvalidProtocol | DecodeError::InvalidProtocolLevel(_),
-        ))) => {
-            let _ = conn
-                .send_now(connack(ConnectReturnCode::RefusedProtocolVersion))
-                .await;
-            return count_connect(&app, "refused_protocol");
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "unreadable CONNECT");
-            return count_connect(&app, "protocol_error");
-        }
-    };
-    let accepted = match accept(
-        &connect,
-        &app.tenancy,
-        &app.auth,
-        app.config.mqtt.max_client_id_len,
-        || format!("lorabroker-{}", ulid::Ulid::new()),
-    )
-    .await
-    {
-        Ok(a) => a,
-        Err(refusal) => {
-            tracing::info!(reason = %refusal, "connection refused");
-            let _ = conn.send_now(connack(refusal.code())).await;
-            return count_connect(&app, refusal.outcome());
-        }
-    };
-    let span = tracing::Span::current();
-    span.record("tenant", field::display(&accepted.app.tenant));
-    span.record("app", field::display(&accepted.app.app));
-    span.record("client_id", field::display(&accepted.client_id));
-    count_connect::<()>(&app, "accepted");
-    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
-    let session = Session::new(app, accepted, keep_alive, connect.last_will);
-    Some((session, conn))
-}
-
-/// Counts a CONNECT outcome; `None`, for the handshake to return.
-fn count_connect<T>(app: &App, outcome: &'static str) -> Option<T> {
-    app.metrics
-        .connects
-        .get_or_create(&OutcomeLabels { outcome })
-        .inc();
-    None
-}
-
-fn connack(code: ConnectReturnCode) -> Bytes {
-    encode(&Packet::ConnAck(ConnAck::new(code, false)))
 }
 
 fn packet_kind(p: &Packet) -> &'static str {
@@ -208,23 +155,28 @@ enum Wake {
 }
 
 /// The state of one accepted connection.
-struct Session {
-    app: Arc<App>,
+pub(super) struct Session {
+    pub(super) app: Arc<App>,
     /// The key the client authenticated with (its application and client ID are in
     /// `registration`).
-    key: Arc<StoredKey>,
+    pub(super) key: Arc<StoredKey>,
     keep_alive: Duration,
+    /// The will, only when its topic is writable for the key (the handshake decided).
     will: Option<Box<mqttbytes::v4::LastWill>>,
     outbox: Arc<Outbox>,
-    registration: Arc<Connection>,
+    pub(super) registration: Arc<Connection>,
     /// Whether the router holds filters of this connection.
     subscribed: bool,
+    /// Publishes refused on this connection so far (for the rate of their log lines).
+    pub(super) refused: u32,
+    /// QoS 2 packet IDs between PUBREC and PUBREL.
+    pub(super) qos2: Qos2Ids,
     /// Packets waiting to be written.
-    out: Vec<Bytes>,
+    pub(super) out: Vec<Bytes>,
 }
 
 impl Session {
-    fn new(
+    pub(super) fn new(
         app: Arc<App>,
         accepted: Accepted,
         keep_alive: Duration,
@@ -247,6 +199,8 @@ impl Session {
             outbox,
             registration,
             subscribed: false,
+            refused: 0,
+            qos2: Qos2Ids::default(),
             out: Vec::new(),
         }
     }
@@ -285,15 +239,30 @@ impl Session {
             End::Violation(why) | End::Io(why) => {
                 tracing::info!(reason = end.outcome(), detail = %why, "connection closed")
             }
+            End::Malformed(e) => {
+                count_malformed(&self.app, e);
+                tracing::info!(reason = end.outcome(), detail = %e, "connection closed")
+            }
+            End::Qos2InflightExceeded(max) => tracing::info!(
+                reason = end.outcome(),
+                "connection closed: more than mqtt.max_inflight_qos2 = {max} QoS 2 \
+                 publishes without PUBREL"
+            ),
             _ => tracing::info!(reason = end.outcome(), "connection closed"),
         }
         if end.publishes_will() {
             if let Some(will) = self.will.take() {
-                // CONNECT accepted the will only for a writable downlink topic.
+                // The handshake kept the will only for a writable downlink topic.
                 if let Some((device, op)) =
                     parse_downlink_topic(&self.app.tenancy, &self.registration.app, &will.topic)
                 {
-                    Box::pin(self.publish_downlink(&device, op, &will.message)).await;
+                    let published = Box::pin(self.publish_downlink(&device, op, &will.message));
+                    if let Err(e) = published.await {
+                        if e.retry_helps() {
+                            // No client is left to retransmit it.
+                            tracing::warn!(error = %e, "will lost: the downlink queue is unavailable");
+                        }
+                    }
                 }
             }
         }
@@ -331,8 +300,30 @@ impl Session {
         };
         let timer = sleep_until(next(keepalive_at));
         tokio::pin!(timer);
+        // Packets read together with the CONNECT are handled first, right behind the
+        // CONNACK, without waiting for more bytes (§3.1.4: a client may send them before
+        // it sees the CONNACK).
+        let mut buffered = true;
 
         loop {
+            while buffered {
+                let packet = match wire.buffered_packet() {
+                    Ok(Some(packet)) => packet,
+                    Ok(None) => {
+                        buffered = false;
+                        break;
+                    }
+                    Err(ReadError::Decode(e)) => return End::Malformed(e),
+                    Err(e) => return End::Violation(e.to_string()),
+                };
+                let end = match self.handle(packet) {
+                    Handled::Done(end) => end,
+                    Handled::Wait(backend) => backend.await,
+                };
+                if let Some(end) = end {
+                    return end;
+                }
+            }
             if !self.out.is_empty() {
                 // The write deadline borrows the timer, and only once a write blocks: a
                 // write that completes at once (the usual case) touches no timer.
@@ -415,20 +406,7 @@ impl Session {
                 keepalive_at = Some(Instant::now() + k);
                 timer.as_mut().reset(next(keepalive_at));
             }
-            loop {
-                let packet = match wire.buffered_packet() {
-                    Ok(Some(packet)) => packet,
-                    Ok(None) => break,
-                    Err(e) => return End::Violation(e.to_string()),
-                };
-                let end = match self.handle(packet) {
-                    Handled::Done(end) => end,
-                    Handled::Wait(backend) => backend.await,
-                };
-                if let Some(end) = end {
-                    return end;
-                }
-            }
+            buffered = true;
         }
     }
 
@@ -475,9 +453,7 @@ impl Session {
             }
             Packet::PingReq => self.out.push(encode(&Packet::PingResp)),
             Packet::Disconnect => return Some(End::Disconnect),
-            Packet::PubRel(rel) => self
-                .out
-                .push(encode(&Packet::PubComp(PubComp::new(rel.pkid)))),
+            Packet::PubRel(rel) => self.handle_pubrel(rel.pkid),
             // We only send QoS 0, so there is nothing to acknowledge; tolerate strays.
             Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Connect(_) => return Some(End::Violation("second CONNECT".into())),
@@ -523,54 +499,6 @@ impl Session {
         }
         self.subscribed = true;
         SubscribeReasonCode::Success(QoS::AtMostOnce)
-    }
-
-    async fn handle_publish(&mut self, publish: Publish) -> Option<End> {
-        let target =
-            parse_downlink_topic(&self.app.tenancy, &self.registration.app, &publish.topic)
-                .filter(|_| self.key.rights.can_write_down());
-        let Some((device, op)) = target else {
-            // MQTT 3.1.1 has no negative PUBACK: closing is the only refusal (DESIGN §4).
-            return Some(End::Violation(format!(
-                "PUBLISH to {:?} is not allowed for this key",
-                publish.topic
-            )));
-        };
-        self.publish_downlink(&device, op, &publish.payload).await;
-        match publish.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self
-                .out
-                .push(encode(&Packet::PubAck(PubAck::new(publish.pkid)))),
-            QoS::ExactlyOnce => self
-                .out
-                .push(encode(&Packet::PubRec(PubRec::new(publish.pkid)))),
-        }
-        None
-    }
-
-    /// Hands a downlink publish (or the will) to the downlink service. Failures are
-    /// reported to the application by the service as `down/failed` events.
-    async fn publish_downlink(&self, device: &DeviceRef, op: DownlinkOp, payload: &[u8]) {
-        let outcome = match self.app.downlinks.handle(device, op, payload).await {
-            Ok(n) => {
-                tracing::debug!(device = %device.device, ?op, items = n, "downlinks queued");
-                "queued"
-            }
-            Err(e) => {
-                tracing::info!(device = %device.device, ?op, error = %e, "downlink rejected");
-                e.name()
-            }
-        };
-        self.app
-            .metrics
-            .downlinks
-            .get_or_create(&crate::metrics::DownlinkLabels {
-                tenant: self.registration.app.tenant.to_string(),
-                application: self.registration.app.app.to_string(),
-                outcome,
-            })
-            .inc();
     }
 }
 

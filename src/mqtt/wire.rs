@@ -16,7 +16,7 @@ use super::codec::{decode, DecodeError, Decoded};
 /// Why reading a packet failed.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ReadError {
-    #[error("malformed packet: {0:?}")]
+    #[error("{0}")]
     Decode(DecodeError),
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
@@ -103,7 +103,8 @@ impl Wire {
     pub(super) async fn read_connect(&mut self) -> Result<Option<Packet>, ReadError> {
         loop {
             if let Some(&first) = self.read_buf.first() {
-                if first != 0x10 {
+                // The packet type only: a CONNECT with wrong flags is the codec's to judge.
+                if first >> 4 != 1 {
                     return Err(ReadError::NotConnect(first));
                 }
             }

@@ -1,0 +1,135 @@
+//! The CONNECT phase of a connection: read the CONNECT within the connect timeout, answer
+//! what cannot go on (another protocol version gets CONNACK 0x01, MQTT-3.1.2-2; a refusal
+//! gets its code), decide the will, and hand an accepted client to its [`Session`].
+//!
+//! Packets the client sent behind the CONNECT stay in the [`Wire`]'s buffer for the
+//! session, which handles them right after queueing the CONNACK (§3.1.4 lets a client
+//! send before it sees the CONNACK).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tracing::field;
+
+use super::codec::{encode, DecodeError};
+use super::connect::accept;
+use super::publish::{bounded, write_target, Target};
+use super::session::Session;
+use super::wire::{ReadError, Wire};
+use crate::app::App;
+use crate::metrics::{OutcomeLabels, ReasonLabels};
+
+/// Reads and decides the CONNECT; `None` when the connection ends here (refused,
+/// timed out, closed).
+pub(super) async fn handshake(app: Arc<App>, stream: TcpStream) -> Option<(Session, Wire)> {
+    let _ = stream.set_nodelay(true);
+    let mut conn = Wire::new(stream, app.config.mqtt.max_packet_size);
+    let connect_timeout = app.config.mqtt.connect_timeout;
+    let connect = match timeout(connect_timeout, conn.read_connect()).await {
+        Err(_) => {
+            tracing::debug!("no CONNECT within {connect_timeout:?}");
+            return count_connect(&app, "timeout");
+        }
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(_))) => {
+            tracing::debug!("first packet is not CONNECT");
+            return count_connect(&app, "protocol_error");
+        }
+        Ok(Ok(None)) => return None,
+        Ok(Err(ReadError::Decode(DecodeError::UnsupportedProtocol(what)))) => {
+            tracing::debug!(%what, "CONNECT refused: unsupported protocol version");
+            let _ = conn
+                .send_now(connack(ConnectReturnCode::RefusedProtocolVersion))
+                .await;
+            // MQTT-3.1.2-2: CONNACK 0x01, then close (with a FIN, so the CONNACK is read).
+            conn.shutdown().await;
+            return count_connect(&app, "refused_protocol");
+        }
+        Ok(Err(ReadError::Decode(e))) => {
+            tracing::debug!(error = %e, "malformed CONNECT");
+            count_malformed(&app, &e);
+            return count_connect(&app, "protocol_error");
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "unreadable CONNECT");
+            return count_connect(&app, "protocol_error");
+        }
+    };
+    let accepted = match accept(
+        &connect,
+        &app.tenancy,
+        &app.auth,
+        app.config.mqtt.max_client_id_len,
+        || format!("lorabroker-{}", ulid::Ulid::new()),
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(refusal) => {
+            tracing::info!(reason = %refusal, "connection refused");
+            let _ = conn.send_now(connack(refusal.code())).await;
+            return count_connect(&app, refusal.outcome());
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("tenant", field::display(&accepted.app.tenant));
+    span.record("app", field::display(&accepted.app.app));
+    span.record("client_id", field::display(&accepted.client_id));
+    count_connect::<()>(&app, "accepted");
+    // A will on a topic the key may not write is not kept, and the CONNECT is accepted, as
+    // The Things Stack does (Home Assistant sets a status will by default).
+    let will = connect.last_will.filter(|will| {
+        let target = write_target(
+            &app.tenancy,
+            &accepted.app,
+            accepted.key.rights,
+            &will.topic,
+        );
+        match target {
+            Target::Downlink(..) => true,
+            Target::Refused { reason, .. } => {
+                tracing::info!(
+                    will_topic = bounded(&will.topic),
+                    reason,
+                    "will ignored: the key may not write its topic"
+                );
+                app.metrics
+                    .publishes_refused
+                    .get_or_create(&ReasonLabels {
+                        reason: "will_ignored",
+                    })
+                    .inc();
+                false
+            }
+        }
+    });
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
+    let session = Session::new(app, accepted, keep_alive, will);
+    Some((session, conn))
+}
+
+/// Counts a CONNECT outcome; `None`, for the handshake to return.
+fn count_connect<T>(app: &App, outcome: &'static str) -> Option<T> {
+    app.metrics
+        .connects
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+    None
+}
+
+/// Counts a packet that closed its connection as malformed (or too large).
+pub(super) fn count_malformed(app: &App, e: &DecodeError) {
+    app.metrics
+        .malformed_packets
+        .get_or_create(&ReasonLabels { reason: e.reason() })
+        .inc();
+}
+
+/// An encoded CONNACK with `code` (session present 0: every session is clean).
+pub(super) fn connack(code: ConnectReturnCode) -> Bytes {
+    encode(&Packet::ConnAck(ConnAck::new(code, false)))
+}

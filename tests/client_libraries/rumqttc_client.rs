@@ -227,9 +227,16 @@ pub async fn flow(t: &Target) {
     publisher.assert_stayed_connected();
 }
 
-/// rumqttc's MQTT 5 client: its first poll ends in a refusal, at once.
+/// rumqttc's MQTT 5 client: its first poll ends in an error, at once, never in a session.
+///
+/// rumqttc 0.25 reads every CONNACK as MQTT 5's, with a properties length after the code,
+/// so the 3.1.1-format CONNACK 0x01 that MQTT-3.1.2-2 prescribes is too short for it: it
+/// reports the close that follows (`ConnectionAborted`) rather than the refusal. It does
+/// not hang and does not get a session, which is what can be asked of it; the scenario
+/// checks on the server's side that the CONNECT was refused for its protocol level.
 pub async fn v5(t: &Target) {
-    use rumqttc::v5::{mqttbytes::v5::ConnectReturnCode as V5Code, ConnectionError};
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as V5Code, Packet as V5Packet};
+    use rumqttc::v5::{ConnectionError, Event as V5Event, StateError};
     let mut opts =
         rumqttc::v5::MqttOptions::new(unique("rumqttc-v5"), t.mqtt.ip().to_string(), t.mqtt.port());
     opts.set_credentials(t.username.clone(), t.key.clone());
@@ -237,9 +244,7 @@ pub async fn v5(t: &Target) {
     let result = tokio::time::timeout(WAIT, async {
         loop {
             match eventloop.poll().await {
-                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(
-                    ack,
-                ))) => return Ok(ack.code),
+                Ok(V5Event::Incoming(V5Packet::ConnAck(ack))) => return Ok(ack.code),
                 Ok(_) => continue,
                 Err(e) => return Err(e),
             }
@@ -248,14 +253,11 @@ pub async fn v5(t: &Target) {
     .await
     .expect("rumqttc v5 hangs on the CONNACK");
     match result {
-        Err(ConnectionError::ConnectionRefused(code)) => assert!(
-            matches!(
-                code,
-                V5Code::RefusedProtocolVersion | V5Code::UnsupportedProtocolVersion
-            ),
-            "{code:?}"
-        ),
-        other => panic!("rumqttc v5: not a protocol-version refusal: {other:?}"),
+        Err(ConnectionError::ConnectionRefused(
+            V5Code::RefusedProtocolVersion | V5Code::UnsupportedProtocolVersion,
+        )) => {}
+        Err(ConnectionError::MqttState(StateError::ConnectionAborted)) => {}
+        other => panic!("rumqttc v5: neither a refusal nor the close after it: {other:?}"),
     }
 }
 

@@ -2,7 +2,7 @@
 //! client, then check what the server did (queues, events, `/metrics`).
 
 use crate::common::broker::{Backend, Seen};
-use crate::harness::{carries, downlink, World, FLEET_DEVICE};
+use crate::harness::{carries, downlink, World, FLEET_DEVICE, REFUSED_PUBLISHES};
 use crate::{raw, Lib};
 
 /// (a) A will on a topic the client may not write does not refuse the CONNECT (Home
@@ -40,9 +40,10 @@ pub async fn will_on_a_status_topic_connects_and_is_not_kept(lib: Lib, backend: 
     loop {
         match observer.next().await {
             Some(Seen::Publish { topic, .. }) if topic.ends_with("ctrldev/down/queued") => break,
+            // (A down/failed explaining an ignored will would be fine.)
             Some(Seen::Publish { topic, payload }) => assert!(
-                !topic.contains("willdev") && !topic.contains("hadev"),
-                "a will that is not kept was published: {topic} {}",
+                !topic.ends_with("/down/queued"),
+                "a will that is not kept was queued: {topic} {}",
                 String::from_utf8_lossy(&payload)
             ),
             other => panic!("the control will was not published: {other:?}"),
@@ -57,20 +58,31 @@ pub async fn will_on_a_status_topic_connects_and_is_not_kept(lib: Lib, backend: 
         kept.len() == 1 && carries(&kept[0], "kept-will"),
         "{kept:?}"
     );
+    let metrics = world.metrics(0).await;
     assert_eq!(
-        world.metrics(0).await.accepted_connects() - before,
+        metrics.accepted_connects() - before,
         3.0,
         "each CONNECT with a will accepted once"
+    );
+    assert_eq!(
+        metrics.sum(REFUSED_PUBLISHES, &[("reason", "will_ignored")]),
+        2.0,
+        "the two wills that are not kept are counted"
     );
 }
 
 /// (b) QoS 1 publishes to topics the key may not write are acknowledged (PUBACK), dropped
-/// (nothing queued), counted in `/metrics`, and the connection stays: the library neither
+/// (nothing queued), counted in `/metrics` by reason, explained by a `down/failed` where
+/// they name a device of the application, and the connection stays: the library neither
 /// sees a disconnect nor reconnects, and its subscription keeps delivering.
 pub async fn forbidden_publish_is_acked_dropped_and_the_client_stays(lib: Lib, backend: Backend) {
     let world = World::new(backend, 1, true).await;
     let uid = world.uid();
     let tenant = &world.env.tenant;
+    let mut explained = world.nodes[0].client(&world.app, &world.key).await;
+    explained.subscribe("v3/+/devices/fbdev/down/failed").await;
+    let before = world.metrics(0).await;
+
     let mut t = world.target(FLEET_DEVICE);
     t.forbidden = vec![
         // A typo of down/push.
@@ -84,31 +96,46 @@ pub async fn forbidden_publish_is_acked_dropped_and_the_client_stays(lib: Lib, b
         // Home Assistant's status topic.
         "homeassistant/status".into(),
     ];
-    let before = world.metrics(0).await;
     lib.forbidden(&t).await;
+    // down/push itself, with a key that may only read.
+    let mut read_only = world.target(FLEET_DEVICE);
+    read_only.key = world.read_only.clone();
+    read_only.forbidden = vec![format!("v3/{uid}/devices/fbdev/down/push")];
+    lib.forbidden(&read_only).await;
     let after = world.metrics(0).await;
 
     assert_eq!(world.queue("fbdev").await, Vec::<serde_json::Value>::new());
-    let refused = after.refused_publishes() - before.refused_publishes();
-    // The command-line client publishes twice to each topic.
-    let per_topic = if matches!(lib, Lib::Mosquitto) {
-        2.0
-    } else {
-        1.0
+    // The command-line client publishes twice to each topic, on a connection per topic.
+    let (per_topic, connections) = match lib {
+        Lib::Mosquitto => (2.0, (t.forbidden.len() + 1) as f64),
+        _ => (1.0, 2.0),
     };
+    for (reason, topics) in [
+        ("topic_not_writable", 2.0),
+        ("invalid_device_id", 1.0),
+        ("not_an_application_topic", 2.0),
+        ("no_down_write_right", 1.0),
+    ] {
+        let labels = [("reason", reason)];
+        assert_eq!(
+            after.sum(REFUSED_PUBLISHES, &labels) - before.sum(REFUSED_PUBLISHES, &labels),
+            per_topic * topics,
+            "{REFUSED_PUBLISHES}{{reason={reason:?}}}"
+        );
+    }
     assert_eq!(
-        refused,
-        per_topic * t.forbidden.len() as f64,
-        "refused publishes counted in /metrics ({})",
-        crate::harness::REFUSED_PUBLISHES
+        after.accepted_connects() - before.accepted_connects(),
+        connections,
+        "no reconnect: CONNECTs accepted"
     );
-    let connects = after.accepted_connects() - before.accepted_connects();
-    let expected = if matches!(lib, Lib::Mosquitto) {
-        t.forbidden.len() as f64
-    } else {
-        1.0
-    };
-    assert_eq!(connects, expected, "no reconnect: CONNECTs accepted");
+    // The typo, the read topic and the read-only key's push name fbdev: each explained.
+    for _ in 0..(3.0 * per_topic) as usize {
+        let failed = explained.next_on("fbdev/down/failed").await;
+        assert!(
+            failed["downlink_failed"]["error"]["name"].is_string(),
+            "{failed}"
+        );
+    }
 }
 
 /// (c) The seed's flow: an uplink from the upstream reaches a `#` subscriber; a confirmed
@@ -175,12 +202,19 @@ pub async fn qos2_duplicate_before_pubrel_is_queued_once((): (), backend: Backen
 
 /// Home Assistant's connection pattern (will + retained birth message on
 /// `homeassistant/status` + clean session) connects, and the connection keeps working; the
-/// birth message is a refused publish, not kept.
+/// will is ignored and the birth message is a refused publish, neither kept.
 pub async fn home_assistant_will_birth_and_clean_session_work(lib: Lib, backend: Backend) {
     let world = World::new(backend, 1, true).await;
     let before = world.metrics(0).await;
     lib.home_assistant(&world.target(FLEET_DEVICE)).await;
     let after = world.metrics(0).await;
     assert_eq!(after.accepted_connects() - before.accepted_connects(), 1.0);
-    assert_eq!(after.refused_publishes() - before.refused_publishes(), 1.0);
+    for reason in ["will_ignored", "not_an_application_topic"] {
+        let labels = [("reason", reason)];
+        assert_eq!(
+            after.sum(REFUSED_PUBLISHES, &labels) - before.sum(REFUSED_PUBLISHES, &labels),
+            1.0,
+            "{REFUSED_PUBLISHES}{{reason={reason:?}}}"
+        );
+    }
 }

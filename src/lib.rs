@@ -23,6 +23,7 @@ pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod downlink;
+pub mod health;
 pub mod http;
 pub mod message;
 pub mod metrics;

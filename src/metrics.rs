@@ -34,6 +34,13 @@ pub struct DownlinkLabels {
     pub outcome: &'static str,
 }
 
+/// Which backend: `bus` (NATS or embedded) or `store` (keys and queues: Redis or memory).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// `bus` or `store`.
+    pub backend: &'static str,
+}
+
 /// Every metric of a node.
 pub struct Metrics {
     registry: Registry,
@@ -51,6 +58,8 @@ pub struct Metrics {
     pub bus_messages: Counter,
     /// Downlink publishes by outcome.
     pub downlinks: Family<DownlinkLabels, Counter>,
+    /// 1 while a backend answers, 0 while it does not (see `health`).
+    pub backend_up: Family<BackendLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -64,6 +73,7 @@ impl Default for Metrics {
             dropped: Family::default(),
             bus_messages: Counter::default(),
             downlinks: Family::default(),
+            backend_up: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -100,6 +110,11 @@ impl Default for Metrics {
             "downlinks",
             "Downlink publishes by outcome",
             m.downlinks.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "1 while a backend (bus, store) answers, 0 while it does not",
+            m.backend_up.clone(),
         );
         Metrics { registry, ..m }
     }

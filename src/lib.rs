@@ -31,5 +31,6 @@ pub mod mqtt;
 pub mod registry;
 pub mod router;
 pub mod server;
+pub mod signals;
 pub mod topic;
 pub mod upstream;

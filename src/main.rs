@@ -364,16 +364,20 @@ fn print_serve_banner(node: &Node) {
 /// Without Redis, `keys` cannot reach this node's key store: say how to get a key.
 fn print_in_memory_keys_hint(node: &Node) {
     let http = node.http_addr;
+    let app = match node.app.tenancy {
+        Tenancy::Single { .. } => "{app}",
+        Tenancy::Multi => "{app}@{tenant}",
+    };
     if node.app.config.http.admin_token.is_empty() {
         println!(
             "  API keys  in this node's memory, none yet: set LORABROKER_HTTP__ADMIN_TOKEN to create
-            them with the admin API (POST http://{http}/api/v1/applications/{{app}}/keys),
+            them with the admin API (POST http://{http}/api/v1/applications/{app}/keys),
             or run `lorabroker dev` for one node with a printed key"
         );
     } else {
         println!(
             "  API keys  in this node's memory, none yet; create one with the admin API:
-            curl -X POST -H \"Authorization: Bearer $LORABROKER_HTTP__ADMIN_TOKEN\" http://{http}/api/v1/applications/{{app}}/keys"
+            curl -X POST -H \"Authorization: Bearer $LORABROKER_HTTP__ADMIN_TOKEN\" -H 'Content-Type: application/json' -d '{{}}' http://{http}/api/v1/applications/{app}/keys"
         );
     }
 }

@@ -447,7 +447,9 @@ async fn serve_without_redis_says_how_to_get_a_key() {
     let web = proc.banner_addr("HTTP").await;
     let curl = proc.stdout.wait_for("curl -X POST").await;
     assert!(
-        curl.contains(&format!("http://{web}/api/v1/applications/{{app}}/keys")),
+        curl.contains(&format!(
+            "-d '{{}}' http://{web}/api/v1/applications/{{app}}@{{tenant}}/keys"
+        )),
         "{curl}"
     );
     assert!(
@@ -652,4 +654,141 @@ async fn unknown_http_paths_are_plain_404s_with_or_without_a_token() {
         assert!(body.contains("admin"), "{body}");
         node.shutdown().await;
     }
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_a_node_exports() {
+    use lorabroker::metrics::{AppLabels, BackendLabels, DownlinkLabels, Metrics, OutcomeLabels};
+    // Families are rendered once they have a label set: give each one.
+    let m = Metrics::default();
+    let app = AppLabels {
+        tenant: "t".into(),
+        application: "a".into(),
+    };
+    m.connects
+        .get_or_create(&OutcomeLabels { outcome: "x" })
+        .inc();
+    m.disconnects
+        .get_or_create(&OutcomeLabels { outcome: "x" })
+        .inc();
+    m.dropped.get_or_create(&app).inc();
+    m.downlinks
+        .get_or_create(&DownlinkLabels {
+            tenant: "t".into(),
+            application: "a".into(),
+            outcome: "queued",
+        })
+        .inc();
+    m.backend_up
+        .get_or_create(&BackendLabels { backend: "bus" })
+        .set(1);
+    let mut exported = std::collections::BTreeSet::new();
+    for line in m.render().lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        for s in suffixes {
+            exported.insert(format!("{name}{s}"));
+        }
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/lorabroker/dashboards/lorabroker.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard file"))
+            .expect("the dashboard is JSON");
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            queries.push(t["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    for v in dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+    {
+        if v["type"] == "query" {
+            queries.push(v["query"]["query"].as_str().expect("query").to_owned());
+        }
+    }
+    assert!(queries.len() >= 10, "{queries:?}");
+    for q in &queries {
+        let names: Vec<&str> = q
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("lorabroker_"))
+            .collect();
+        assert!(!names.is_empty(), "{q}");
+        for n in names {
+            assert!(
+                exported.contains(n),
+                "{n} (in {q}) is not on /metrics: {exported:?}"
+            );
+        }
+    }
+}
+
+/// The section of README.md from the heading `start` to the next `## ` heading.
+fn readme_section(start: &str) -> String {
+    let readme = include_str!("../README.md");
+    let from = readme
+        .find(start)
+        .unwrap_or_else(|| panic!("README.md has no {start:?}"));
+    let rest = &readme[from + start.len()..];
+    rest[..rest.find("\n## ").unwrap_or(rest.len())].to_owned()
+}
+
+/// Every `127.0.0.1:PORT` and `-p PORT` in `text`.
+fn ports(text: &str) -> std::collections::BTreeSet<u16> {
+    let mut found = std::collections::BTreeSet::new();
+    for (i, _) in text.match_indices("127.0.0.1:") {
+        let digits: String = text[i + 10..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        found.extend(digits.parse::<u16>().ok());
+    }
+    for (i, _) in text.match_indices("-p ") {
+        let digits: String = text[i + 3..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        found.extend(digits.parse::<u16>().ok());
+    }
+    found
+}
+
+#[test]
+fn the_readme_says_what_to_do_about_a_busy_port_before_the_command() {
+    let section = readme_section("## The two commands");
+    let hint = section
+        .find("--mqtt-listen")
+        .expect("the two commands say how to change the MQTT port");
+    let command = section
+        .find("cargo run --release -- dev")
+        .expect("the dev command");
+    assert!(
+        hint < command,
+        "the busy-port hint must come before the command"
+    );
+    // Ports suggested for dev must not be ones the cluster walk-through binds.
+    let dev = ports(&section);
+    let cluster = ports(&readme_section("## Running a cluster locally"));
+    assert!(
+        !dev.is_empty() && !cluster.is_empty(),
+        "{dev:?} {cluster:?}"
+    );
+    let shared: Vec<_> = dev.intersection(&cluster).collect();
+    assert!(
+        shared.is_empty(),
+        "dev and the cluster section share {shared:?}"
+    );
+    let readme = include_str!("../README.md");
+    assert!(!readme.contains("changing the host name"), "no TLS yet");
 }

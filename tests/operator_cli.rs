@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 
 use common::broker::TestClient;
 use common::http;
-use common::services::{unique, RedisService};
+use common::services::{unique, NatsService, RedisService};
 
 /// How long a test waits for something that should happen.
 const WAIT: Duration = Duration::from_secs(15);
@@ -564,6 +564,29 @@ async fn keys_revoke_with_nats_down_says_what_happened_promptly() {
     assert!(
         !stderr.contains("NATS client") && !stderr.contains(" WARN "),
         "{stderr}"
+    );
+
+    // NATS up, key unknown: nothing deleted, but the nodes were told; said once, quietly.
+    let nats = NatsService::start().await;
+    let proc = Proc::start(
+        &[
+            "keys",
+            "revoke",
+            unknown,
+            "--nats-url",
+            &nats.url,
+            "--redis-url",
+            &redis.url,
+        ],
+        &env,
+    );
+    let (status, stderr) = proc.failure().await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "Error: API key {unknown} not found in the key store (nothing deleted); every node was told to drop it in case one still caches it"
+        ),
     );
 }
 

@@ -525,7 +525,7 @@ async fn keys_revoke_with_nats_down_says_what_happened_promptly() {
         [
             format!("waiting for NATS at {nats}…").as_str(),
             format!(
-                "Error: API key {unknown} not found in the key store (nothing deleted), but NATS at {nats} is unreachable: no revocation signal sent; nodes that still cache it were not told"
+                "Error: API key {unknown} not found in the key store (nothing deleted), and the revocation signal could not be sent: NATS at {nats} is unreachable, so nodes that still cache it were not told"
             )
             .as_str(),
         ],
@@ -557,7 +557,7 @@ async fn keys_revoke_with_nats_down_says_what_happened_promptly() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
-            "Error: deleted API key {id} from the key store, but NATS at {nats} is unreachable: no revocation signal sent; connections using it stay open"
+            "Error: deleted API key {id} from the key store, but the revocation signal could not be sent: NATS at {nats} is unreachable. Until the nodes hear of it, connections using the key stay open"
         )),
         "{stderr}"
     );

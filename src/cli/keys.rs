@@ -108,14 +108,19 @@ async fn revoke(config: &Config, backends: &Backends, id: &str) -> anyhow::Resul
     if !nats_up {
         let consequence = if found {
             format!(
-                "connections using it stay open, and nodes that cached it accept it for up to \
-                 auth.cache_ttl ({}); run this again when NATS is reachable",
+                ". Until the nodes hear of it, connections using the key stay open and nodes \
+                 that cached it accept it for up to auth.cache_ttl ({}); nodes that lost NATS \
+                 too catch up when they reconnect. Run this again when NATS is reachable",
                 humantime::format_duration(config.auth.cache_ttl)
             )
         } else {
-            "nodes that still cache it were not told".to_owned()
+            ", so nodes that still cache it were not told".to_owned()
         };
-        bail!("{deleted}, but NATS at {nats} is unreachable: no revocation signal sent; {consequence}");
+        let and = if found { "but" } else { "and" };
+        bail!(
+            "{deleted}, {and} the revocation signal could not be sent: NATS at {nats} is \
+             unreachable{consequence}"
+        );
     }
     let signal = Signal::KeyRevoked {
         key_id: id.to_owned(),

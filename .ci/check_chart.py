@@ -22,6 +22,11 @@ Scenarios that must be refused (a multi-node install without NATS, a key the cha
 set in config, a misspelled value caught by values.schema.json, ...) must fail to render.
 values.yaml must document every value.
 
+The Grafana dashboard (charts/lorabroker/dashboards/lorabroker.json) must parse, query a
+${datasource} variable, and use only metrics that src/metrics.rs registers (so a renamed
+metric fails here rather than in an operator's Grafana); rendered with
+grafanaDashboard.enabled, its ConfigMap carries the sidecar label and the same JSON.
+
 The Dockerfile is parsed with BuildKit's own parser (PyPI "dockerfile"; there is no Docker
 engine to build with) and checked for what the image promises (multi-stage, --locked build,
 non-root user, ports, entry point, health check with a tool that is installed), and
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import re
 import sys
@@ -52,6 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "lorabroker"
 NODE_CONFIG = ROOT / "config" / "lorabroker.toml"
 COMPOSE = ROOT / "docker-compose.yml"
+DASHBOARD = CHART / "dashboards" / "lorabroker.json"
+METRICS_RS = ROOT / "src" / "metrics.rs"
 
 # Oldest and newest Kubernetes versions the chart is validated against. The chart says
 # kubeVersion >=1.25; kubernetes-validate 1.37.0 ships schemas for 1.25 to 1.37.
@@ -268,7 +276,7 @@ def check_promises(objects: list[dict[str, Any]], values: dict[str, Any], scenar
 
     # Configuration file: valid TOML, only keys the node knows.
     cms = by_kind(objects, "ConfigMap")
-    toml_text = next((cm.get("data", {}).get("lorabroker.toml") for cm in cms), None)
+    toml_text = next((t for cm in cms if (t := cm.get("data", {}).get("lorabroker.toml")) is not None), None)
     config: dict[str, Any] = {}
     if toml_text is None:
         problems.add(where, "no ConfigMap with lorabroker.toml")
@@ -421,6 +429,7 @@ def check_chart(problems: Problems) -> None:
         "priorityClassName": "high",
         "imagePullSecrets": [{"name": "regcred"}],
         "podAnnotations": {"example.com/team": "iot"},
+        "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "LoRaWAN"}},
     }
     single = {
         "replicaCount": 1,
@@ -451,6 +460,8 @@ def check_chart(problems: Problems) -> None:
         ("a misspelled value", {"replicaCont": 3}, "replicaCont"),
         ("an unknown MQTT Service type", {"service": {"mqtt": {"type": "LoadBalancr"}}}, "/service/mqtt/type"),
         ("a NATS URL that is not one", {"externalNats": {"url": "http://nats:4222"}}, "/externalNats/url"),
+        ("a dashboard label that is not one", {"grafanaDashboard": {"label": "not a label"}},
+         "/grafanaDashboard/label"),
     ]
 
     for version in KUBE_VERSIONS:
@@ -482,6 +493,7 @@ def check_chart(problems: Problems) -> None:
             want = {"ServiceMonitor"} if name.startswith("all optional") else set()
             if name.startswith("all optional"):
                 want |= {"HorizontalPodAutoscaler", "PodDisruptionBudget"}
+            check_dashboard_configmap(objects, merged, name, problems)
             missing = want - {o["kind"] for o in objects}
             problems.check(not missing, f"render ({name})", f"missing {sorted(missing)}")
 
@@ -494,6 +506,112 @@ def check_chart(problems: Problems) -> None:
                 print(f"  refused as it should: {name}", flush=True)
             else:
                 problems.add(f"refusal ({name})", "rendered, but the chart must refuse these values")
+
+
+# ---------------------------------------------------------------------------------------
+# The Grafana dashboard (charts/lorabroker/dashboards/lorabroker.json)
+
+# Sample-name suffixes of each metric type in the Prometheus/OpenMetrics exposition.
+_SUFFIXES = {"Counter": ["_total"], "Gauge": [""], "Histogram": ["_bucket", "_sum", "_count"]}
+
+
+def exported_metrics() -> set[str]:
+    """The sample names /metrics can show, read from src/metrics.rs: every
+    `registry.register("name", "help", m.field.clone())` of the `lorabroker`-prefixed
+    registry, with the suffix its field's type gets (`Family<_, Counter>` -> `_total`)."""
+    text = METRICS_RS.read_text()
+    prefix = re.search(r'Registry::with_prefix\("([a-z_]+)"\)', text)
+    types = dict(re.findall(r"pub (\w+): (?:Family<\w+, )?(Counter|Gauge|Histogram)\b", text))
+    names: set[str] = set()
+    for name, field in re.findall(r'register\(\s*"([a-z_]+)",\s*"[^"]*",\s*m\.(\w+)\.clone\(\)', text, re.S):
+        for suffix in _SUFFIXES.get(types.get(field, ""), []):
+            names.add(f"{prefix.group(1) if prefix else ''}_{name}{suffix}")
+    return names
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target and query variable."""
+    queries: list[tuple[str, str]] = []
+
+    def panels(items: list[dict[str, Any]]) -> None:
+        for p in items:
+            for t in p.get("targets", []):
+                queries.append((f"panel {p.get('title')!r} target {t.get('refId')}", t.get("expr", "")))
+            panels(p.get("panels", []))
+
+    panels(dashboard.get("panels", []))
+    for v in dashboard.get("templating", {}).get("list", []):
+        if v.get("type") == "query":
+            q = v.get("query")
+            queries.append((f"variable {v.get('name')!r}", q.get("query", "") if isinstance(q, dict) else str(q)))
+    return queries
+
+
+def check_dashboard(problems: Problems) -> None:
+    where = str(DASHBOARD.relative_to(ROOT))
+    try:
+        dashboard = json.loads(DASHBOARD.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        problems.add(where, f"not readable JSON: {e}")
+        return
+    for key in ("uid", "title", "panels", "templating", "schemaVersion"):
+        problems.check(key in dashboard, where, f"no {key!r}")
+    variables = {v.get("name"): v for v in dashboard.get("templating", {}).get("list", [])}
+    problems.check(variables.get("datasource", {}).get("type") == "datasource", where,
+                   "needs a `datasource` variable of type datasource (no fixed data source UID)")
+    ids: list[Any] = []
+    panels = [p for p in dashboard.get("panels", [])]
+    for p in panels:
+        ids.append(p.get("id"))
+        if p.get("type") == "row":
+            continue
+        name = f"{where}: panel {p.get('title')!r}"
+        problems.check(bool(p.get("targets")), name, "has no query")
+        problems.check(p.get("datasource", {}).get("uid") == "${datasource}", name,
+                       "must query the ${datasource} variable")
+        problems.check(all(k in p.get("gridPos", {}) for k in "hwxy"), name, "gridPos needs h, w, x, y")
+    problems.check(len(ids) == len(set(ids)), where, f"panel ids are not unique: {ids}")
+
+    exported = exported_metrics()
+    problems.check(bool(exported), str(METRICS_RS.relative_to(ROOT)), "no registered metric found (the pattern changed?)")
+    used: set[str] = set()
+    before = len(problems.items)
+    for what, query in dashboard_queries(dashboard):
+        names = set(re.findall(r"\blorabroker_[a-z_]+\b", query))
+        problems.check(bool(names), f"{where}: {what}", f"queries no lorabroker metric: {query!r}")
+        for n in sorted(names - exported):
+            problems.add(f"{where}: {what}", f"queries {n}, which the node does not export "
+                         f"(src/metrics.rs registers {', '.join(sorted(exported))})")
+        used |= names
+    if len(problems.items) == before:
+        print(f"  {where}: {len(panels)} panels, {len(used)} metrics, all exported by src/metrics.rs", flush=True)
+
+
+def check_dashboard_configmap(objects: list[dict[str, Any]], values: dict[str, Any], scenario: str,
+                              problems: Problems) -> None:
+    """With grafanaDashboard.enabled, one ConfigMap carries the sidecar label and the
+    dashboard exactly as in the chart's file; without it, none."""
+    g = values.get("grafanaDashboard", {})
+    label, value = g.get("label"), g.get("labelValue")
+    maps = [cm for cm in by_kind(objects, "ConfigMap")
+            if cm.get("metadata", {}).get("labels", {}).get(label) is not None]
+    where = f"{scenario}: grafana dashboard"
+    if not g.get("enabled"):
+        problems.check(not maps, where, "rendered although grafanaDashboard.enabled is false")
+        return
+    if len(maps) != 1:
+        problems.add(where, f"expected one ConfigMap labelled {label}, got {len(maps)}")
+        return
+    cm = maps[0]
+    problems.check(cm["metadata"]["labels"][label] == value, where, f"label {label} is not {value!r}")
+    body = cm.get("data", {}).get("lorabroker.json", "")
+    try:
+        problems.check(json.loads(body) == json.loads(DASHBOARD.read_text()), where,
+                       "the ConfigMap's dashboard differs from dashboards/lorabroker.json")
+    except json.JSONDecodeError as e:
+        problems.add(where, f"the ConfigMap's lorabroker.json is not JSON: {e}")
+    for k, v in g.get("annotations", {}).items():
+        problems.check(cm["metadata"].get("annotations", {}).get(k) == v, where, f"annotation {k} missing")
 
 
 # ---------------------------------------------------------------------------------------
@@ -649,7 +767,7 @@ def check_dockerfile(problems: Problems) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["chart", "compose", "dockerfile"], help="run one part only")
+    parser.add_argument("--only", choices=["chart", "compose", "dockerfile", "dashboard"], help="run one part only")
     args = parser.parse_args()
     # Helm's own log records (e.g. the INFO line `fail` writes during lint) go through
     # Python logging; warnings and errors are shown, the rest is noise here.
@@ -663,6 +781,7 @@ def main() -> int:
         "dockerfile": check_dockerfile,
         "compose": check_compose,
         "chart": check_chart,
+        "dashboard": check_dashboard,
     }
     for name, part in parts.items():
         if args.only in (None, name):

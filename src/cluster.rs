@@ -59,6 +59,10 @@ pub enum RevokeError {
     /// reconnect to the bus (see [`SignalHandler::catch_up`]).
     #[error("key deleted, but the revocation signal could not be sent: {0}")]
     Bus(#[from] BusError),
+    /// The key was not in the store (nothing deleted), and the signal for nodes that may
+    /// still cache it could not be sent either.
+    #[error("key not found (nothing deleted), and the revocation signal could not be sent: {0}")]
+    NotFoundNotSent(BusError),
 }
 
 /// Publishes a signal.
@@ -79,15 +83,18 @@ pub async fn revoke_key(
 ) -> Result<Option<StoredKey>, RevokeError> {
     let removed = store.remove(key_id).await?;
     // Signal even if this store had no record: a node may still cache it.
-    send(
-        bus,
-        &Signal::KeyRevoked {
-            key_id: key_id.to_owned(),
-        },
-    )
-    .await?;
-    bus.flush().await?;
-    Ok(removed)
+    let signal = Signal::KeyRevoked {
+        key_id: key_id.to_owned(),
+    };
+    let sent = match send(bus, &signal).await {
+        Ok(()) => bus.flush().await,
+        Err(e) => Err(e),
+    };
+    match (removed, sent) {
+        (removed, Ok(())) => Ok(removed),
+        (Some(_), Err(e)) => Err(RevokeError::Bus(e)),
+        (None, Err(e)) => Err(RevokeError::NotFoundNotSent(e)),
+    }
 }
 
 /// Keys whose records one catch-up reads from the store at the same time.

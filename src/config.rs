@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::topic::{Id, Tenancy};
+
+mod load;
 
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config/lorabroker.toml";
@@ -23,15 +23,23 @@ const TOP_LEVEL_KEYS: &[&str] = &["node_name"];
 /// Why the configuration was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A value could not be read or has the wrong type (figment names the key).
-    #[error("invalid configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
     /// The `--config` file does not exist.
     #[error("config file {0} not found")]
     MissingFile(String),
-    /// Values that parsed but make no sense, one line per key.
-    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    /// Every problem found, one line each, naming the key (and where it was set).
+    #[error("{}", problems(.0))]
     Invalid(Vec<String>),
+}
+
+fn problems(lines: &[String]) -> String {
+    match lines {
+        [one] => format!("invalid configuration: {one}"),
+        many => format!(
+            "invalid configuration ({} problems):\n  {}",
+            many.len(),
+            many.join("\n  ")
+        ),
+    }
 }
 
 /// The whole configuration of a node.
@@ -282,37 +290,10 @@ impl Default for LogConfig {
 
 impl Config {
     /// Loads defaults ← `file` (or [`DEFAULT_CONFIG_FILE`] if present) ← environment ←
-    /// `overrides` (command-line flags, as a partial nested map), then validates.
+    /// `overrides` (command-line flags, as a partial nested map), then validates. The
+    /// error lists every problem, each naming its key and where it was set.
     pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        match file {
-            Some(path) if !path.exists() => {
-                return Err(ConfigError::MissingFile(path.display().to_string()))
-            }
-            Some(path) => figment = figment.merge(Toml::file_exact(path)),
-            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
-                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
-            }
-            None => {}
-        }
-        let config: Config = figment
-            .merge(
-                // Sections need `__` (LORABROKER_MQTT__LISTEN); of the names without one,
-                // only top-level keys count. That leaves out the test fixtures'
-                // LORABROKER_TEST_* and the LORABROKER_MQTT_SERVICE_HOST-style variables
-                // Kubernetes injects for Services whose names start with "lorabroker".
-                Env::prefixed("LORABROKER_")
-                    .filter(|k| {
-                        k.as_str().contains("__")
-                            || TOP_LEVEL_KEYS.contains(&k.as_str().to_ascii_lowercase().as_str())
-                    })
-                    .split("__"),
-            )
-            .merge(Serialized::globals(overrides))
-            .extract()
-            .map_err(Box::new)?;
-        config.validate()?;
-        Ok(config)
+        load::load(file, overrides)
     }
 
     /// Checks value ranges and formats, naming every bad key.
@@ -477,6 +458,13 @@ impl Config {
             ),
         );
         check(
+            is_log_filter(&self.log.level),
+            format!(
+                "log.level = {:?}: expected {LOG_FILTER_WORDS}",
+                self.log.level
+            ),
+        );
+        check(
             !self.node_name.is_empty(),
             "node_name: must not be empty".into(),
         );
@@ -499,6 +487,28 @@ impl Config {
     }
 }
 
+/// What [`is_log_filter`] accepts, for error messages.
+pub const LOG_FILTER_WORDS: &str = "a level (error, warn, info, debug, trace or off) or \
+     comma-separated target=level directives such as \"lorabroker=debug,info\"";
+
+/// Whether `filter` is a level or `target=level` directives. tracing's own syntax also
+/// takes a bare word as a target to log at every level, so a mistyped level such as
+/// `verbose` would quietly turn every other log line off: a word must be a level here.
+pub fn is_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let is_level = |s: &str| LEVELS.contains(&s.trim().to_ascii_lowercase().as_str());
+    !filter.trim().is_empty()
+        && filter.split(',').all(|directive| {
+            is_level(directive)
+                || directive
+                    .rsplit_once('=')
+                    .is_some_and(|(target, level)| !target.trim().is_empty() && is_level(level))
+        })
+        && tracing_subscriber::EnvFilter::builder()
+            .parse(filter)
+            .is_ok()
+}
+
 /// `url` with its credentials masked, for logs and error messages
 /// (`redis://:pw@h:6379/0` → `redis://***@h:6379/0`).
 pub fn redact_url(url: &str) -> String {
@@ -518,13 +528,18 @@ mod tests {
 
     #[test]
     fn documented_defaults_match_the_built_in_ones() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/lorabroker.toml");
-        let documented = Config::load(Some(std::path::Path::new(path)), json!({})).unwrap();
-        assert_eq!(
-            format!("{documented:?}"),
-            format!("{:?}", Config::default()),
-            "config/lorabroker.toml must document exactly the built-in defaults"
-        );
+        // In a jail, like every test that loads: the others set LORABROKER_* variables.
+        figment::Jail::expect_with(|_| {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/lorabroker.toml");
+            let documented = Config::load(Some(std::path::Path::new(path)), json!({}))
+                .map_err(|e| e.to_string())?;
+            assert_eq!(
+                format!("{documented:?}"),
+                format!("{:?}", Config::default()),
+                "config/lorabroker.toml must document exactly the built-in defaults"
+            );
+            Ok(())
+        });
     }
 
     #[test]

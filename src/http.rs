@@ -61,13 +61,21 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/applications/{app}/devices/{dev}",
             get(get_device).delete(remove_device),
         )
-        .layer(middleware::from_fn_with_state(app.clone(), require_admin));
+        // `route_layer`: the token guards these routes only. A `layer` would also wrap the
+        // router's fallback, and every unknown path would answer with admin-API errors.
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(admin)
+        .fallback(not_found)
         .with_state(app)
+}
+
+/// Any path that is not a route: a plain 404, whoever asks.
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "404 not found\n").into_response()
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {

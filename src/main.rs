@@ -1,7 +1,9 @@
 //! The `lorabroker` binary: command-line parsing and wiring only. Every behaviour lives in
 //! the library; this file turns flags into a [`Config`] and starts the right pieces.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -10,13 +12,34 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use lorabroker::app::{App, Backends};
-use lorabroker::auth::{create_key, GeneratedKey, KeyView, PresentedKey, Rights, StoredKey};
-use lorabroker::cluster::revoke_key;
-use lorabroker::config::Config;
+use lorabroker::auth::{create_key, GeneratedKey, PresentedKey, Rights, StoredKey};
+use lorabroker::config::{is_log_filter, Config, ConfigError, LOG_FILTER_WORDS};
 use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
+use lorabroker::signals::{run_until_signalled, OnSignal, Signals};
 use lorabroker::topic::{AppRef, DeviceRef, Id, Tenancy};
 use lorabroker::upstream::{run_fleet, FleetConfig, Upstream};
+
+/// Exit status of a usage or configuration error (sysexits' EX_USAGE), so that scripts
+/// and supervisors can tell "fix the command or the config" from a failure at run time.
+const EX_USAGE: u8 = 64;
+
+/// A command line that cannot work as given (an invalid ID, a missing URL): exit 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// `Err(UsageError)` with a formatted message.
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        return Err(UsageError(format!($($arg)*)).into())
+    };
+}
+
+/// The subcommands that need more than wiring.
+mod cli {
+    pub(crate) mod keys;
+}
 
 /// A multi-tenant MQTT server for LoRaWAN applications, wire-compatible with The Things
 /// Stack's MQTT integration.
@@ -35,6 +58,7 @@ enum Command {
     /// One node with embedded bus and stores, a simulated fleet and a printed demo key.
     Dev(DevArgs),
     /// A cluster node (NATS + Redis when configured).
+    #[command(after_help = SERVE_HELP)]
     Serve(ServeArgs),
     /// Create, list and revoke API keys.
     Keys(KeysArgs),
@@ -43,6 +67,18 @@ enum Command {
     /// Add, list and remove the devices of the device registry.
     Devices(DevicesArgs),
 }
+
+/// What `serve --help` adds below the flags: the settings that have no flag.
+const SERVE_HELP: &str = "\
+Settings without a flag come from the config file (--config, default config/lorabroker.toml
+when it exists) or from LORABROKER_<SECTION>__<KEY> environment variables, which override
+the file; flags override both. Among them:
+  LORABROKER_TENANCY__MODE=single|multi   usernames {app} or {app}@{tenant} (default multi)
+  LORABROKER_TENANCY__DEFAULT_TENANT=ID   the tenant of single-tenant mode (default: default)
+  LORABROKER_HTTP__ADMIN_TOKEN=TOKEN      bearer token of the admin API (off while empty)
+  LORABROKER_SHUTDOWN__GRACE_PERIOD=25s   drain time after SIGTERM (a second signal cuts it)
+Without --redis-url, API keys live in this node's memory: create them with the admin API.
+config/lorabroker.toml lists every key with its default.";
 
 #[derive(Args)]
 struct DevArgs {
@@ -121,11 +157,11 @@ enum KeysCommand {
         tenant: Option<String>,
         /// Comma-separated rights (The Things Stack names or traffic:read,
         /// traffic:down:write, traffic:up:write, link, all). Default: read + down write.
-        #[arg(long, default_value = "")]
-        rights: String,
+        #[arg(long)]
+        rights: Option<String>,
         /// A name for the key.
-        #[arg(long, default_value = "")]
-        name: String,
+        #[arg(long)]
+        name: Option<String>,
         /// Lifetime, e.g. 30d; never expires when absent.
         #[arg(long, value_parser = humantime::parse_duration)]
         expires: Option<Duration>,
@@ -223,31 +259,86 @@ fn backend_overrides(b: &BackendArgs, o: &mut Map<String, Value>) {
     set(o, "redis.url", b.redis_url.clone());
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+/// Logs to stderr, coloured only on a terminal. `RUST_LOG`, when set, overrides
+/// `log.level`; an invalid one stops the start rather than silence every log line.
+/// `quiet` (the one-shot `keys` commands) logs only errors unless a level was chosen.
+fn init_logging(config: &Config, quiet: bool) -> Result<(), UsageError> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.trim().is_empty() => {
+            if !is_log_filter(&f) {
+                usage!("RUST_LOG = {f:?}: expected {LOG_FILTER_WORDS}");
+            }
+            f
+        }
+        _ if quiet && config.log.level == lorabroker::config::LogConfig::default().level => {
+            "error".to_owned()
+        }
+        _ => config.log.level.clone(),
+    };
+    // async-nats logs each of its events at info, which bus::nats already reports (with
+    // the server's URL, and backing off while it is unreachable).
+    let filter = if filter.contains("async_nats") {
+        filter
+    } else {
+        format!("{filter},async_nats=warn")
+    };
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .parse(&filter)
+        .map_err(|e| UsageError(format!("log filter {filter:?}: {e}")))?;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        // A closed stderr must not turn every log line into a panic (and a lost signal).
+        .log_internal_errors(false);
     if config.log.format == "json" {
         builder.json().init();
     } else {
         builder.init();
     }
+    Ok(())
 }
 
 /// Resolves `--app`/`--tenant` to an application under the configured tenancy.
 fn application(config: &Config, app: &str, tenant: Option<&str>) -> anyhow::Result<AppRef> {
     let tenant = tenant.unwrap_or(&config.tenancy.default_tenant);
-    Ok(AppRef::new(
-        Id::parse(tenant).context("--tenant")?,
-        Id::parse(app).context("--app")?,
-    ))
+    let tenant = Id::parse(tenant).map_err(|e| UsageError(format!("--tenant {tenant:?}: {e}")))?;
+    let app = Id::parse(app).map_err(|e| UsageError(format!("--app {app:?}: {e}")))?;
+    Ok(AppRef::new(tenant, app))
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            let usage = e.downcast_ref::<ConfigError>().is_some()
+                || e.downcast_ref::<UsageError>().is_some();
+            ExitCode::from(if usage { EX_USAGE } else { 1 })
+        }
+    }
+}
+
+/// Prints `error` and each cause it does not already say, without a backtrace (whatever
+/// `RUST_BACKTRACE` says: a startup error is for an operator, not a debugger).
+fn report(error: &anyhow::Error) {
+    let mut said = error.to_string();
+    let mut out = format!("Error: {said}");
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !said.contains(&cause) {
+            out.push_str("\n  caused by: ");
+            out.push_str(&cause);
+            said.push_str(&cause);
+        }
+    }
+    eprintln!("{out}");
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut o = Map::new();
     match &cli.command {
         Command::Dev(a) => {
@@ -273,52 +364,23 @@ async fn main() -> anyhow::Result<()> {
         Command::Devices(a) => backend_overrides(&a.backends, &mut o),
     }
     let config = Config::load(cli.config.as_deref(), Value::Object(o))?;
-    init_logging(&config);
+    init_logging(&config, matches!(cli.command, Command::Keys(_)))?;
     match cli.command {
         Command::Dev(a) => dev(config, a).await,
         Command::Serve(_) => serve(config).await,
-        Command::Keys(a) => keys(config, a.command).await,
+        Command::Keys(a) => cli::keys::run(config, a.command).await,
         Command::Simulate(a) => simulate(config, a.fleet).await,
         Command::Devices(a) => devices(config, a.command).await,
     }
-}
-
-/// Resolves when SIGTERM or Ctrl-C arrives.
-async fn termination() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
-async fn run_until_terminated(node: Node, also: CancellationToken) {
-    let token = node.shutdown_token();
-    tokio::spawn(async move {
-        termination().await;
-        tracing::info!("termination requested: draining");
-        also.cancel();
-        token.cancel();
-    });
-    node.wait().await;
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let backends = Backends::from_config(&config, &config.node_name).await?;
     let app = App::new(config, backends);
     let node = Node::start(app).await?;
+    let signals = Signals::new()?;
     print_serve_banner(&node);
-    run_until_terminated(node, CancellationToken::new()).await;
+    run_until_signalled(node, signals, CancellationToken::new(), OnSignal::Drain).await;
     Ok(())
 }
 
@@ -345,6 +407,30 @@ fn print_serve_banner(node: &Node) {
         mqtt = node.mqtt_addr,
         http = node.http_addr,
     );
+    if config.redis.url.is_empty() {
+        print_in_memory_keys_hint(node);
+    }
+}
+
+/// Without Redis, `keys` cannot reach this node's key store: say how to get a key.
+fn print_in_memory_keys_hint(node: &Node) {
+    let http = node.http_addr;
+    let app = match node.app.tenancy {
+        Tenancy::Single { .. } => "{app}",
+        Tenancy::Multi => "{app}@{tenant}",
+    };
+    if node.app.config.http.admin_token.is_empty() {
+        println!(
+            "  API keys  in this node's memory, none yet: set LORABROKER_HTTP__ADMIN_TOKEN to create
+            them with the admin API (POST http://{http}/api/v1/applications/{app}/keys),
+            or run `lorabroker dev` for one node with a printed key"
+        );
+    } else {
+        println!(
+            "  API keys  in this node's memory, none yet; create one with the admin API:
+            curl -X POST -H \"Authorization: Bearer $LORABROKER_HTTP__ADMIN_TOKEN\" -H 'Content-Type: application/json' -d '{{}}' http://{http}/api/v1/applications/{app}/keys"
+        );
+    }
 }
 
 async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
@@ -354,7 +440,8 @@ async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
     let rights = Rights::DEFAULT;
     let key = match &args.api_key {
         Some(k) => {
-            let presented = PresentedKey::parse(k).context("--api-key")?;
+            let presented =
+                PresentedKey::parse(k).map_err(|e| UsageError(format!("--api-key: {e}")))?;
             let given = GeneratedKey {
                 id: presented.id.clone(),
                 key: k.clone(),
@@ -373,6 +460,7 @@ async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
     };
     let app = App::new(config, backends.clone());
     let node = Node::start(app).await?;
+    let signals = Signals::new()?;
     let fleet_stop = CancellationToken::new();
     tokio::spawn(run_fleet(
         Upstream::from_backends(&backends),
@@ -384,7 +472,7 @@ async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
         fleet_stop.clone(),
     ));
     print_dev_banner(&node, &tenancy, &application, &key, &args);
-    run_until_terminated(node, fleet_stop).await;
+    run_until_signalled(node, signals, fleet_stop, OnSignal::Stop).await;
     Ok(())
 }
 
@@ -413,58 +501,9 @@ Schedule a confirmed downlink with your own correlation ID:
     );
 }
 
-async fn keys(config: Config, command: KeysCommand) -> anyhow::Result<()> {
-    if config.redis.url.is_empty() {
-        bail!("keys needs the shared key store: pass --redis-url (or set LORABROKER_REDIS__URL)");
-    }
-    let backends = Backends::from_config(&config, "lorabroker-keys").await?;
-    match command {
-        KeysCommand::Create {
-            app,
-            tenant,
-            rights,
-            name,
-            expires,
-        } => {
-            let application = application(&config, &app, tenant.as_deref())?;
-            let rights = Rights::parse_list(&rights)?;
-            let (generated, record) =
-                create_key(backends.keys.as_ref(), &application, rights, &name, expires).await?;
-            eprintln!(
-                "created key {} for {} (username {:?}) with {:?}",
-                record.id,
-                application,
-                config.tenancy().app_uid(&application),
-                record.rights
-            );
-            println!("{}", generated.key);
-        }
-        KeysCommand::List { app, tenant } => {
-            let application = application(&config, &app, tenant.as_deref())?;
-            for k in backends.keys.list(&application).await? {
-                println!("{}", serde_json::to_string(&KeyView::from(&k))?);
-            }
-        }
-        KeysCommand::Revoke { key_id } => {
-            if config.nats.url.is_empty() {
-                bail!("revocation must reach every node: pass --nats-url (or set LORABROKER_NATS__URL)");
-            }
-            let id = match PresentedKey::parse(&key_id) {
-                Ok(p) => p.id,
-                Err(_) => key_id,
-            };
-            match revoke_key(backends.keys.as_ref(), backends.bus.as_ref(), &id).await? {
-                Some(_) => eprintln!("revoked key {id}"),
-                None => bail!("API key {id} not found (a revocation signal was sent anyway)"),
-            }
-        }
-    }
-    Ok(())
-}
-
 async fn simulate(config: Config, fleet: FleetArgs) -> anyhow::Result<()> {
     if config.nats.url.is_empty() || config.redis.url.is_empty() {
-        bail!("simulate is an upstream of a cluster: pass --nats-url and --redis-url");
+        usage!("simulate is an upstream of a cluster: pass --nats-url and --redis-url");
     }
     let application = application(&config, &fleet.app, fleet.tenant.as_deref())?;
     let backends = Backends::from_config(&config, "lorabroker-simulate").await?;
@@ -478,12 +517,13 @@ async fn simulate(config: Config, fleet: FleetArgs) -> anyhow::Result<()> {
         },
         stop.clone(),
     ));
+    let mut signals = Signals::new()?;
     eprintln!(
         "simulating {} devices of {application} every {}",
         fleet.devices,
         humantime::format_duration(fleet.uplink_interval)
     );
-    termination().await;
+    signals.next().await;
     stop.cancel();
     let _ = task.await;
     backends.bus.flush().await.ok();

@@ -41,6 +41,13 @@ pub struct DownlinkLabels {
     pub outcome: &'static str,
 }
 
+/// Which backend: `bus` (NATS or embedded) or `store` (keys and queues: Redis or memory).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// `bus` or `store`.
+    pub backend: &'static str,
+}
+
 /// Every metric of a node.
 pub struct Metrics {
     registry: Registry,
@@ -63,6 +70,8 @@ pub struct Metrics {
     pub publishes_refused: Family<ReasonLabels, Counter>,
     /// Malformed packets (each closed its connection), by reason.
     pub malformed_packets: Family<ReasonLabels, Counter>,
+    /// 1 while a backend answers, 0 while it does not (see `health`).
+    pub backend_up: Family<BackendLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -78,6 +87,7 @@ impl Default for Metrics {
             downlinks: Family::default(),
             publishes_refused: Family::default(),
             malformed_packets: Family::default(),
+            backend_up: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -124,6 +134,11 @@ impl Default for Metrics {
             "malformed_packets",
             "Malformed packets, each of which closed its connection",
             m.malformed_packets.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "1 while a backend (bus, store) answers, 0 while it does not",
+            m.backend_up.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -24,17 +24,119 @@ use crate::mqtt::session;
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: String,
-        /// The cause.
-        source: std::io::Error,
-    },
+    /// One or both listeners could not be bound (each is reported).
+    #[error("{}", listen_problems(.0))]
+    Listen(Vec<ListenError>),
     /// The cluster signal subscription failed.
     #[error("cannot subscribe to cluster signals: {0}")]
     Signals(#[from] BusError),
+}
+
+fn listen_problems(errors: &[ListenError]) -> String {
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    lines.join("\n  ")
+}
+
+/// The two listeners of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// MQTT (`mqtt.listen`).
+    Mqtt,
+    /// HTTP (`http.listen`).
+    Http,
+}
+
+impl Listener {
+    /// The command-line flag of `dev` and `serve` that sets its address.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Listener::Mqtt => "--mqtt-listen",
+            Listener::Http => "--http-listen",
+        }
+    }
+
+    /// Who is likely to hold its port already.
+    fn usual_suspect(self) -> &'static str {
+        match self {
+            Listener::Mqtt => "another MQTT server such as Mosquitto?",
+            Listener::Http => "another web server or lorabroker node?",
+        }
+    }
+}
+
+/// A listener that could not be bound, with what to do about it.
+#[derive(Debug)]
+pub struct ListenError {
+    /// Which listener.
+    pub listener: Listener,
+    /// The configured address.
+    pub addr: String,
+    /// A nearby port on the same address that was free a moment ago (address in use only).
+    pub free: Option<SocketAddr>,
+    /// What the operating system said.
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for ListenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (addr, flag) = (&self.addr, self.listener.flag());
+        match (self.error.kind(), self.free) {
+            (std::io::ErrorKind::AddrInUse, Some(free)) => write!(
+                f,
+                "{addr} is in use ({}); run with {flag} {free} (free)",
+                self.listener.usual_suspect()
+            ),
+            (std::io::ErrorKind::AddrInUse, None) => write!(
+                f,
+                "{addr} is in use ({}); run with {flag} and a free address",
+                self.listener.usual_suspect()
+            ),
+            _ => write!(
+                f,
+                "cannot listen on {addr}: {}; run with {flag} and another address",
+                self.error
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ListenError {}
+
+/// Ports above a busy one that are tried for a suggestion.
+const FREE_PORT_SEARCH: u16 = 100;
+
+async fn bind(listener: Listener, addr: &str) -> Result<(TcpListener, SocketAddr), ListenError> {
+    let fail = |error: std::io::Error, free| ListenError {
+        listener,
+        addr: addr.to_owned(),
+        free,
+        error,
+    };
+    match TcpListener::bind(addr).await {
+        Ok(l) => match l.local_addr() {
+            Ok(a) => Ok((l, a)),
+            Err(e) => Err(fail(e, None)),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let free = match addr.parse::<SocketAddr>() {
+                Ok(busy) => free_port_near(busy).await,
+                Err(_) => None,
+            };
+            Err(fail(e, free))
+        }
+        Err(e) => Err(fail(e, None)),
+    }
+}
+
+/// The first port above `busy`'s that can be bound on the same IP right now.
+async fn free_port_near(busy: SocketAddr) -> Option<SocketAddr> {
+    for port in (busy.port().saturating_add(1)..=u16::MAX).take(FREE_PORT_SEARCH.into()) {
+        let candidate = SocketAddr::new(busy.ip(), port);
+        if TcpListener::bind(candidate).await.is_ok() {
+            return Some(candidate);
+        }
+    }
+    None
 }
 
 /// A started node.
@@ -46,37 +148,48 @@ pub struct Node {
     /// Where HTTP is served.
     pub http_addr: SocketAddr,
     shutdown: CancellationToken,
+    /// Cuts a drain short: every remaining client is closed at once.
+    hurry: CancellationToken,
     mqtt_task: JoinHandle<()>,
     /// Stops HTTP, which keeps answering (not ready) until the drain is over.
     http_stop: CancellationToken,
     http_task: JoinHandle<()>,
     signal_task: JoinHandle<()>,
+    /// Probes the backends for logs and `lorabroker_backend_up`; stopped with HTTP.
+    health_task: JoinHandle<()>,
     /// Catches up on missed revocations after bus reconnections (NATS only).
     catch_up_task: Option<JoinHandle<()>>,
 }
 
-async fn bind(addr: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: addr.to_owned(),
-            source,
-        })
-}
+/// How long HTTP connections still open after the drain (a scraper's keep-alive, an
+/// event stream) may take to finish before they are dropped.
+const HTTP_STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long clients closed by a cut-short drain have to go before the node stops anyway.
+const HURRIED_EXIT: Duration = Duration::from_millis(500);
 
 impl Node {
-    /// Binds the listeners and starts serving.
+    /// Binds the listeners and starts serving. When a listener cannot be bound, both are
+    /// tried first so that the error reports every busy address at once.
     pub async fn start(app: Arc<App>) -> Result<Node, StartError> {
-        let mqtt = bind(&app.config.mqtt.listen).await?;
-        let http = bind(&app.config.http.listen).await?;
-        let mqtt_addr = mqtt.local_addr().map_err(|source| StartError::Bind {
-            addr: app.config.mqtt.listen.clone(),
-            source,
-        })?;
-        let http_addr = http.local_addr().map_err(|source| StartError::Bind {
-            addr: app.config.http.listen.clone(),
-            source,
-        })?;
+        let (mqtt, http) = tokio::join!(
+            bind(Listener::Mqtt, &app.config.mqtt.listen),
+            bind(Listener::Http, &app.config.http.listen)
+        );
+        let ((mqtt, mqtt_addr), (http, http_addr)) = match (mqtt, http) {
+            (Ok(m), Ok(h)) => (m, h),
+            (m, h) => {
+                let mut errors: Vec<ListenError> = m.err().into_iter().chain(h.err()).collect();
+                // Both on one busy address: two different suggestions.
+                if let [first, second] = errors.as_mut_slice() {
+                    if let (Some(a), Some(b)) = (first.free, second.free) {
+                        if a == b {
+                            second.free = free_port_near(a).await;
+                        }
+                    }
+                }
+                return Err(StartError::Listen(errors));
+            }
+        };
         let signals = app.bus.subscribe(SIGNAL_FILTER.to_owned()).await?;
         let handler = SignalHandler {
             node: app.node_id.clone(),
@@ -84,23 +197,32 @@ impl Node {
             auth: app.auth.clone(),
         };
         let shutdown = CancellationToken::new();
+        let hurry = CancellationToken::new();
         let http_stop = CancellationToken::new();
         let catch_up_task = app.bus.connections().map(|connections| {
             tokio::spawn(handler.clone().catch_up_after_reconnections(connections))
         });
         let signal_task = tokio::spawn(handler.run(signals));
         let http_task = tokio::spawn(crate::http::serve(http, app.clone(), http_stop.clone()));
-        let mqtt_task = tokio::spawn(accept_loop(mqtt, app.clone(), shutdown.clone()));
+        let health_task = tokio::spawn(crate::health::watch(app.clone(), http_stop.clone()));
+        let mqtt_task = tokio::spawn(accept_loop(
+            mqtt,
+            app.clone(),
+            shutdown.clone(),
+            hurry.clone(),
+        ));
         tracing::info!(node = %app.node_id, mqtt = %mqtt_addr, http = %http_addr, "node started");
         Ok(Node {
             app,
             mqtt_addr,
             http_addr,
             shutdown,
+            hurry,
             mqtt_task,
             http_stop,
             http_task,
             signal_task,
+            health_task,
             catch_up_task,
         })
     }
@@ -108,6 +230,13 @@ impl Node {
     /// A token that starts the drain when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// A token that, cancelled during (or before) a drain, cuts it short: the clients
+    /// still connected are closed at once and the node stops (a second SIGTERM, or the
+    /// first one of `lorabroker dev`).
+    pub fn hurry_token(&self) -> CancellationToken {
+        self.hurry.clone()
     }
 
     /// Drains and stops the node; returns when it is done.
@@ -120,8 +249,20 @@ impl Node {
     pub async fn wait(self) {
         let _ = self.mqtt_task.await;
         self.http_stop.cancel();
-        let _ = self.http_task.await;
+        let mut http_task = self.http_task;
+        let http_grace = if self.hurry.is_cancelled() {
+            Duration::ZERO
+        } else {
+            HTTP_STOP_GRACE
+        };
+        if tokio::time::timeout(http_grace, &mut http_task)
+            .await
+            .is_err()
+        {
+            http_task.abort();
+        }
         self.signal_task.abort();
+        self.health_task.abort();
         if let Some(t) = &self.catch_up_task {
             t.abort();
         }
@@ -129,7 +270,12 @@ impl Node {
     }
 }
 
-async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+    hurry: CancellationToken,
+) {
     let limit = Arc::new(Semaphore::new(app.config.mqtt.max_connections));
     loop {
         let permit = tokio::select! {
@@ -156,27 +302,50 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: Cancellatio
         tokio::spawn(session::serve(app.clone(), stream, peer).map(move |()| drop(permit)));
     }
     drop(listener);
-    drain(&app, &limit).await;
+    drain(&app, &limit, &hurry).await;
 }
 
 /// Readiness false, then clients told to close spread over the grace period, then wait for
-/// them to finish, bounded by a hard deadline.
-async fn drain(app: &App, limit: &Semaphore) {
+/// them to finish, bounded by a hard deadline. `hurry` closes everyone left at once and
+/// waits only [`HURRIED_EXIT`] for them.
+async fn drain(app: &App, limit: &Semaphore, hurry: &CancellationToken) {
     app.draining.store(true, Ordering::Release);
     let grace = app.config.shutdown.grace_period;
     let conns = app.registry.all();
     tracing::info!(connections = conns.len(), ?grace, "draining");
     let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(5);
-    if !conns.is_empty() {
+    let mut conns = conns.into_iter();
+    if conns.len() > 0 && !hurry.is_cancelled() {
         // Leave a fifth of the window for the last clients to go.
         let spread = grace.mul_f32(0.8);
         let step = spread / conns.len() as u32;
         let mut tick = tokio::time::interval(step.max(Duration::from_micros(100)));
-        for c in conns {
-            tick.tick().await;
-            c.outbox.close(CloseReason::Draining);
+        loop {
+            tokio::select! {
+                _ = hurry.cancelled() => break,
+                _ = tick.tick() => match conns.next() {
+                    Some(c) => c.outbox.close(CloseReason::Draining),
+                    None => break,
+                },
+            }
         }
     }
+    let left: Vec<_> = conns.collect();
+    if !left.is_empty() {
+        tracing::info!(
+            connections = left.len(),
+            "drain cut short: closing the rest now"
+        );
+    }
+    for c in left {
+        c.outbox.close(CloseReason::Draining);
+    }
     let all = app.config.mqtt.max_connections as u32;
-    let _ = tokio::time::timeout_at(deadline, limit.acquire_many(all)).await;
+    tokio::select! {
+        _ = tokio::time::timeout_at(deadline, limit.acquire_many(all)) => {}
+        _ = async {
+            hurry.cancelled().await;
+            tokio::time::sleep(HURRIED_EXIT).await;
+        } => tracing::info!("stopping without waiting for the last connections"),
+    }
 }

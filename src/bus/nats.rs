@@ -74,7 +74,10 @@ impl NatsBus {
     /// server and never fails because it is down: the connection is made, and re-made after
     /// every loss, in the background. Fails only for a URL that cannot be parsed.
     pub async fn connect(url: &str, client_name: &str) -> Result<NatsBus, BusError> {
-        let events = Arc::new(EventLog::default());
+        let events = Arc::new(EventLog::new(format!(
+            "NATS at {}",
+            crate::config::redact_url(url)
+        )));
         let log = events.clone();
         let client = ConnectOptions::new()
             .name(client_name)
@@ -251,31 +254,49 @@ fn reconnect_delay(attempts: usize) -> Duration {
 
 /// Turns client events into log lines and counters.
 struct EventLog {
+    /// `NATS at {redacted URL}`, for log lines.
+    server: String,
     /// Connections made so far (see [`Bus::connections`]).
     connections: watch::Sender<u64>,
     dropped: AtomicU64,
     /// When the last slow-consumer warning was logged, and drops since then.
     slow: Mutex<(Option<Instant>, u64)>,
-}
-
-impl Default for EventLog {
-    fn default() -> Self {
-        Self {
-            connections: watch::Sender::new(0),
-            dropped: AtomicU64::new(0),
-            slow: Mutex::default(),
-        }
-    }
+    /// Failed connection attempts come about once a second while NATS is away: the first
+    /// is logged, then reminders that back off (see [`crate::health::Outage`]).
+    outage: Mutex<crate::health::Outage>,
 }
 
 impl EventLog {
+    fn new(server: String) -> Self {
+        Self {
+            server,
+            connections: watch::Sender::new(0),
+            dropped: AtomicU64::new(0),
+            slow: Mutex::default(),
+            outage: Mutex::new(crate::health::Outage::with_reminders()),
+        }
+    }
+
     fn record(&self, event: Event) {
         match event {
             Event::Connected => {
-                tracing::info!("connected to NATS");
+                match self.outage.lock().succeeded(Instant::now()) {
+                    Some(r) => crate::health::log(&self.server, &r, None),
+                    None => tracing::info!("connected to {}", self.server),
+                }
                 self.connections.send_modify(|n| *n += 1);
             }
-            Event::Disconnected => tracing::warn!("lost the connection to NATS; reconnecting"),
+            Event::Disconnected => {
+                if self.outage.lock().failed(Instant::now()).is_some() {
+                    tracing::warn!("lost the connection to {}; reconnecting", self.server)
+                }
+            }
+            Event::ClientError(e) => {
+                let report = self.outage.lock().failed(Instant::now());
+                if let Some(r) = report {
+                    crate::health::log(&self.server, &r, Some(&e.to_string()));
+                }
+            }
             Event::SlowConsumer(sid) => {
                 let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 let mut slow = self.slow.lock();
@@ -297,7 +318,6 @@ impl EventLog {
                 tracing::warn!("NATS server is entering lame duck mode; will reconnect")
             }
             Event::ServerError(e) => tracing::warn!(error = %e, "NATS server error"),
-            Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
             Event::Draining | Event::Closed => tracing::info!(%event, "NATS connection"),
         }
     }

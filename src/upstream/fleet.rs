@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{SimDevice, Upstream};
 use crate::topic::{AppRef, DeviceRef, Event, Id};
@@ -78,13 +79,20 @@ pub async fn run_fleet(upstream: Upstream, config: FleetConfig, stop: Cancellati
         let offset = config
             .uplink_interval
             .mul_f64(f64::from(i - 1) / f64::from(config.devices));
-        tasks.spawn(run_device(
-            upstream.clone(),
-            device,
-            config.uplink_interval,
-            offset,
-            stop.clone(),
-        ));
+        // `instrument`, not a span entered inside the task: an entered guard held across
+        // an `.await` stays entered on the worker thread, and every task polled there next
+        // (a connection's) would log under this device's span.
+        let span = tracing::info_span!("device", id = %device.device.device);
+        tasks.spawn(
+            run_device(
+                upstream.clone(),
+                device,
+                config.uplink_interval,
+                offset,
+                stop.clone(),
+            )
+            .instrument(span),
+        );
     }
     stop.cancelled().await;
     tasks.shutdown().await;
@@ -97,8 +105,6 @@ async fn run_device(
     offset: Duration,
     stop: CancellationToken,
 ) {
-    let span = tracing::info_span!("device", id = %device.device.device);
-    let _enter = span.enter();
     tokio::time::sleep(offset).await;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

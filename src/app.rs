@@ -4,12 +4,14 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use crate::auth::quota_redis::RedisQuotaStore;
 use crate::auth::redis::RedisKeyStore;
 use crate::auth::{Authenticator, CacheSettings, KeyStore, MemoryKeyStore, StoreError};
 use crate::bus::{Bus, BusError, EmbeddedBus, NatsBus};
 use crate::config::Config;
 use crate::downlink::redis::RedisDownlinkQueue;
 use crate::downlink::{DownlinkQueue, DownlinkService, MemoryDownlinkQueue, QueueError};
+use crate::limits::{Limits, MemoryQuotaStore, QuotaError, QuotaStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::router::Router;
@@ -27,6 +29,9 @@ pub enum BackendError {
     /// Redis (queues).
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// Redis (connection quotas).
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
 }
 
 /// The three backends of a node: bus, key store, downlink queue.
@@ -38,6 +43,8 @@ pub struct Backends {
     pub keys: Arc<dyn KeyStore>,
     /// Downlink queues.
     pub queue: Arc<dyn DownlinkQueue>,
+    /// Connection counts for the quotas.
+    pub quota: Arc<dyn QuotaStore>,
 }
 
 impl Backends {
@@ -47,6 +54,7 @@ impl Backends {
             bus: Arc::new(EmbeddedBus::new()),
             keys: Arc::new(MemoryKeyStore::new()),
             queue: Arc::new(MemoryDownlinkQueue::new(queue_capacity)),
+            quota: Arc::new(MemoryQuotaStore::new()),
         }
     }
 
@@ -60,25 +68,40 @@ impl Backends {
         } else {
             Arc::new(NatsBus::connect(&config.nats.url, client_name).await?)
         };
-        let (keys, queue): (Arc<dyn KeyStore>, Arc<dyn DownlinkQueue>) =
-            if config.redis.url.is_empty() {
-                (embedded.keys, embedded.queue)
-            } else {
-                (
-                    Arc::new(
-                        RedisKeyStore::connect(&config.redis.url, &config.redis.key_prefix).await?,
-                    ),
-                    Arc::new(
-                        RedisDownlinkQueue::connect(
-                            &config.redis.url,
-                            &config.redis.key_prefix,
-                            config.downlink.queue_capacity,
-                        )
-                        .await?,
-                    ),
-                )
-            };
-        Ok(Self { bus, keys, queue })
+        type Stores = (
+            Arc<dyn KeyStore>,
+            Arc<dyn DownlinkQueue>,
+            Arc<dyn QuotaStore>,
+        );
+        let (keys, queue, quota): Stores = if config.redis.url.is_empty() {
+            (embedded.keys, embedded.queue, embedded.quota)
+        } else {
+            (
+                Arc::new(
+                    RedisKeyStore::connect(&config.redis.url, &config.redis.key_prefix).await?,
+                ),
+                Arc::new(
+                    RedisDownlinkQueue::connect(
+                        &config.redis.url,
+                        &config.redis.key_prefix,
+                        config.downlink.queue_capacity,
+                    )
+                    .await?,
+                ),
+                Arc::new(RedisQuotaStore::connect(
+                    &config.redis.url,
+                    &config.redis.key_prefix,
+                    &format!("{client_name}-{}", ulid::Ulid::new()),
+                    config.limits.quota_lease,
+                )?),
+            )
+        };
+        Ok(Self {
+            bus,
+            keys,
+            queue,
+            quota,
+        })
     }
 }
 
@@ -104,6 +127,8 @@ pub struct App {
     pub router: Router,
     /// Live connections.
     pub registry: Arc<Registry>,
+    /// Rate limits and connection quotas.
+    pub limits: Arc<Limits>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Set when the node starts draining.
@@ -133,6 +158,11 @@ impl App {
             queue: backends.queue,
             auth,
             registry: Arc::new(Registry::default()),
+            limits: Arc::new(Limits::new(
+                config.limits.clone(),
+                backends.quota,
+                metrics.clone(),
+            )),
             metrics,
             draining: AtomicBool::new(false),
             config,

@@ -30,6 +30,20 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// The `limit` label of a rate limit that bit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The limit's name in `[limits]`, e.g. `accepts_per_ip`.
+    pub limit: &'static str,
+}
+
+/// The `scope` label of a connection quota.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    /// `tenant`, `application` or `key`.
+    pub scope: &'static str,
+}
+
 /// Per-application downlink outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DownlinkLabels {
@@ -63,6 +77,12 @@ pub struct Metrics {
     pub publishes_refused: Family<ReasonLabels, Counter>,
     /// Malformed packets (each closed its connection), by reason.
     pub malformed_packets: Family<ReasonLabels, Counter>,
+    /// Connections, logins, downlinks and SUBSCRIBEs refused by a rate limit, by limit.
+    pub rate_limited: Family<LimitLabels, Counter>,
+    /// CONNECTs refused because a connection quota is full, by scope.
+    pub quota_refused: Family<ScopeLabels, Counter>,
+    /// Connection quota operations that failed (the store unreachable; logins fail open).
+    pub quota_unavailable: Counter,
 }
 
 impl Default for Metrics {
@@ -78,6 +98,9 @@ impl Default for Metrics {
             downlinks: Family::default(),
             publishes_refused: Family::default(),
             malformed_packets: Family::default(),
+            rate_limited: Family::default(),
+            quota_refused: Family::default(),
+            quota_unavailable: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -124,6 +147,21 @@ impl Default for Metrics {
             "malformed_packets",
             "Malformed packets, each of which closed its connection",
             m.malformed_packets.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Connections, logins, downlinks and SUBSCRIBEs refused by a rate limit, by limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "quota_refused",
+            "CONNECTs refused because a connection quota is full, by scope",
+            m.quota_refused.clone(),
+        );
+        registry.register(
+            "quota_unavailable",
+            "Connection quota operations that failed because the store was unreachable (logins fail open)",
+            m.quota_unavailable.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -51,6 +51,8 @@ pub struct Node {
     http_stop: CancellationToken,
     http_task: JoinHandle<()>,
     signal_task: JoinHandle<()>,
+    /// Sweeps idle rate-limiter keys and renews the connection quota lease.
+    limits_task: JoinHandle<()>,
     /// Catches up on missed revocations after bus reconnections (NATS only).
     catch_up_task: Option<JoinHandle<()>>,
 }
@@ -89,6 +91,7 @@ impl Node {
             tokio::spawn(handler.clone().catch_up_after_reconnections(connections))
         });
         let signal_task = tokio::spawn(handler.run(signals));
+        let limits_task = tokio::spawn(crate::limits::housekeeping(app.limits.clone()));
         let http_task = tokio::spawn(crate::http::serve(http, app.clone(), http_stop.clone()));
         let mqtt_task = tokio::spawn(accept_loop(mqtt, app.clone(), shutdown.clone()));
         tracing::info!(node = %app.node_id, mqtt = %mqtt_addr, http = %http_addr, "node started");
@@ -101,6 +104,7 @@ impl Node {
             http_stop,
             http_task,
             signal_task,
+            limits_task,
             catch_up_task,
         })
     }
@@ -122,6 +126,7 @@ impl Node {
         self.http_stop.cancel();
         let _ = self.http_task.await;
         self.signal_task.abort();
+        self.limits_task.abort();
         if let Some(t) = &self.catch_up_task {
             t.abort();
         }
@@ -151,6 +156,12 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: Cancellatio
                 }
             },
         };
+        if !app.limits.allow_accept(peer.ip()) {
+            // Over limits.accepts_per_ip: closed before anything is read (counted).
+            tracing::debug!(%peer, "connection closed: over limits.accepts_per_ip");
+            drop(stream);
+            continue;
+        }
         // A combinator, not an `async` block: a block awaiting the connection's future
         // would hold it twice, and it is most of an idle connection's memory.
         tokio::spawn(session::serve(app.clone(), stream, peer).map(move |()| drop(permit)));

@@ -79,6 +79,9 @@ impl TestEnv {
         c.http.listen = "127.0.0.1:0".into();
         c.redis.key_prefix = self.prefix.clone();
         c.shutdown.grace_period = Duration::from_millis(500);
+        // Tests connect everything from 127.0.0.1, often with one key: the limits are off
+        // here, and tests/abuse/ turns on the ones it attacks.
+        c.limits = lorabroker::limits::LimitsConfig::unlimited();
         if let (Some(r), Some(n)) = (&self.redis, &self.nats) {
             c.redis.url = r.url.clone();
             c.nats.url = n.url.clone();

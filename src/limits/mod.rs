@@ -269,6 +269,22 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+    fn limits_are_set_and_turned_off_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LORABROKER_LIMITS__ACCEPTS_PER_IP__PER_SECOND", "0");
+            jail.set_env("LORABROKER_LIMITS__CONNECTS_PER_KEY__BURST", "7");
+            jail.set_env("LORABROKER_LIMITS__MAX_CONNECTIONS_PER_KEY", "0");
+            let c = crate::config::Config::load(None, serde_json::json!({}))
+                .map_err(|e| e.to_string())?;
+            assert!(!c.limits.accepts_per_ip.is_on());
+            assert_eq!(c.limits.connects_per_key, Rate::new(2.0, 7));
+            assert_eq!(c.limits.max_connections_per_key, 0);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn the_defaults_are_valid_and_bad_values_are_named() {
         let mut errors = Vec::new();
         LimitsConfig::default().validate(&mut errors);

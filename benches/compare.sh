@@ -187,6 +187,15 @@ node() { # node NAME -> starts a node, sets NODE_PID and NODE_PORT
   NODE_PORT=$(free_port)
   local http
   http=$(free_port)
+  # The load comes from one address with one key, and the other brokers run without
+  # limits: lorabroker's rate limits and connection quotas are off for the comparison.
+  LORABROKER_LIMITS__ACCEPTS_PER_IP__PER_SECOND=0 \
+  LORABROKER_LIMITS__CONNECTS_PER_KEY__PER_SECOND=0 \
+  LORABROKER_LIMITS__DOWNLINKS_PER_KEY__PER_SECOND=0 \
+  LORABROKER_LIMITS__DOWNLINKS_PER_APPLICATION__PER_SECOND=0 \
+  LORABROKER_LIMITS__SUBSCRIBES_PER_CONNECTION__PER_SECOND=0 \
+  LORABROKER_LIMITS__MAX_CONNECTIONS_PER_APPLICATION=0 \
+  LORABROKER_LIMITS__MAX_CONNECTIONS_PER_KEY=0 \
   LORABROKER_LOG__LEVEL=warn "$LB" serve --mqtt-listen "127.0.0.1:$NODE_PORT" \
     --http-listen "127.0.0.1:$http" --node-name "$1" "${BACKENDS[@]}" >"$OUT/$1.log" 2>&1 &
   NODE_PID=$!

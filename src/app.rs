@@ -4,6 +4,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use crate::auth::quota_redis::RedisQuotaStore;
 use crate::auth::redis::RedisKeyStore;
 use crate::auth::{Authenticator, CacheSettings, KeyStore, MemoryKeyStore, StoreError};
 use crate::bus::{Bus, BusError, EmbeddedBus, NatsBus};
@@ -14,6 +15,7 @@ use crate::downlink::redis::RedisDownlinkQueue;
 use crate::downlink::{
     DownlinkQueue, DownlinkService, MemoryDownlinkQueue, QueueError, QueueLimits, ServiceSettings,
 };
+use crate::limits::{Limits, MemoryQuotaStore, QuotaError, QuotaStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::router::Router;
@@ -34,6 +36,9 @@ pub enum BackendError {
     /// Redis (device registry).
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// Redis (connection quotas).
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
 }
 
 /// The backends of a node: bus, key store, downlink queue, device registry.
@@ -47,6 +52,8 @@ pub struct Backends {
     pub queue: Arc<dyn DownlinkQueue>,
     /// Devices the upstream serves.
     pub devices: Arc<dyn DeviceRegistry>,
+    /// Connection counts for the quotas.
+    pub quota: Arc<dyn QuotaStore>,
 }
 
 impl Backends {
@@ -63,6 +70,7 @@ impl Backends {
             keys: Arc::new(MemoryKeyStore::new()),
             queue: Arc::new(MemoryDownlinkQueue::with_limits(limits)),
             devices: Arc::new(MemoryDeviceRegistry::new()),
+            quota: Arc::new(MemoryQuotaStore::new()),
         }
     }
 
@@ -86,6 +94,12 @@ impl Backends {
             keys: Arc::new(RedisKeyStore::connect(url, prefix).await?),
             queue: Arc::new(RedisDownlinkQueue::connect_with(url, prefix, limits).await?),
             devices: Arc::new(RedisDeviceRegistry::connect(url, prefix).await?),
+            quota: Arc::new(RedisQuotaStore::connect(
+                url,
+                prefix,
+                &format!("{client_name}-{}", ulid::Ulid::new()),
+                config.limits.quota_lease,
+            )?),
         })
     }
 }
@@ -114,6 +128,8 @@ pub struct App {
     pub router: Router,
     /// Live connections.
     pub registry: Arc<Registry>,
+    /// Rate limits and connection quotas.
+    pub limits: Arc<Limits>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Set when the node starts draining.
@@ -149,6 +165,11 @@ impl App {
             devices: backends.devices,
             auth,
             registry: Arc::new(Registry::default()),
+            limits: Arc::new(Limits::new(
+                config.limits.clone(),
+                backends.quota,
+                metrics.clone(),
+            )),
             metrics,
             draining: AtomicBool::new(false),
             config,

@@ -62,6 +62,8 @@ pub struct Config {
     pub nats: NatsConfig,
     /// Redis stores; empty URL means in-memory stores.
     pub redis: RedisConfig,
+    /// Rate limits and connection quotas.
+    pub limits: crate::limits::LimitsConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Logging.
@@ -91,6 +93,9 @@ pub struct MqttConfig {
     /// Most QoS 2 PUBLISH packet IDs one connection may hold unreleased (PUBREC sent, no
     /// PUBREL yet); one more closes the connection.
     pub max_inflight_qos2: usize,
+    /// Longest keepalive a client is held to; a client asking 0 (none) or more gets this.
+    #[serde(with = "humantime_serde")]
+    pub max_keepalive: Duration,
 }
 
 /// `[http]`
@@ -198,6 +203,7 @@ impl Default for Config {
             downlink: DownlinkConfig::default(),
             nats: NatsConfig::default(),
             redis: RedisConfig::default(),
+            limits: crate::limits::LimitsConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
         }
@@ -215,6 +221,7 @@ impl Default for MqttConfig {
             outbound_buffer_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(30),
             max_inflight_qos2: 64,
+            max_keepalive: Duration::from_secs(3600),
         }
     }
 }
@@ -468,6 +475,14 @@ impl Config {
             !self.node_name.is_empty(),
             "node_name: must not be empty".into(),
         );
+        check(
+            (1..=65_535).contains(&self.mqtt.max_keepalive.as_secs()),
+            format!(
+                "mqtt.max_keepalive: {:?} out of range 1s..=65535s",
+                self.mqtt.max_keepalive
+            ),
+        );
+        self.limits.validate(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {

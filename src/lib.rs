@@ -27,6 +27,7 @@ pub mod devices;
 pub mod downlink;
 pub mod health;
 pub mod http;
+pub mod limits;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;

@@ -30,6 +30,20 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// The `limit` label of a rate limit that bit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The limit's name in `[limits]`, e.g. `accepts_per_ip`.
+    pub limit: &'static str,
+}
+
+/// The `scope` label of a connection quota.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    /// `tenant`, `application` or `key`.
+    pub scope: &'static str,
+}
+
 /// Per-application downlink outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DownlinkLabels {
@@ -72,6 +86,12 @@ pub struct Metrics {
     pub malformed_packets: Family<ReasonLabels, Counter>,
     /// 1 while a backend answers, 0 while it does not (see `health`).
     pub backend_up: Family<BackendLabels, Gauge>,
+    /// Connections, logins, downlinks and SUBSCRIBEs refused by a rate limit, by limit.
+    pub rate_limited: Family<LimitLabels, Counter>,
+    /// CONNECTs refused because a connection quota is full, by scope.
+    pub quota_refused: Family<ScopeLabels, Counter>,
+    /// Connection quota operations that failed (the store unreachable; logins fail open).
+    pub quota_unavailable: Counter,
 }
 
 impl Default for Metrics {
@@ -88,6 +108,9 @@ impl Default for Metrics {
             publishes_refused: Family::default(),
             malformed_packets: Family::default(),
             backend_up: Family::default(),
+            rate_limited: Family::default(),
+            quota_refused: Family::default(),
+            quota_unavailable: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -139,6 +162,21 @@ impl Default for Metrics {
             "backend_up",
             "1 while a backend (bus, store) answers, 0 while it does not",
             m.backend_up.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Connections, logins, downlinks and SUBSCRIBEs refused by a rate limit, by limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "quota_refused",
+            "CONNECTs refused because a connection quota is full, by scope",
+            m.quota_refused.clone(),
+        );
+        registry.register(
+            "quota_unavailable",
+            "Connection quota operations that failed because the store was unreachable (logins fail open)",
+            m.quota_unavailable.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -157,6 +157,8 @@ pub struct Node {
     signal_task: JoinHandle<()>,
     /// Probes the backends for logs and `lorabroker_backend_up`; stopped with HTTP.
     health_task: JoinHandle<()>,
+    /// Sweeps idle rate-limiter keys and renews the connection quota lease.
+    limits_task: JoinHandle<()>,
     /// Catches up on missed revocations after bus reconnections (NATS only).
     catch_up_task: Option<JoinHandle<()>>,
 }
@@ -203,6 +205,7 @@ impl Node {
             tokio::spawn(handler.clone().catch_up_after_reconnections(connections))
         });
         let signal_task = tokio::spawn(handler.run(signals));
+        let limits_task = tokio::spawn(crate::limits::housekeeping(app.limits.clone()));
         let http_task = tokio::spawn(crate::http::serve(http, app.clone(), http_stop.clone()));
         let health_task = tokio::spawn(crate::health::watch(app.clone(), http_stop.clone()));
         let mqtt_task = tokio::spawn(accept_loop(
@@ -223,6 +226,7 @@ impl Node {
             http_task,
             signal_task,
             health_task,
+            limits_task,
             catch_up_task,
         })
     }
@@ -263,6 +267,7 @@ impl Node {
         }
         self.signal_task.abort();
         self.health_task.abort();
+        self.limits_task.abort();
         if let Some(t) = &self.catch_up_task {
             t.abort();
         }
@@ -297,6 +302,12 @@ async fn accept_loop(
                 }
             },
         };
+        if !app.limits.allow_accept(peer.ip()) {
+            // Over limits.accepts_per_ip: closed before anything is read (counted).
+            tracing::debug!(%peer, "connection closed: over limits.accepts_per_ip");
+            drop(stream);
+            continue;
+        }
         // A combinator, not an `async` block: a block awaiting the connection's future
         // would hold it twice, and it is most of an idle connection's memory.
         tokio::spawn(session::serve(app.clone(), stream, peer).map(move |()| drop(permit)));

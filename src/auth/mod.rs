@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cache;
 pub mod key;
+pub mod quota_redis;
 pub mod redis;
 pub mod rights;
 pub mod store;

@@ -54,6 +54,10 @@ pub enum DownlinkError {
     /// Acknowledged and dropped at the MQTT edge.
     #[error("the API key lacks RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE")]
     NoDownWriteRight,
+    /// Over a downlink rate limit (named as in `[limits]`); dropped and acknowledged at
+    /// the MQTT edge.
+    #[error("downlink rate limit limits.{0} exceeded: publish dropped")]
+    RateLimited(&'static str),
 }
 
 impl DownlinkError {
@@ -73,6 +77,7 @@ impl DownlinkError {
             Self::Queue(QueueError::Unavailable(_)) => "queue_unavailable",
             Self::TopicNotWritable(_) => "topic_not_writable",
             Self::NoDownWriteRight => "no_down_write_right",
+            Self::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -88,6 +93,7 @@ impl DownlinkError {
             | Self::TopicNotWritable(_) => 3,
             Self::DeviceNotFound(_) => 5,
             Self::NoDownWriteRight => 7,
+            Self::RateLimited(_) => 8,
             Self::Queue(QueueError::Unavailable(_)) => 14,
             Self::Queue(_) => 8,
         }
@@ -113,7 +119,8 @@ impl DownlinkError {
                 | QueueError::TenantQuota { .. },
             )
             | Self::TopicNotWritable(_)
-            | Self::NoDownWriteRight => false,
+            | Self::NoDownWriteRight
+            | Self::RateLimited(_) => false,
         }
     }
 

@@ -44,6 +44,12 @@ impl Refusal {
         }
     }
 
+    /// Whether the refusal is a failed login (bad or unknown credentials), which counts
+    /// towards `limits.failed_connects_per_ip`.
+    pub fn counts_as_failed_login(&self) -> bool {
+        matches!(self, Refusal::BadCredentials(_) | Refusal::NotAuthorized(_))
+    }
+
     /// Short label for metrics.
     pub fn outcome(&self) -> &'static str {
         match self {

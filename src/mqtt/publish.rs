@@ -20,6 +20,7 @@ use super::codec::encode;
 use super::session::{End, Session};
 use crate::auth::Rights;
 use crate::downlink::DownlinkError;
+use crate::limits::DownlinkVerdict;
 use crate::metrics::{DownlinkLabels, ReasonLabels};
 use crate::topic::{parse_downlink_topic, AppRef, DeviceRef, DownlinkOp, Id, Tenancy};
 
@@ -158,6 +159,17 @@ impl Session {
         );
         match target {
             Target::Downlink(device, op) => {
+                let verdict = self
+                    .app
+                    .limits
+                    .downlink(&self.registration.app, &self.key.id);
+                if let DownlinkVerdict::Limited { limit, report } = verdict {
+                    if let Some(end) = self.rate_limit(&device, limit, report).await {
+                        return Some(end);
+                    }
+                    return self.acknowledge(publish.qos, pkid);
+                }
+                self.rate_limited = self.rate_limited.saturating_sub(1);
                 let result = self.publish_downlink(&device, op, &publish.payload).await;
                 if let Err(e) = result {
                     // QoS 0 has nothing to retransmit: its `down/failed` is all there is.
@@ -170,13 +182,46 @@ impl Session {
                 self.refuse(&publish.topic, reason, failed).await;
             }
         }
-        match publish.qos {
+        self.acknowledge(publish.qos, pkid)
+    }
+
+    /// Acknowledges a handled PUBLISH as its QoS asks; never ends the session.
+    fn acknowledge(&mut self, qos: QoS, pkid: u16) -> Option<End> {
+        match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.out.push(encode(&Packet::PubAck(PubAck::new(pkid)))),
             QoS::ExactlyOnce => {
                 self.qos2.insert(pkid);
                 self.out.push(encode(&Packet::PubRec(PubRec::new(pkid))));
             }
+        }
+        None
+    }
+
+    /// A downlink dropped by a rate limit: acknowledged like any refused publish, one
+    /// `down/failed` `rate_limited` when `report` (the reports have their own rate), and
+    /// `Some` end once the client has kept going past `limits.downlink_disconnect_after`.
+    async fn rate_limit(
+        &mut self,
+        device: &DeviceRef,
+        limit: &'static str,
+        report: bool,
+    ) -> Option<End> {
+        self.rate_limited = self.rate_limited.saturating_add(1);
+        let after = self.app.config.limits.downlink_disconnect_after;
+        if after > 0 && self.rate_limited >= after {
+            return Some(End::RateLimited(limit));
+        }
+        if logs_refusal(self.rate_limited) {
+            tracing::info!(
+                limit,
+                rate_limited_on_this_connection = self.rate_limited,
+                "downlink dropped: over a rate limit"
+            );
+        }
+        if report {
+            let error = DownlinkError::RateLimited(limit);
+            self.app.downlinks.report_refused(device, error).await;
         }
         None
     }

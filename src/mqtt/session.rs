@@ -55,6 +55,9 @@ pub(super) enum End {
     /// A QoS 1/2 downlink could not be stored because the queue backend is unavailable:
     /// closed without acknowledging it, so that the client retransmits after reconnecting.
     QueueUnavailable,
+    /// The client kept publishing downlinks past a rate limit (named) for longer than
+    /// `limits.downlink_disconnect_after` allows.
+    RateLimited(&'static str),
     /// The socket failed.
     Io(String),
 }
@@ -71,6 +74,7 @@ impl End {
             End::Violation(_) => "violation",
             End::Qos2InflightExceeded(_) => "qos2_inflight_exceeded",
             End::QueueUnavailable => "queue_unavailable",
+            End::RateLimited(_) => "rate_limited",
             End::Io(_) => "io_error",
         }
     }
@@ -109,7 +113,7 @@ pub fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) -> impl Future<
     );
     // Boxed: the handshake (CONNECT, key lookup) is a large future that the task of an
     // established connection should not keep room for.
-    let handshake = Box::pin(handshake(app, stream));
+    let handshake = Box::pin(handshake(app, stream, peer.ip()));
     async move {
         let Some((mut session, mut wire)) = handshake.await else {
             return;
@@ -169,6 +173,11 @@ pub(super) struct Session {
     subscribed: bool,
     /// Publishes refused on this connection so far (for the rate of their log lines).
     pub(super) refused: u32,
+    /// Rate-limited downlinks less accepted ones (never below 0): past
+    /// `limits.downlink_disconnect_after` the connection is closed.
+    pub(super) rate_limited: u32,
+    /// Whether this connection holds a place in the connection quotas.
+    quota_held: bool,
     /// QoS 2 packet IDs between PUBREC and PUBREL.
     pub(super) qos2: Qos2Ids,
     /// Packets waiting to be written.
@@ -181,6 +190,7 @@ impl Session {
         accepted: Accepted,
         keep_alive: Duration,
         will: Option<mqttbytes::v4::LastWill>,
+        quota_held: bool,
     ) -> Self {
         let outbox = Arc::new(Outbox::new(app.config.mqtt.outbound_buffer_bytes));
         let registration = Arc::new(Connection {
@@ -200,6 +210,8 @@ impl Session {
             registration,
             subscribed: false,
             refused: 0,
+            rate_limited: 0,
+            quota_held,
             qos2: Qos2Ids::default(),
             out: Vec::new(),
         }
@@ -222,6 +234,10 @@ impl Session {
         let end = self.main_loop(wire).await;
 
         self.app.registry.unregister(&self.registration);
+        if self.quota_held {
+            let (app, key) = (&self.registration.app, &self.key.id);
+            Box::pin(self.app.limits.quotas.release(app, key)).await;
+        }
         if self.subscribed {
             self.app
                 .router
@@ -266,7 +282,8 @@ impl Session {
                 }
             }
         }
-        if let End::Closed(_) | End::KeyExpired | End::KeepaliveTimeout = end {
+        if let End::Closed(_) | End::KeyExpired | End::KeepaliveTimeout | End::RateLimited(_) = end
+        {
             wire.shutdown().await;
         }
     }
@@ -415,6 +432,18 @@ impl Session {
             return Some(End::Violation("SUBSCRIBE without filters".into()));
         }
         let mut codes = Vec::with_capacity(subscribe.filters.len());
+        if !self.app.limits.allow_subscribe(self.registration.id) {
+            // Over limits.subscribes_per_connection: every filter refused, the router
+            // untouched (counted by the limits).
+            tracing::debug!(
+                filters = subscribe.filters.len(),
+                "SUBSCRIBE refused: over limits.subscribes_per_connection"
+            );
+            codes.resize(subscribe.filters.len(), SubscribeReasonCode::Failure);
+            self.out
+                .push(encode(&Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
+            return None;
+        }
         for f in &subscribe.filters {
             codes.push(self.subscribe(&f.path).await);
         }

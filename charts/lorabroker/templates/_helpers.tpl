@@ -92,11 +92,16 @@ Checks of values that would otherwise give a cluster that renders but can't work
 {{/*
 One TOML value. Helm reads values as JSON types; a JSON string, number or boolean is
 also a valid TOML value (JSON string escapes are TOML basic-string escapes), as is an
-array of them.
+array of them; a map becomes an inline table (the rates of [limits]).
 */}}
 {{- define "lorabroker.tomlValue" -}}
 {{- if kindIs "map" . }}
-{{- fail "lorabroker.toml: nested tables below a section are not supported" }}
+{{- /* An inline table, e.g. a rate: { burst = 500, per_second = 50 }. */}}
+{{- $parts := list }}
+{{- range $k, $v := . }}
+{{- $parts = append $parts (printf "%s = %s" $k (include "lorabroker.tomlValue" $v)) }}
+{{- end }}
+{{- printf "{ %s }" (join ", " $parts) }}
 {{- else if kindIs "invalid" . }}
 {{- fail "lorabroker.toml: null values are not allowed; leave the key out to keep its default" }}
 {{- else }}

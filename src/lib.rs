@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod config;
 pub mod downlink;
 pub mod http;
+pub mod log;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;

@@ -5,13 +5,11 @@
 //! listener closes at once; connected clients are told to close spread evenly over the
 //! grace period; then the process may exit. A hard deadline bounds the whole drain.
 
-use futures::FutureExt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -45,11 +43,14 @@ pub struct Node {
     pub mqtt_addr: SocketAddr,
     /// Where HTTP is served.
     pub http_addr: SocketAddr,
+    /// Where the probes are served apart from the admin API (`http.metrics_listen`).
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     mqtt_task: JoinHandle<()>,
     /// Stops HTTP, which keeps answering (not ready) until the drain is over.
     http_stop: CancellationToken,
     http_task: JoinHandle<()>,
+    metrics_task: Option<JoinHandle<()>>,
     signal_task: JoinHandle<()>,
     /// Catches up on missed revocations after bus reconnections (NATS only).
     catch_up_task: Option<JoinHandle<()>>,
@@ -77,6 +78,17 @@ impl Node {
             addr: app.config.http.listen.clone(),
             source,
         })?;
+        let metrics = match app.config.http.metrics_listen.as_str() {
+            "" => None,
+            addr => Some(bind(addr).await?),
+        };
+        let metrics_addr = match &metrics {
+            Some(l) => Some(l.local_addr().map_err(|source| StartError::Bind {
+                addr: app.config.http.metrics_listen.clone(),
+                source,
+            })?),
+            None => None,
+        };
         let signals = app.bus.subscribe(SIGNAL_FILTER.to_owned()).await?;
         let handler = SignalHandler {
             node: app.node_id.clone(),
@@ -89,17 +101,32 @@ impl Node {
             tokio::spawn(handler.clone().catch_up_after_reconnections(connections))
         });
         let signal_task = tokio::spawn(handler.run(signals));
-        let http_task = tokio::spawn(crate::http::serve(http, app.clone(), http_stop.clone()));
+        let http_task = tokio::spawn(crate::http::serve(
+            http,
+            app.clone(),
+            false,
+            http_stop.clone(),
+        ));
+        let metrics_task = metrics.map(|listener| {
+            tokio::spawn(crate::http::serve(
+                listener,
+                app.clone(),
+                true,
+                http_stop.clone(),
+            ))
+        });
         let mqtt_task = tokio::spawn(accept_loop(mqtt, app.clone(), shutdown.clone()));
         tracing::info!(node = %app.node_id, mqtt = %mqtt_addr, http = %http_addr, "node started");
         Ok(Node {
             app,
             mqtt_addr,
             http_addr,
+            metrics_addr,
             shutdown,
             mqtt_task,
             http_stop,
             http_task,
+            metrics_task,
             signal_task,
             catch_up_task,
         })
@@ -121,6 +148,9 @@ impl Node {
         let _ = self.mqtt_task.await;
         self.http_stop.cancel();
         let _ = self.http_task.await;
+        if let Some(t) = self.metrics_task {
+            let _ = t.await;
+        }
         self.signal_task.abort();
         if let Some(t) = &self.catch_up_task {
             t.abort();
@@ -129,16 +159,11 @@ impl Node {
     }
 }
 
+/// Accepts and spawns; the connection bounds are the handshake's (`mqtt::admission`): a
+/// socket waits for its CONNECT in a pending-handshake slot, and only an authenticated
+/// client takes one of `mqtt.max_connections`.
 async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(app.config.mqtt.max_connections));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -151,17 +176,15 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: Cancellatio
                 }
             },
         };
-        // A combinator, not an `async` block: a block awaiting the connection's future
-        // would hold it twice, and it is most of an idle connection's memory.
-        tokio::spawn(session::serve(app.clone(), stream, peer).map(move |()| drop(permit)));
+        tokio::spawn(session::serve(app.clone(), stream, peer));
     }
     drop(listener);
-    drain(&app, &limit).await;
+    drain(&app).await;
 }
 
 /// Readiness false, then clients told to close spread over the grace period, then wait for
 /// them to finish, bounded by a hard deadline.
-async fn drain(app: &App, limit: &Semaphore) {
+async fn drain(app: &App) {
     app.draining.store(true, Ordering::Release);
     let grace = app.config.shutdown.grace_period;
     let conns = app.registry.all();
@@ -177,6 +200,5 @@ async fn drain(app: &App, limit: &Semaphore) {
             c.outbox.close(CloseReason::Draining);
         }
     }
-    let all = app.config.mqtt.max_connections as u32;
-    let _ = tokio::time::timeout_at(deadline, limit.acquire_many(all)).await;
+    let _ = tokio::time::timeout_at(deadline, app.admission.all_closed()).await;
 }

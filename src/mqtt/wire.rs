@@ -24,6 +24,8 @@ pub(super) enum ReadError {
     Truncated,
     #[error("the first packet is not CONNECT (first byte {0:#04x})")]
     NotConnect(u8),
+    #[error("CONNECT of {size} bytes is larger than mqtt.max_connect_size = {max}")]
+    ConnectTooLarge { size: usize, max: usize },
 }
 
 /// Most packets handed to one `writev` (Linux's `UIO_MAXIOV` is 1024).
@@ -99,8 +101,13 @@ impl Wire {
 
     /// Reads the CONNECT packet; `None` at a clean end of stream. Anything that does not
     /// start like a CONNECT (an HTTP request, TLS, noise) is refused at its first byte
-    /// instead of waiting for a packet that will never be whole.
-    pub(super) async fn read_connect(&mut self) -> Result<Option<Packet>, ReadError> {
+    /// instead of waiting for a packet that will never be whole, and a CONNECT announcing
+    /// more than `max_size` bytes as soon as its fixed header is readable, so that an
+    /// unauthenticated socket never holds more than `max_size` plus one read.
+    pub(super) async fn read_connect(
+        &mut self,
+        max_size: usize,
+    ) -> Result<Option<Packet>, ReadError> {
         loop {
             if let Some(&first) = self.read_buf.first() {
                 // The packet type only: a CONNECT with wrong flags is the codec's to judge.
@@ -108,8 +115,13 @@ impl Wire {
                     return Err(ReadError::NotConnect(first));
                 }
             }
-            if let Some(p) = self.buffered_packet()? {
-                return Ok(Some(p));
+            match decode(&mut self.read_buf, max_size) {
+                Ok(Decoded::Packet(p)) => return Ok(Some(p)),
+                Ok(Decoded::Incomplete) => {}
+                Err(DecodeError::TooLarge { size, max }) => {
+                    return Err(ReadError::ConnectTooLarge { size, max })
+                }
+                Err(e) => return Err(ReadError::Decode(e)),
             }
             if !self.fill().await? {
                 return Ok(None);

@@ -107,7 +107,7 @@ pub async fn serve(
 fn probes(app: Arc<App>) -> Router {
     let metrics_route = Router::new()
         .route("/metrics", get(metrics))
-        .layer(middleware::from_fn_with_state(app.clone(), require_metrics));
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_metrics));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -64,12 +64,7 @@ impl Wire {
         }
     }
 
-    /// Reads whatever the socket has; `Ok(false)` at a clean end of stream.
-    pub(super) async fn fill(&mut self) -> Result<bool, ReadError> {
-        poll_fn(|cx| self.poll_fill(cx)).await
-    }
-
-    /// [`Wire::fill`] as a poll function, so that waiting for a read holds no future (the
+    /// Reads whatever the socket has (`Ok(false)` at a clean end of stream), as a poll function, so that waiting for a read holds no future (the
     /// read buffer is only grown once the socket is readable).
     pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ReadError>> {
         loop {
@@ -123,9 +118,29 @@ impl Wire {
                 }
                 Err(e) => return Err(ReadError::Decode(e)),
             }
-            if !self.fill().await? {
+            if !poll_fn(|cx| self.poll_fill_small(cx)).await? {
                 return Ok(None);
             }
+        }
+    }
+
+    /// [`Wire::poll_fill`] that grows the buffer only by the bytes that came: before
+    /// authentication no room is reserved ahead (readiness is often stale, and a socket
+    /// that stops half-way through its CONNECT would keep that room for the connect timeout).
+    fn poll_fill_small(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ReadError>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            let mut chunk = [0u8; 4096];
+            return Poll::Ready(match self.stream.try_read(&mut chunk) {
+                Ok(0) if self.read_buf.is_empty() => Ok(false),
+                Ok(0) => Err(ReadError::Truncated),
+                Ok(n) => {
+                    self.read_buf.extend_from_slice(&chunk[..n]);
+                    Ok(true)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => Err(e.into()),
+            });
         }
     }
 

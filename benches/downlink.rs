@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use lorabroker::downlink::validate::parse_request;
+use lorabroker::downlink::validate::{parse_request, RequestLimits};
 use serde_json::json;
 
 fn bench_validate(c: &mut Criterion) {
@@ -26,6 +26,7 @@ fn bench_validate(c: &mut Criterion) {
         "decoded_payload":{"led":"on","level":42,"bytes":[1,2,3]}, "confirmed":false}]});
     let invalid = json!({"downlinks":[{"f_port":15,"frm_payload":"vu8=","fport":1}]});
 
+    let limits = RequestLimits::default();
     let mut g = c.benchmark_group("downlink/parse_request");
     for (name, body, ok) in [
         ("small", &small, true),
@@ -35,9 +36,11 @@ fn bench_validate(c: &mut Criterion) {
         ("unknown_field", &invalid, false),
     ] {
         let body = body.to_string().into_bytes();
-        assert_eq!(parse_request(&body).is_ok(), ok, "{name}");
+        assert_eq!(parse_request(&body, &limits).is_ok(), ok, "{name}");
         g.throughput(Throughput::Bytes(body.len() as u64));
-        g.bench_function(name, |b| b.iter(|| parse_request(black_box(&body))));
+        g.bench_function(name, |b| {
+            b.iter(|| parse_request(black_box(&body), &limits))
+        });
     }
     g.finish();
 }

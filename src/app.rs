@@ -8,8 +8,12 @@ use crate::auth::redis::RedisKeyStore;
 use crate::auth::{Authenticator, CacheSettings, KeyStore, MemoryKeyStore, StoreError};
 use crate::bus::{Bus, BusError, EmbeddedBus, NatsBus};
 use crate::config::Config;
+use crate::devices::redis::RedisDeviceRegistry;
+use crate::devices::{DeviceRegistry, MemoryDeviceRegistry, RegistryError};
 use crate::downlink::redis::RedisDownlinkQueue;
-use crate::downlink::{DownlinkQueue, DownlinkService, MemoryDownlinkQueue, QueueError};
+use crate::downlink::{
+    DownlinkQueue, DownlinkService, MemoryDownlinkQueue, QueueError, QueueLimits, ServiceSettings,
+};
 use crate::log::LogLimiter;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::mqtt::admission::Admission;
@@ -35,9 +39,12 @@ pub enum BackendError {
     /// Redis (queues).
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// Redis (device registry).
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
-/// The three backends of a node: bus, key store, downlink queue.
+/// The backends of a node: bus, key store, downlink queue, device registry.
 #[derive(Clone)]
 pub struct Backends {
     /// Traffic and cluster signals.
@@ -46,15 +53,24 @@ pub struct Backends {
     pub keys: Arc<dyn KeyStore>,
     /// Downlink queues.
     pub queue: Arc<dyn DownlinkQueue>,
+    /// Devices the upstream serves.
+    pub devices: Arc<dyn DeviceRegistry>,
 }
 
 impl Backends {
-    /// Embedded bus and in-memory stores, for one node on its own.
+    /// Embedded bus and in-memory stores, for one node on its own, with queues of at most
+    /// `queue_capacity` items per device and the default byte limits.
     pub fn embedded(queue_capacity: usize) -> Self {
+        Self::embedded_with(QueueLimits::with_capacity(queue_capacity))
+    }
+
+    /// Embedded bus and in-memory stores whose queues enforce `limits`.
+    pub fn embedded_with(limits: QueueLimits) -> Self {
         Self {
             bus: Arc::new(EmbeddedBus::new()),
             keys: Arc::new(MemoryKeyStore::new()),
-            queue: Arc::new(MemoryDownlinkQueue::new(queue_capacity)),
+            queue: Arc::new(MemoryDownlinkQueue::with_limits(limits)),
+            devices: Arc::new(MemoryDeviceRegistry::new()),
         }
     }
 
@@ -62,31 +78,23 @@ impl Backends {
     /// embedded otherwise. A backend that is down at start does not fail this: the node
     /// starts not-ready and connects when it can.
     pub async fn from_config(config: &Config, client_name: &str) -> Result<Self, BackendError> {
-        let embedded = Self::embedded(config.downlink.queue_capacity);
+        let limits = QueueLimits::from_config(&config.downlink);
+        let embedded = Self::embedded_with(limits);
         let bus: Arc<dyn Bus> = if config.nats.url.is_empty() {
             embedded.bus
         } else {
             Arc::new(NatsBus::connect(&config.nats.url, client_name).await?)
         };
-        let (keys, queue): (Arc<dyn KeyStore>, Arc<dyn DownlinkQueue>) =
-            if config.redis.url.is_empty() {
-                (embedded.keys, embedded.queue)
-            } else {
-                (
-                    Arc::new(
-                        RedisKeyStore::connect(&config.redis.url, &config.redis.key_prefix).await?,
-                    ),
-                    Arc::new(
-                        RedisDownlinkQueue::connect(
-                            &config.redis.url,
-                            &config.redis.key_prefix,
-                            config.downlink.queue_capacity,
-                        )
-                        .await?,
-                    ),
-                )
-            };
-        Ok(Self { bus, keys, queue })
+        if config.redis.url.is_empty() {
+            return Ok(Self { bus, ..embedded });
+        }
+        let (url, prefix) = (&config.redis.url, &config.redis.key_prefix);
+        Ok(Self {
+            bus,
+            keys: Arc::new(RedisKeyStore::connect(url, prefix).await?),
+            queue: Arc::new(RedisDownlinkQueue::connect_with(url, prefix, limits).await?),
+            devices: Arc::new(RedisDeviceRegistry::connect(url, prefix).await?),
+        })
     }
 }
 
@@ -104,6 +112,8 @@ pub struct App {
     pub keys: Arc<dyn KeyStore>,
     /// Downlink queues.
     pub queue: Arc<dyn DownlinkQueue>,
+    /// Devices the upstream serves.
+    pub devices: Arc<dyn DeviceRegistry>,
     /// Cached key verification.
     pub auth: Arc<Authenticator>,
     /// Downlink validation, queueing and events.
@@ -151,11 +161,17 @@ impl App {
         Arc::new(Self {
             node_id: format!("{}-{}", config.node_name, ulid::Ulid::new()),
             router: Router::new(backends.bus.clone(), tenancy.clone(), metrics.clone()),
-            downlinks: DownlinkService::new(backends.queue.clone(), backends.bus.clone()),
+            downlinks: DownlinkService::new(
+                backends.queue.clone(),
+                backends.devices.clone(),
+                backends.bus.clone(),
+                ServiceSettings::from_config(&config.downlink),
+            ),
             tenancy,
             bus: backends.bus,
             keys: backends.keys,
             queue: backends.queue,
+            devices: backends.devices,
             auth,
             registry: Arc::new(Registry::default()),
             metrics,

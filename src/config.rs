@@ -138,12 +138,27 @@ pub struct AuthConfig {
     pub cache_capacity: u64,
 }
 
-/// `[downlink]`
+/// `[downlink]`: the bounds of downlink requests and queues (DESIGN §5, §9).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DownlinkConfig {
     /// Most queued downlinks per device.
     pub queue_capacity: usize,
+    /// Most items in one `down/push` or `down/replace` request.
+    pub max_items_per_request: usize,
+    /// Largest `decoded_payload` of one item, as JSON bytes.
+    pub max_decoded_payload_bytes: usize,
+    /// Most bytes queued for one device.
+    pub max_device_queue_bytes: u64,
+    /// Most bytes queued for all devices of one application.
+    pub max_application_queue_bytes: u64,
+    /// Most bytes queued for all applications of one tenant.
+    pub max_tenant_queue_bytes: u64,
+    /// A queue nothing was written to for this long is deleted.
+    #[serde(with = "humantime_serde")]
+    pub queue_idle_expiry: Duration,
+    /// Refuse downlinks to devices the upstream has not registered.
+    pub require_known_device: bool,
 }
 
 /// `[nats]`
@@ -254,6 +269,13 @@ impl Default for DownlinkConfig {
     fn default() -> Self {
         Self {
             queue_capacity: 10_000,
+            max_items_per_request: 16,
+            max_decoded_payload_bytes: 4096,
+            max_device_queue_bytes: 1024 * 1024,
+            max_application_queue_bytes: 32 * 1024 * 1024,
+            max_tenant_queue_bytes: 128 * 1024 * 1024,
+            queue_idle_expiry: Duration::from_secs(7 * 24 * 3600),
+            require_known_device: true,
         }
     }
 }
@@ -441,6 +463,47 @@ impl Config {
             ),
         );
         check(
+            (1..=1000).contains(&self.downlink.max_items_per_request),
+            format!(
+                "downlink.max_items_per_request: {} out of range 1..=1000",
+                self.downlink.max_items_per_request
+            ),
+        );
+        check(
+            (2..=1024 * 1024).contains(&self.downlink.max_decoded_payload_bytes),
+            format!(
+                "downlink.max_decoded_payload_bytes: {} out of range 2..=1048576",
+                self.downlink.max_decoded_payload_bytes
+            ),
+        );
+        for (key, value) in [
+            (
+                "max_device_queue_bytes",
+                self.downlink.max_device_queue_bytes,
+            ),
+            (
+                "max_application_queue_bytes",
+                self.downlink.max_application_queue_bytes,
+            ),
+            (
+                "max_tenant_queue_bytes",
+                self.downlink.max_tenant_queue_bytes,
+            ),
+        ] {
+            check(
+                (1024..=1 << 40).contains(&value),
+                format!("downlink.{key}: {value} out of range 1024..=1099511627776"),
+            );
+        }
+        check(
+            (Duration::from_secs(1)..=Duration::from_secs(3650 * 24 * 3600))
+                .contains(&self.downlink.queue_idle_expiry),
+            format!(
+                "downlink.queue_idle_expiry: {} out of range 1s..=3650days",
+                humantime::format_duration(self.downlink.queue_idle_expiry)
+            ),
+        );
+        check(
             self.nats.url.is_empty()
                 || ["nats://", "tls://", "ws://", "wss://"]
                     .iter()
@@ -456,9 +519,13 @@ impl Config {
         );
         check(
             !self.redis.key_prefix.is_empty()
-                && !self.redis.key_prefix.contains(char::is_whitespace),
+                && !self
+                    .redis
+                    .key_prefix
+                    .contains(|c: char| c.is_whitespace() || c == '{' || c == '}'),
             format!(
-                "redis.key_prefix: {:?} must be non-empty without spaces",
+                "redis.key_prefix: {:?} must be non-empty without spaces or braces (braces would \
+                 change the Redis Cluster hash tags)",
                 self.redis.key_prefix
             ),
         );

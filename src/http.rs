@@ -12,6 +12,12 @@
 //!   → 201 with the key (shown once)
 //! - `GET /api/v1/applications/{app}/keys` → the application's keys, never secrets
 //! - `DELETE /api/v1/keys/{id}` → 204, cluster-wide revocation; 404 if unknown
+//! - `POST /api/v1/applications/{app}/devices` `{"device_id":"…"}` → 201 (200 when it was
+//!   registered already): the device registry (DESIGN §5)
+//! - `GET /api/v1/applications/{app}/devices` → the registered device IDs, sorted
+//! - `GET /api/v1/applications/{app}/devices/{dev}` → 200 `{"device_id":"…"}`; 404 if unknown
+//! - `DELETE /api/v1/applications/{app}/devices/{dev}` → 204, and its downlink queue is
+//!   cleared; 404 if unknown
 //!
 //! `{app}` is written as in usernames: `{app}@{tenant}` or `{app}`.
 
@@ -37,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::auth::{create_key, KeyView, Rights};
 use crate::cluster::revoke_key;
+use crate::topic::{AppRef, DeviceRef, Id};
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled: the whole API, or with
 /// `probes_only` just `/healthz`, `/readyz` and `/metrics` (the `http.metrics_listen`
@@ -124,6 +131,14 @@ pub fn router(app: Arc<App>) -> Router {
             get(list_keys).post(create),
         )
         .route("/api/v1/keys/{id}", delete(revoke))
+        .route(
+            "/api/v1/applications/{app}/devices",
+            get(list_devices).post(add_device),
+        )
+        .route(
+            "/api/v1/applications/{app}/devices/{dev}",
+            get(get_device).delete(remove_device),
+        )
         .layer(middleware::from_fn_with_state(app.clone(), require_admin))
         .layer(DefaultBodyLimit::max(app.config.http.max_body_bytes))
         .with_state(app.clone());
@@ -262,6 +277,105 @@ async fn revoke(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response
         Ok(Some(_)) => StatusCode::NO_CONTENT.into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("API key {id} not found")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddDevice {
+    device_id: String,
+}
+
+/// The device `dev` of the application `app_uid` names, or why it names none (a 400).
+fn device_ref(app: &App, app_uid: &str, dev: &str) -> Result<DeviceRef, String> {
+    let application = application_ref(app, app_uid)?;
+    let id = Id::parse(dev).map_err(|e| e.to_string())?;
+    Ok(DeviceRef::new(application, id))
+}
+
+/// The application `app_uid` names, or why it names none (a 400).
+fn application_ref(app: &App, app_uid: &str) -> Result<AppRef, String> {
+    app.tenancy.parse_app(app_uid).map_err(|e| e.to_string())
+}
+
+async fn add_device(
+    State(app): State<Arc<App>>,
+    Path(app_uid): Path<String>,
+    body: Result<Json<AddDevice>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let device = match device_ref(&app, &app_uid, &body.device_id) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match app.devices.add(&device).await {
+        Ok(new) => {
+            let status = if new {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(json!({ "device_id": device.device }))).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn list_devices(State(app): State<Arc<App>>, Path(app_uid): Path<String>) -> Response {
+    let application = match application_ref(&app, &app_uid) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match app.devices.list(&application).await {
+        Ok(devices) => Json(devices).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn get_device(
+    State(app): State<Arc<App>>,
+    Path((app_uid, dev)): Path<(String, String)>,
+) -> Response {
+    let device = match device_ref(&app, &app_uid, &dev) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match app.devices.contains(&device).await {
+        Ok(true) => Json(json!({ "device_id": device.device })).into_response(),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("end device {} not found", device.device),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn remove_device(
+    State(app): State<Arc<App>>,
+    Path((app_uid, dev)): Path<(String, String)>,
+) -> Response {
+    let device = match device_ref(&app, &app_uid, &dev) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let removed = match app.devices.remove(&device).await {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    // A device nobody serves keeps no queue (and its bytes leave the quotas).
+    if let Err(e) = app.queue.replace(&device, &[]).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    if removed {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("end device {} not found", device.device),
+        )
     }
 }
 

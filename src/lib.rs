@@ -10,8 +10,9 @@
 //!                           ├─ router::Router ◄────── bus::Bus          (embedded | NATS)
 //!                           │    (per-application fan-out to local sessions)
 //!                           ├─ downlink::DownlinkService ──► downlink::DownlinkQueue (memory | Redis)
+//!                           │    (validation, limits, quotas)  └► devices::DeviceRegistry (memory | Redis)
 //!                           └─ registry::Registry ◄── cluster (takeover, revocation signals)
-//!  upstream (simulated fleet) ──► bus::Bus, downlink::DownlinkQueue
+//!  upstream (simulated fleet) ──► bus::Bus, downlink::DownlinkQueue, devices::DeviceRegistry
 //! ```
 //!
 //! [`app::App`] wires one node from a [`config::Config`]: it picks the embedded or the
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod bus;
 pub mod cluster;
 pub mod config;
+pub mod devices;
 pub mod downlink;
 pub mod http;
 pub mod log;

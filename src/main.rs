@@ -13,8 +13,9 @@ use lorabroker::app::{App, Backends};
 use lorabroker::auth::{create_key, GeneratedKey, KeyView, PresentedKey, Rights, StoredKey};
 use lorabroker::cluster::revoke_key;
 use lorabroker::config::Config;
+use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
-use lorabroker::topic::{AppRef, Id, Tenancy};
+use lorabroker::topic::{AppRef, DeviceRef, Id, Tenancy};
 use lorabroker::upstream::{run_fleet, FleetConfig, Upstream};
 
 /// A multi-tenant MQTT server for LoRaWAN applications, wire-compatible with The Things
@@ -39,6 +40,8 @@ enum Command {
     Keys(KeysArgs),
     /// Run the simulated device fleet against NATS and Redis, as the upstream.
     Simulate(SimulateArgs),
+    /// Add, list and remove the devices of the device registry.
+    Devices(DevicesArgs),
 }
 
 #[derive(Args)]
@@ -144,6 +147,51 @@ enum KeysCommand {
 }
 
 #[derive(Args)]
+struct DevicesArgs {
+    #[command(flatten)]
+    backends: BackendArgs,
+    #[command(subcommand)]
+    command: DevicesCommand,
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Register devices, so that downlinks to them are accepted.
+    Add {
+        /// Application ID.
+        #[arg(long)]
+        app: String,
+        /// Tenant ID (default: tenancy.default_tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Device IDs.
+        #[arg(required = true)]
+        devices: Vec<String>,
+    },
+    /// List an application's registered devices, one per line.
+    List {
+        /// Application ID.
+        #[arg(long)]
+        app: String,
+        /// Tenant ID (default: tenancy.default_tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Unregister devices and clear their downlink queues.
+    Remove {
+        /// Application ID.
+        #[arg(long)]
+        app: String,
+        /// Tenant ID (default: tenancy.default_tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Device IDs.
+        #[arg(required = true)]
+        devices: Vec<String>,
+    },
+}
+
+#[derive(Args)]
 struct SimulateArgs {
     #[command(flatten)]
     fleet: FleetArgs,
@@ -222,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Keys(a) => backend_overrides(&a.backends, &mut o),
         Command::Simulate(a) => backend_overrides(&a.backends, &mut o),
+        Command::Devices(a) => backend_overrides(&a.backends, &mut o),
     }
     let config = Config::load(cli.config.as_deref(), Value::Object(o))?;
     init_logging(&config);
@@ -230,6 +279,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(_) => serve(config).await,
         Command::Keys(a) => keys(config, a.command).await,
         Command::Simulate(a) => simulate(config, a.fleet).await,
+        Command::Devices(a) => devices(config, a.command).await,
     }
 }
 
@@ -300,7 +350,7 @@ fn print_serve_banner(node: &Node) {
 async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
     let tenancy = config.tenancy();
     let application = application(&config, &args.fleet.app, args.fleet.tenant.as_deref())?;
-    let backends = Backends::embedded(config.downlink.queue_capacity);
+    let backends = Backends::embedded_with(QueueLimits::from_config(&config.downlink));
     let rights = Rights::DEFAULT;
     let key = match &args.api_key {
         Some(k) => {
@@ -325,7 +375,7 @@ async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
     let node = Node::start(app).await?;
     let fleet_stop = CancellationToken::new();
     tokio::spawn(run_fleet(
-        Upstream::new(backends.bus.clone(), backends.queue.clone()),
+        Upstream::from_backends(&backends),
         FleetConfig {
             app: application.clone(),
             devices: args.fleet.devices,
@@ -420,7 +470,7 @@ async fn simulate(config: Config, fleet: FleetArgs) -> anyhow::Result<()> {
     let backends = Backends::from_config(&config, "lorabroker-simulate").await?;
     let stop = CancellationToken::new();
     let task = tokio::spawn(run_fleet(
-        Upstream::new(backends.bus.clone(), backends.queue.clone()),
+        Upstream::from_backends(&backends),
         FleetConfig {
             app: application.clone(),
             devices: fleet.devices,
@@ -437,5 +487,67 @@ async fn simulate(config: Config, fleet: FleetArgs) -> anyhow::Result<()> {
     stop.cancel();
     let _ = task.await;
     backends.bus.flush().await.ok();
+    Ok(())
+}
+
+async fn devices(config: Config, command: DevicesCommand) -> anyhow::Result<()> {
+    if config.redis.url.is_empty() {
+        bail!("devices needs the shared registry: pass --redis-url (or set LORABROKER_REDIS__URL)");
+    }
+    let backends = Backends::from_config(&config, "lorabroker-devices").await?;
+    let device = |app: &AppRef, id: &str| -> anyhow::Result<DeviceRef> {
+        Ok(DeviceRef::new(
+            app.clone(),
+            Id::parse(id).with_context(|| format!("device ID {id:?}"))?,
+        ))
+    };
+    match command {
+        DevicesCommand::Add {
+            app,
+            tenant,
+            devices,
+        } => {
+            let application = application(&config, &app, tenant.as_deref())?;
+            for id in &devices {
+                let d = device(&application, id)?;
+                let new = backends.devices.add(&d).await?;
+                eprintln!(
+                    "{} {id} of {application}",
+                    if new {
+                        "registered"
+                    } else {
+                        "already registered:"
+                    }
+                );
+            }
+        }
+        DevicesCommand::List { app, tenant } => {
+            let application = application(&config, &app, tenant.as_deref())?;
+            for id in backends.devices.list(&application).await? {
+                println!("{id}");
+            }
+        }
+        DevicesCommand::Remove {
+            app,
+            tenant,
+            devices,
+        } => {
+            let application = application(&config, &app, tenant.as_deref())?;
+            let mut missing = Vec::new();
+            for id in &devices {
+                let d = device(&application, id)?;
+                let removed = backends.devices.remove(&d).await?;
+                backends.queue.replace(&d, &[]).await?;
+                if removed {
+                    eprintln!("removed {id} of {application} (its downlink queue is cleared)");
+                } else {
+                    missing.push(id.as_str());
+                }
+            }
+            if !missing.is_empty() {
+                bail!("not registered in {application}: {}", missing.join(", "));
+            }
+        }
+    }
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! One behavioural suite for the backends behind [`KeyStore`], [`DownlinkQueue`] and
-//! [`Bus`], run against the embedded implementations (memory, in-process bus) and the
+//! One behavioural suite for the backends behind [`KeyStore`], [`DownlinkQueue`] (with its
+//! limits, quotas and idle expiry), [`DeviceRegistry`] and [`Bus`], run against the embedded implementations (memory, in-process bus) and the
 //! clustered ones (Redis, NATS) so that they cannot drift apart; then the Redis and NATS
 //! failure tests, which really stop and restart the server process.
 //!
@@ -23,12 +23,29 @@ use common::wait::eventually;
 use lorabroker::auth::redis::RedisKeyStore;
 use lorabroker::auth::{generate, KeyStore, MemoryKeyStore, Rights, StoreError, StoredKey};
 use lorabroker::bus::{Bus, BusError, BusMessage, EmbeddedBus, NatsBus, Subscription};
+use lorabroker::devices::redis::RedisDeviceRegistry;
+use lorabroker::devices::{DeviceRegistry, MemoryDeviceRegistry};
 use lorabroker::downlink::redis::RedisDownlinkQueue;
-use lorabroker::downlink::{DownlinkQueue, MemoryDownlinkQueue, QueueError};
+use lorabroker::downlink::{
+    DownlinkQueue, MemoryDownlinkQueue, QueueError, QueueLimits, QueueUsage,
+};
 use lorabroker::topic::{AppRef, DeviceRef, Id};
 
 /// Per-device capacity of the queues under test.
 const CAP: usize = 5;
+/// The limits of the quota suite: small byte bounds, no expiry within a test.
+const QUOTAS: QueueLimits = QueueLimits {
+    capacity: 1000,
+    device_bytes: 200,
+    application_bytes: 500,
+    tenant_bytes: 800,
+    idle_expiry: Duration::from_secs(3600),
+};
+/// The limits of the expiry suite: queues idle for a second expire.
+const EXPIRING: QueueLimits = QueueLimits {
+    idle_expiry: Duration::from_secs(1),
+    ..QUOTAS
+};
 /// How long a test waits for something that should happen at once.
 const WAIT: Duration = Duration::from_secs(5);
 /// How long a test waits for a backend to come back after a restart.
@@ -81,9 +98,36 @@ suite!(
         queue_concurrent_pushes_never_exceed_capacity,
         queue_is_per_tenant_app_and_device,
         queue_items_pass_unchanged,
+        queue_usage_counts_bytes_and_pop_gives_them_back,
     ] for
     queue_memory => memory_queue,
     queue_redis => redis_queue,
+);
+
+suite!(
+    [
+        quota_device_bytes_are_capped,
+        quota_application_and_tenant_bytes_are_capped,
+        quota_replace_counts_what_it_replaces,
+        quota_concurrent_pushes_never_exceed_the_quotas,
+    ] for
+    quota_memory => memory_quota_queue,
+    quota_redis => redis_quota_queue,
+);
+
+suite!(
+    [expiry_idle_queues_expire_and_leave_the_quotas] for
+    expiry_memory => memory_expiring_queue,
+    expiry_redis => redis_expiring_queue,
+);
+
+suite!(
+    [
+        registry_add_contains_remove,
+        registry_list_is_sorted_and_per_application,
+    ] for
+    registry_memory => memory_registry,
+    registry_redis => redis_registry,
 );
 
 suite!(
@@ -120,6 +164,42 @@ async fn redis_queue() -> (Arc<dyn DownlinkQueue>, Option<RedisService>) {
         .await
         .expect("a parsable URL");
     (Arc::new(queue), Some(redis))
+}
+
+async fn memory_quota_queue() -> (Arc<dyn DownlinkQueue>, Option<RedisService>) {
+    (Arc::new(MemoryDownlinkQueue::with_limits(QUOTAS)), None)
+}
+
+async fn redis_quota_queue() -> (Arc<dyn DownlinkQueue>, Option<RedisService>) {
+    redis_queue_with(QUOTAS).await
+}
+
+async fn memory_expiring_queue() -> (Arc<dyn DownlinkQueue>, Option<RedisService>) {
+    (Arc::new(MemoryDownlinkQueue::with_limits(EXPIRING)), None)
+}
+
+async fn redis_expiring_queue() -> (Arc<dyn DownlinkQueue>, Option<RedisService>) {
+    redis_queue_with(EXPIRING).await
+}
+
+async fn redis_queue_with(limits: QueueLimits) -> (Arc<dyn DownlinkQueue>, Option<RedisService>) {
+    let redis = RedisService::start().await;
+    let queue = RedisDownlinkQueue::connect_with(&redis.url, &unique("lbtest"), limits)
+        .await
+        .expect("a parsable URL");
+    (Arc::new(queue), Some(redis))
+}
+
+async fn memory_registry() -> (Arc<dyn DeviceRegistry>, Option<RedisService>) {
+    (Arc::new(MemoryDeviceRegistry::new()), None)
+}
+
+async fn redis_registry() -> (Arc<dyn DeviceRegistry>, Option<RedisService>) {
+    let redis = RedisService::start().await;
+    let registry = RedisDeviceRegistry::connect(&redis.url, &unique("lbtest"))
+        .await
+        .expect("a parsable URL");
+    (Arc::new(registry), Some(redis))
 }
 
 async fn embedded_bus() -> (Arc<dyn Bus>, Option<NatsService>) {
@@ -433,6 +513,273 @@ async fn queue_items_pass_unchanged(queue: Arc<dyn DownlinkQueue>) {
     assert_eq!(queue.list(&dev).await.unwrap(), odd[2..].to_vec());
 }
 
+async fn queue_usage_counts_bytes_and_pop_gives_them_back(queue: Arc<dyn DownlinkQueue>) {
+    let app = fresh_app();
+    let (a, b) = (device(&app, "dev-1"), device(&app, "dev-2"));
+    let other = device(&AppRef::new(app.tenant.clone(), id("app-2")), "dev-1");
+    assert_eq!(queue.usage(&a).await.unwrap(), QueueUsage::default());
+    queue.push(&a, &items(&["aaa", "bb"])).await.unwrap();
+    queue.push(&b, &items(&["c"])).await.unwrap();
+    queue.push(&other, &items(&["dddd"])).await.unwrap();
+    let usage = |items, device_bytes, application_bytes, tenant_bytes| QueueUsage {
+        items,
+        device_bytes,
+        application_bytes,
+        tenant_bytes,
+    };
+    assert_eq!(queue.usage(&a).await.unwrap(), usage(2, 5, 6, 10));
+    assert_eq!(queue.usage(&other).await.unwrap(), usage(1, 4, 4, 10));
+    // Take next downlink: the item's bytes leave every counter at once.
+    assert_eq!(queue.pop(&a).await.unwrap().as_deref(), Some("aaa"));
+    assert_eq!(queue.usage(&a).await.unwrap(), usage(1, 2, 3, 7));
+    queue.replace(&b, &items(&["12345"])).await.unwrap();
+    assert_eq!(queue.usage(&b).await.unwrap(), usage(1, 5, 7, 11));
+    queue.replace(&b, &[]).await.unwrap();
+    assert_eq!(queue.pop(&a).await.unwrap().as_deref(), Some("bb"));
+    assert_eq!(queue.pop(&a).await.unwrap(), None);
+    assert_eq!(queue.usage(&a).await.unwrap(), usage(0, 0, 0, 4));
+    // Another tenant's counters are its own.
+    let stranger = device(&fresh_app(), "dev-1");
+    assert_eq!(queue.usage(&stranger).await.unwrap(), QueueUsage::default());
+}
+
+// ---------------------------------------------------------------------------------------
+// Quota suite (QUOTAS: 200 bytes per device, 500 per application, 800 per tenant).
+
+/// `n` items of `len` bytes each.
+fn sized(n: usize, len: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{i:0len$}")).collect()
+}
+
+async fn quota_device_bytes_are_capped(queue: Arc<dyn DownlinkQueue>) {
+    let dev = device(&fresh_app(), "dev-1");
+    assert_eq!(queue.push(&dev, &sized(3, 50)).await.unwrap(), 3);
+    assert_eq!(
+        queue.push(&dev, &sized(2, 30)).await,
+        Err(QueueError::DeviceBytes {
+            queued: 150,
+            adding: 60,
+            limit: 200
+        })
+    );
+    assert_eq!(queue.list(&dev).await.unwrap().len(), 3, "nothing stored");
+    assert_eq!(
+        queue.push(&dev, &sized(1, 50)).await.unwrap(),
+        4,
+        "exactly full"
+    );
+    assert!(matches!(
+        queue.push(&dev, &sized(1, 1)).await,
+        Err(QueueError::DeviceBytes { .. })
+    ));
+    // A replace is checked alone (the old items go).
+    assert_eq!(
+        queue.replace(&dev, &sized(1, 201)).await,
+        Err(QueueError::DeviceBytes {
+            queued: 0,
+            adding: 201,
+            limit: 200
+        })
+    );
+    assert_eq!(queue.replace(&dev, &sized(1, 200)).await.unwrap(), 1);
+    assert_eq!(queue.usage(&dev).await.unwrap().device_bytes, 200);
+}
+
+async fn quota_application_and_tenant_bytes_are_capped(queue: Arc<dyn DownlinkQueue>) {
+    let app = fresh_app();
+    let devs: Vec<DeviceRef> = (1..=3).map(|i| device(&app, &format!("dev-{i}"))).collect();
+    for d in &devs[..2] {
+        queue.push(d, &sized(1, 200)).await.unwrap();
+    }
+    assert_eq!(
+        queue.push(&devs[2], &sized(1, 101)).await,
+        Err(QueueError::ApplicationQuota {
+            queued: 400,
+            adding: 101,
+            limit: 500
+        })
+    );
+    assert!(queue.list(&devs[2]).await.unwrap().is_empty());
+    queue.push(&devs[2], &sized(1, 100)).await.unwrap();
+    // Taking a downlink makes room again.
+    queue.pop(&devs[0]).await.unwrap();
+    queue.push(&devs[2], &sized(1, 100)).await.unwrap();
+    // The tenant: 400 more in a sibling application fit, then it is full.
+    let sibling = AppRef::new(app.tenant.clone(), id("app-2"));
+    let s: Vec<DeviceRef> = (1..=3)
+        .map(|i| device(&sibling, &format!("dev-{i}")))
+        .collect();
+    queue.push(&s[0], &sized(1, 200)).await.unwrap();
+    queue.push(&s[1], &sized(1, 200)).await.unwrap();
+    assert_eq!(
+        queue.push(&s[2], &sized(1, 1)).await,
+        Err(QueueError::TenantQuota {
+            queued: 800,
+            adding: 1,
+            limit: 800
+        })
+    );
+    // Another tenant is not affected.
+    let elsewhere = device(&fresh_app(), "dev-1");
+    queue.push(&elsewhere, &sized(1, 200)).await.unwrap();
+    assert_eq!(queue.usage(&elsewhere).await.unwrap().tenant_bytes, 200);
+}
+
+async fn quota_replace_counts_what_it_replaces(queue: Arc<dyn DownlinkQueue>) {
+    let app = fresh_app();
+    let (a, b, c) = (
+        device(&app, "dev-1"),
+        device(&app, "dev-2"),
+        device(&app, "dev-3"),
+    );
+    queue.push(&a, &sized(1, 200)).await.unwrap();
+    queue.push(&b, &sized(1, 200)).await.unwrap();
+    queue.push(&c, &sized(1, 100)).await.unwrap();
+    // The application is full, but a replace gives back what it replaces.
+    assert_eq!(queue.replace(&c, &sized(2, 50)).await.unwrap(), 2);
+    assert_eq!(
+        queue.replace(&c, &sized(1, 101)).await,
+        Err(QueueError::ApplicationQuota {
+            queued: 400,
+            adding: 101,
+            limit: 500
+        })
+    );
+    assert_eq!(queue.list(&c).await.unwrap(), sized(2, 50), "unchanged");
+    assert_eq!(queue.replace(&c, &[]).await.unwrap(), 0);
+    assert_eq!(queue.usage(&c).await.unwrap().application_bytes, 400);
+}
+
+async fn quota_concurrent_pushes_never_exceed_the_quotas(queue: Arc<dyn DownlinkQueue>) {
+    let app = fresh_app();
+    let sibling = AppRef::new(app.tenant.clone(), id("app-2"));
+    // 60 pushes of 30 bytes at once, to 60 devices of two applications: at most 16 fit
+    // in each application (500 / 30), at most 26 in the tenant (800 / 30).
+    let pushes = (0..60).map(|i| {
+        let queue = queue.clone();
+        let app = if i % 2 == 0 { &app } else { &sibling };
+        let dev = device(app, &format!("dev-{i}"));
+        tokio::spawn(async move { (dev.clone(), queue.push(&dev, &sized(1, 30)).await) })
+    });
+    let mut stored = Vec::new();
+    for result in futures::future::join_all(pushes).await {
+        let (dev, result) = result.expect("push task");
+        match result {
+            Ok(1) => stored.push(dev),
+            Err(QueueError::ApplicationQuota { .. } | QueueError::TenantQuota { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let per_app = |a: &AppRef| stored.iter().filter(|d| d.app == *a).count() as u64;
+    assert!(per_app(&app) * 30 <= 500, "{}", per_app(&app));
+    assert!(per_app(&sibling) * 30 <= 500, "{}", per_app(&sibling));
+    assert_eq!(stored.len(), 26, "the tenant quota is filled, not exceeded");
+    // The counters are exactly the bytes queued.
+    let mut listed = 0;
+    for i in 0..60 {
+        let a = if i % 2 == 0 { &app } else { &sibling };
+        listed += queue
+            .list(&device(a, &format!("dev-{i}")))
+            .await
+            .unwrap()
+            .len();
+    }
+    assert_eq!(listed, 26);
+    let usage = queue.usage(&device(&app, "dev-0")).await.unwrap();
+    assert_eq!(usage.application_bytes, per_app(&app) * 30);
+    assert_eq!(usage.tenant_bytes, 26 * 30);
+}
+
+// ---------------------------------------------------------------------------------------
+// Expiry suite (EXPIRING: queues idle for one second expire).
+
+async fn expiry_idle_queues_expire_and_leave_the_quotas(queue: Arc<dyn DownlinkQueue>) {
+    let app = fresh_app();
+    let (a, b, c) = (
+        device(&app, "dev-1"),
+        device(&app, "dev-2"),
+        device(&app, "dev-3"),
+    );
+    queue.push(&a, &sized(2, 100)).await.unwrap();
+    queue.push(&b, &sized(1, 150)).await.unwrap();
+    assert_eq!(queue.usage(&a).await.unwrap().application_bytes, 350);
+    // Both expire after a second idle; the counters follow (Redis: within a second more).
+    eventually(
+        "idle queues expired and left the quotas",
+        Duration::from_secs(10),
+        || async {
+            let usage = queue.usage(&a).await.unwrap();
+            let gone = queue.list(&b).await.unwrap().is_empty();
+            if usage == QueueUsage::default() && gone {
+                Ok(())
+            } else {
+                Err(format!("{usage:?}, dev-2 gone: {gone}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(queue.pop(&a).await.unwrap(), None);
+    // Nothing stays inflated: a new queue counts alone, and the full quota is usable.
+    queue.push(&c, &sized(1, 200)).await.unwrap();
+    queue.push(&a, &sized(1, 200)).await.unwrap();
+    let usage = queue.usage(&c).await.unwrap();
+    assert_eq!((usage.application_bytes, usage.tenant_bytes), (400, 400));
+    queue.push(&b, &sized(1, 100)).await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Device registry suite.
+
+async fn registry_add_contains_remove(registry: Arc<dyn DeviceRegistry>) {
+    let dev = device(&fresh_app(), "dev-1");
+    assert!(!registry.contains(&dev).await.unwrap());
+    assert!(registry.add(&dev).await.unwrap(), "new");
+    assert!(!registry.add(&dev).await.unwrap(), "already there");
+    assert!(registry.contains(&dev).await.unwrap());
+    assert!(registry.remove(&dev).await.unwrap());
+    assert!(!registry.remove(&dev).await.unwrap());
+    assert!(!registry.contains(&dev).await.unwrap());
+    registry.ping().await.unwrap();
+}
+
+async fn registry_list_is_sorted_and_per_application(registry: Arc<dyn DeviceRegistry>) {
+    let app = fresh_app();
+    let sibling = AppRef::new(app.tenant.clone(), id("app-2"));
+    let other_tenant = AppRef::new(id(&unique("tenant")), app.app.clone());
+    for d in ["dev-3", "dev-1", "dev-2"] {
+        registry.add(&device(&app, d)).await.unwrap();
+    }
+    registry.add(&device(&sibling, "dev-9")).await.unwrap();
+    registry.add(&device(&other_tenant, "dev-8")).await.unwrap();
+    let names = |ids: Vec<Id>| ids.iter().map(Id::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        names(registry.list(&app).await.unwrap()),
+        ["dev-1", "dev-2", "dev-3"]
+    );
+    assert_eq!(names(registry.list(&sibling).await.unwrap()), ["dev-9"]);
+    assert_eq!(
+        names(registry.list(&other_tenant).await.unwrap()),
+        ["dev-8"]
+    );
+    assert!(!registry.contains(&device(&app, "dev-9")).await.unwrap());
+    assert!(!registry
+        .contains(&device(&other_tenant, "dev-1"))
+        .await
+        .unwrap());
+    // Many devices (more than one SSCAN batch) are all listed.
+    let big = fresh_app();
+    for i in 0..2500 {
+        registry
+            .add(&device(&big, &format!("dev-{i:04}")))
+            .await
+            .unwrap();
+    }
+    let listed = registry.list(&big).await.unwrap();
+    assert_eq!(listed.len(), 2500);
+    assert_eq!(listed[0].as_str(), "dev-0000");
+    assert_eq!(listed[2499].as_str(), "dev-2499");
+}
+
 // ---------------------------------------------------------------------------------------
 // Bus suite.
 
@@ -743,8 +1090,37 @@ async fn redis_keys_use_the_documented_layout() {
     assert!(redis_raw(&redis.url, &["SMEMBERS", &index])
         .await
         .contains(&k.id));
-    let list = format!("{prefix}:down:{}:{}:dev-1", app.tenant, app.app);
+    // A tenant's downlink keys share its Redis Cluster hash tag.
+    let scope = format!("{prefix}:{{t:{}}}", app.tenant);
+    let list = format!("{scope}:down:{}:dev-1", app.app);
     assert_eq!(redis_raw(&redis.url, &["LLEN", &list]).await, ":1\r\n");
+    let ttl = redis_raw(&redis.url, &["TTL", &list]).await;
+    let ttl: i64 = ttl.trim_start_matches(':').trim().parse().unwrap();
+    assert!(
+        ttl > 6 * 24 * 3600,
+        "the default idle expiry is 7 days: {ttl}"
+    );
+    let quota = format!("{scope}:quota");
+    let counters = redis_raw(&redis.url, &["HGETALL", &quota]).await;
+    for field in [
+        "tenant",
+        &format!("app:{}", app.app),
+        &format!("dev:{}:dev-1", app.app),
+    ] {
+        assert!(counters.contains(field), "{field} in {counters}");
+    }
+    let queues = format!("{scope}:queues");
+    assert!(redis_raw(&redis.url, &["ZRANGE", &queues, "0", "-1"])
+        .await
+        .contains(&format!("{}:dev-1", app.app)));
+    let registry = RedisDeviceRegistry::connect(&redis.url, &prefix)
+        .await
+        .unwrap();
+    registry.add(&device(&app, "dev-1")).await.unwrap();
+    let set = format!("{scope}:devices:{}", app.app);
+    assert!(redis_raw(&redis.url, &["SMEMBERS", &set])
+        .await
+        .contains("dev-1"));
 
     store.remove(&k.id).await.unwrap();
     assert_eq!(

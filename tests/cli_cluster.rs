@@ -16,12 +16,9 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
-
 use common::http;
 use common::services::{unique, NatsService, RedisService};
-use common::shell::{correlation_ids, exec, paste, require, shell, until, OutputLines};
+use common::shell::{correlation_ids, exec, paste, require, shell, until, OutputLines, Spawned};
 
 /// One cluster node.
 const SERVE: &str = "lorabroker serve --node-name {node} --mqtt-listen 127.0.0.1:{mqtt_port} --http-listen 127.0.0.1:{http_port} --nats-url {nats} --redis-url {redis}";
@@ -120,11 +117,13 @@ impl World {
 
     /// Runs a command to its end; panics unless it succeeds. Returns stdout.
     async fn run(&self, template: &str) -> String {
-        let out = self
-            .command(template)
-            .output()
-            .await
-            .expect("the command runs");
+        let out = Spawned::start(
+            self.command(template)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .output()
+        .await;
         assert!(
             out.status.success(),
             "{} failed ({}): {}",
@@ -136,13 +135,9 @@ impl World {
     }
 
     /// Starts a long-running command (replacing the shell, so a kill reaches it).
-    fn spawn(&self, template: &str) -> (Child, OutputLines) {
-        let mut child = self
-            .command(&exec(template))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the command starts");
-        let lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    fn spawn(&self, template: &str) -> (Spawned, OutputLines) {
+        let mut child = Spawned::start(self.command(&exec(template)).stdout(Stdio::piped()));
+        let lines = child.stdout_lines();
         (child, lines)
     }
 
@@ -153,12 +148,11 @@ impl World {
         vars.set("node", node);
         vars.set("mqtt_port", "0");
         vars.set("http_port", "0");
-        let mut child = self
-            .command_with(&vars, &exec(template))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("serve starts");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut child = Spawned::start(
+            self.command_with(&vars, &exec(template))
+                .stdout(Stdio::piped()),
+        );
+        let mut lines = child.stdout_lines();
         let (mut mqtt, mut http) = (None, None);
         while mqtt.is_none() || http.is_none() {
             let line = tokio::time::timeout(WAIT, lines.next_line())
@@ -195,7 +189,7 @@ impl World {
 
 /// A `lorabroker serve` child process.
 struct Node {
-    child: Child,
+    child: Spawned,
     mqtt: SocketAddr,
     http: SocketAddr,
 }
@@ -318,22 +312,18 @@ async fn seed_flow_across_two_serve_nodes_with_keys_simulate_and_mosquitto() {
     world.run(KEYS_REVOKE).await;
     let status = tokio::time::timeout(WAIT, sub.wait())
         .await
-        .expect("mosquitto_sub ends once its key is revoked")
-        .expect("mosquitto_sub status");
+        .expect("mosquitto_sub ends once its key is revoked");
     assert!(!status.success(), "{status}");
     wait_for_connections(&node1, 0).await;
-    let refused = paste(&world.vars.fill(PUB))
-        .wait_with_output()
-        .await
-        .expect("mosquitto_pub runs");
+    let refused = paste(&world.vars.fill(PUB)).output().await;
     assert!(
         !refused.status.success(),
         "a revoked key still publishes through node 2"
     );
 
-    let _ = simulate.kill().await;
+    simulate.stop().await;
     for mut node in [node1, node2] {
-        let _ = node.child.kill().await;
+        node.child.stop().await;
     }
 }
 
@@ -381,8 +371,7 @@ async fn single_tenant_serve_takes_bare_application_usernames() {
     let refused = paste(&world.vars.fill(
         "mosquitto_pub -h 127.0.0.1 -p {mqtt_port_2} -u '{app}@{tenant}' -P '{key}' -t 'v3/{app}@{tenant}/devices/dev1/down/push' -m '{}'",
     ))
-    .wait_with_output()
-    .await
-    .expect("mosquitto_pub runs");
+    .output()
+    .await;
     assert!(!refused.status.success());
 }

@@ -56,7 +56,7 @@ async fn upstream(env: &TestEnv) -> Upstream {
     let backends = Backends::from_config(&env.config(), "test-upstream")
         .await
         .expect("upstream backends");
-    let upstream = Upstream::new(backends.bus, backends.queue);
+    let upstream = Upstream::from_backends(&backends);
     eventually("upstream connected to NATS", WAIT, || async {
         upstream.flush().await
     })
@@ -121,10 +121,10 @@ fn correlation_ids(doc: &Value) -> Vec<String> {
 }
 
 /// The Redis list of `dev`'s downlink queue, read with a raw command behind the broker's
-/// back, under the documented name `{prefix}:down:{tenant}:{app}:{dev}`.
+/// back, under the documented name `{prefix}:{t:<tenant>}:down:<app>:<dev>`.
 async fn redis_queue(env: &TestEnv, dev: &DeviceRef) -> Vec<Value> {
     let list = format!(
-        "{}:down:{}:{}:{}",
+        "{}:{{t:{}}}:down:{}:{}",
         env.prefix, dev.app.tenant, dev.app.app, dev.device
     );
     let redis = env.redis.as_ref().expect("the cluster backend has Redis");
@@ -674,23 +674,23 @@ async fn redis_down_cached_keys_connect_others_get_3_downlinks_fail_then_all_rec
         Some(ConnectReturnCode::ServiceUnavailable)
     );
     eprintln!("CONNACK 3 in {:?} with Redis down", asked.elapsed());
-    // A two-item push fails as a whole and says why, per item.
+    // A two-item push fails as a whole and says why, in one event carrying both items.
     pusher
         .publish(
             &format!("v3/{uid}/devices/dev1/down/push"),
-            r#"{"downlinks":[{"f_port":1,"correlation_ids":["first"]},{"f_port":2,"correlation_ids":["second"]}]}"#,
+            r#"{"downlinks":[{"f_port":1,"frm_payload":"AQ==","correlation_ids":["first"]},{"f_port":2,"frm_payload":"Ag==","correlation_ids":["second"]}]}"#,
         )
         .await;
-    for expected in ["first", "second"] {
-        let failed = watcher.next_on("/devices/dev1/down/failed").await;
-        let error = &failed["downlink_failed"]["error"];
-        assert_eq!(error["name"], "queue_unavailable", "{failed}");
-        assert_eq!(error["code"], 14, "{failed}");
-        assert!(
-            correlation_ids(&failed).contains(&expected.to_owned()),
-            "{failed}"
-        );
-    }
+    let failed = watcher.next_on("/devices/dev1/down/failed").await;
+    let error = &failed["downlink_failed"]["error"];
+    assert_eq!(error["name"], "queue_unavailable", "{failed}");
+    assert_eq!(error["code"], 14, "{failed}");
+    assert!(
+        correlation_ids(&failed).contains(&"first".to_owned()),
+        "{failed}"
+    );
+    let items = &failed["downlink_failed"]["downlinks"];
+    assert_eq!(items[1]["correlation_ids"][0], "second", "{failed}");
     // The clients connected before the outage are still connected.
     watcher.expect_silence(SILENCE).await;
 

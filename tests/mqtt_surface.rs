@@ -601,7 +601,7 @@ async fn downlink_push_and_replace_reach_the_queue_and_events(backend: Backend) 
     publisher
         .publish(
             &format!("v3/{uid}/devices/dev1/down/replace"),
-            push_body(json!([{"f_port": 9}])),
+            push_body(json!([{"f_port": 9, "frm_payload": "CQ=="}])),
         )
         .await;
     assert_eq!(
@@ -625,7 +625,7 @@ async fn downlink_push_and_replace_reach_the_queue_and_events(backend: Backend) 
             &format!("v3/{uid}/devices/dev2/down/push"),
             QoS::AtLeastOnce,
             false,
-            push_body(json!([{"f_port": 3}])),
+            push_body(json!([{"f_port": 3, "frm_payload": "Aw=="}])),
         )
         .await
         .unwrap();
@@ -693,12 +693,18 @@ async fn rejected_downlinks_publish_down_failed_and_enqueue_nothing(backend: Bac
 
     // Overflow: 2 fit, the next push of 2 is rejected whole.
     publisher
-        .publish(&topic, push_body(json!([{"f_port": 1}, {"f_port": 2}])))
+        .publish(
+            &topic,
+            push_body(json!([{"f_port": 1, "frm_payload": ""}, {"f_port": 2, "frm_payload": ""}])),
+        )
         .await;
     sub.next_on("/down/queued").await;
     sub.next_on("/down/queued").await;
     publisher
-        .publish(&topic, push_body(json!([{"f_port": 3}, {"f_port": 4}])))
+        .publish(
+            &topic,
+            push_body(json!([{"f_port": 3, "frm_payload": ""}, {"f_port": 4, "frm_payload": ""}])),
+        )
         .await;
     let failed = sub.next_on("/down/failed").await;
     assert!(
@@ -785,7 +791,7 @@ async fn wills_are_kept_only_on_writable_topics(backend: Backend) {
     let mut packet = BytesMut::new();
     let will = mqttbytes::v4::LastWill::new(
         format!("v3/{uid}/devices/dev1/down/push"),
-        br#"{"downlinks":[{"f_port":7}]}"#.to_vec(),
+        br#"{"downlinks":[{"f_port":7,"frm_payload":"Bw=="}]}"#.to_vec(),
         mqttbytes::QoS::AtMostOnce,
         false,
     );
@@ -846,7 +852,7 @@ async fn single_tenant_mode_uses_bare_application_ids(backend: Backend) {
     assert_eq!(c.next_publish().await.0, "v3/app1/devices/dev1/up");
     c.publish(
         "v3/app1/devices/dev1/down/push",
-        push_body(json!([{"f_port": 5}])),
+        push_body(json!([{"f_port": 5, "frm_payload": "BQ=="}])),
     )
     .await;
     let dev1 = dev(&env, "app1", "dev1");

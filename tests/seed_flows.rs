@@ -8,16 +8,15 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use common::shell::{correlation_ids, exec, paste, require, until};
+use common::shell::{correlation_ids, paste, require, until, Spawned};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A running `lorabroker dev` and the commands its banner printed.
 struct Dev {
-    child: Child,
+    process: Spawned,
     sub: String,
     publish: String,
     api_key: String,
@@ -26,26 +25,24 @@ struct Dev {
 async fn start_dev(extra: &[&str]) -> Dev {
     require("mosquitto_sub");
     require("mosquitto_pub");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lorabroker"))
-        .args([
-            "dev",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--devices",
-            "2",
-            "--uplink-interval",
-            "400ms",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("lorabroker dev starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
+    let mut process = Spawned::start(
+        Command::new(env!("CARGO_BIN_EXE_lorabroker"))
+            .args([
+                "dev",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--devices",
+                "2",
+                "--uplink-interval",
+                "400ms",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped()),
+    );
+    let mut lines = process.stdout_lines();
     let (mut sub, mut publish, mut api_key) = (None, None, None);
     while publish.is_none() {
         let line = tokio::time::timeout(WAIT, lines.next_line())
@@ -63,7 +60,7 @@ async fn start_dev(extra: &[&str]) -> Dev {
         }
     }
     Dev {
-        child,
+        process,
         sub: sub.expect("banner prints a mosquitto_sub command"),
         publish: publish.expect("banner prints a mosquitto_pub command"),
         api_key: api_key.expect("banner prints the API key"),
@@ -75,9 +72,8 @@ async fn seed_flows(extra: &[&str], uid: &str) {
     assert!(dev.api_key.starts_with("NNSXS."), "{}", dev.api_key);
     assert!(dev.sub.contains(&format!("-u '{uid}'")), "{}", dev.sub);
 
-    // `exec`, so that killing the child stops mosquitto_sub rather than only its shell.
-    let mut sub = paste(&exec(&dev.sub));
-    let mut lines = BufReader::new(sub.stdout.take().expect("piped")).lines();
+    let mut sub = paste(&dev.sub);
+    let mut lines = sub.stdout_lines();
 
     // Joins and uplinks, in the seed's JSON.
     let (topic, join) = until(&mut lines, "/join", WAIT).await;
@@ -117,10 +113,7 @@ async fn seed_flows(extra: &[&str], uid: &str) {
     );
 
     // The printed downlink command: queued, then sent and acknowledged by dev1.
-    let output = paste(&dev.publish)
-        .wait_with_output()
-        .await
-        .expect("mosquitto_pub runs");
+    let output = paste(&dev.publish).output().await;
     assert!(
         output.status.success(),
         "mosquitto_pub failed: {}",
@@ -147,8 +140,8 @@ async fn seed_flows(extra: &[&str], uid: &str) {
     assert_eq!(ack["downlink_ack"]["frm_payload"], "vu8=");
     assert_eq!(ack["downlink_ack"]["confirmed"], true);
 
-    let _ = sub.kill().await;
-    let _ = dev.child.kill().await;
+    sub.stop().await;
+    dev.process.stop().await;
 }
 
 #[tokio::test]
@@ -167,7 +160,64 @@ async fn dev_accepts_a_given_api_key() {
     let mut dev = start_dev(&["--api-key", &key]).await;
     assert_eq!(dev.api_key, key);
     assert!(dev.sub.contains(&key));
-    let _ = dev.child.kill().await;
+    dev.process.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Test hygiene (issue 11): the guard every test spawns its processes with leaves nothing
+// running, and fails the test that would.
+
+/// Whether process `pid` is alive (a zombie is not).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|s| s != "Z" && s != "X")
+        })
+        .unwrap_or(false)
+}
+
+async fn until_dead(pid: &str) {
+    common::wait::eventually("the process dies", Duration::from_secs(5), || async {
+        if alive(pid) {
+            Err("alive")
+        } else {
+            Ok(())
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn dropping_a_spawned_shell_kills_what_it_started() {
+    // No `exec`: the shell stays in front of its two sleeps, as in the leak of issue 11.
+    let mut process = Spawned::start(
+        common::shell::shell("sleep 1000 & echo $!; sleep 1000").stdout(Stdio::piped()),
+    );
+    let mut lines = process.stdout_lines();
+    let background = lines.next_line().await.unwrap().expect("the PID");
+    assert!(alive(&background));
+    drop(process);
+    until_dead(&background).await;
+}
+
+#[tokio::test]
+async fn a_command_that_leaves_a_process_running_fails_its_test() {
+    let mut process =
+        Spawned::start(common::shell::shell("sleep 1000 & echo $!; exit 0").stdout(Stdio::piped()));
+    let mut lines = process.stdout_lines();
+    let background = lines.next_line().await.unwrap().expect("the PID");
+    let waited = tokio::spawn(async move { process.wait().await }).await;
+    let panic = waited.expect_err("wait() fails when the group outlives the child");
+    let message = panic
+        .into_panic()
+        .downcast::<String>()
+        .map(|m| *m)
+        .unwrap_or_default();
+    assert!(message.contains("left processes running"), "{message}");
+    assert!(message.contains("sleep 1000"), "{message}");
+    until_dead(&background).await;
 }
 
 /// What a newcomer's other mosquitto commands do (issue 8): a subscriber with a status
@@ -177,18 +227,17 @@ async fn dev_accepts_a_given_api_key() {
 #[tokio::test]
 async fn mosquitto_clients_with_wills_typos_qos_2_and_other_versions() {
     let mut dev = start_dev(&[]).await;
-    let mut sub = paste(&exec(&format!(
+    let mut sub = paste(&format!(
         "{} --will-topic homeassistant/status --will-payload offline --will-qos 1 --will-retain",
         dev.sub
-    )));
-    let mut lines = BufReader::new(sub.stdout.take().expect("piped")).lines();
+    ));
+    let mut lines = sub.stdout_lines();
     until(&mut lines, "/up", WAIT).await;
 
     let run = |command: String| async move {
-        let output = tokio::time::timeout(WAIT, paste(&command).wait_with_output())
+        let output = tokio::time::timeout(WAIT, paste(&command).output())
             .await
-            .unwrap_or_else(|_| panic!("still running after {WAIT:?}: {command}"))
-            .expect("the command runs");
+            .unwrap_or_else(|_| panic!("still running after {WAIT:?}: {command}"));
         (
             output.status.code(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -225,6 +274,6 @@ async fn mosquitto_clients_with_wills_typos_qos_2_and_other_versions() {
 
     // The subscriber with its status will is still there.
     until(&mut lines, "/up", WAIT).await;
-    let _ = sub.kill().await;
-    let _ = dev.child.kill().await;
+    sub.stop().await;
+    dev.process.stop().await;
 }

@@ -214,7 +214,7 @@ impl Session {
             tracing::debug!(topic = %Bounded::id(topic), reason, "PUBLISH dropped");
         }
         if let Some((device, error)) = failed {
-            self.app.downlinks.report_refused(&device, &error).await;
+            self.app.downlinks.report_refused(&device, error).await;
         }
     }
 

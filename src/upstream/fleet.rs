@@ -1,6 +1,8 @@
 //! The simulated fleet: devices that join, send uplinks, and take their downlinks.
 //!
-//! Each device runs as its own task. It joins, then every `uplink_interval` sends an uplink
+//! The fleet first registers its devices in the device registry (retrying while the
+//! backend is away), as an upstream must before the broker accepts their downlinks. Each
+//! device then runs as its own task. It joins, then every `uplink_interval` sends an uplink
 //! and, like a class A device, takes its next queued downlink in the receive window after
 //! it: `down/sent`, then `down/ack` when the downlink was confirmed. Devices rejoin every
 //! [`REJOIN_EVERY`] uplinks, so a subscriber that arrives late still sees joins.
@@ -26,15 +28,52 @@ pub struct FleetConfig {
     pub uplink_interval: Duration,
 }
 
-/// Runs the fleet until `stop` is cancelled. Backend errors are logged and the device
-/// carries on with its next uplink, as a real network would.
+/// How long the fleet waits before registering again when the registry failed.
+const REGISTER_RETRY: Duration = Duration::from_secs(1);
+
+/// The devices of the fleet: `dev1`…`devN` of the application.
+pub fn fleet_devices(config: &FleetConfig) -> Vec<DeviceRef> {
+    (1..=config.devices)
+        .filter_map(|i| Id::parse(&format!("dev{i}")).ok())
+        .map(|id| DeviceRef::new(config.app.clone(), id))
+        .collect()
+}
+
+/// Registers `devices`, retrying every [`REGISTER_RETRY`] while the registry is away.
+/// Returns false when `stop` came first.
+async fn register_all(
+    upstream: &Upstream,
+    devices: &[DeviceRef],
+    stop: &CancellationToken,
+) -> bool {
+    for device in devices {
+        loop {
+            match upstream.register(device).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(device = %device.device, error = %e, "device not registered, retrying")
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(REGISTER_RETRY) => {}
+            }
+        }
+    }
+    true
+}
+
+/// Runs the fleet until `stop` is cancelled: registers the devices, then runs them.
+/// Backend errors are logged and the device carries on with its next uplink, as a real
+/// network would.
 pub async fn run_fleet(upstream: Upstream, config: FleetConfig, stop: CancellationToken) {
+    let devices = fleet_devices(&config);
+    if !register_all(&upstream, &devices, &stop).await {
+        return;
+    }
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 1..=config.devices {
-        let Ok(id) = Id::parse(&format!("dev{i}")) else {
-            continue;
-        };
-        let device = SimDevice::new(DeviceRef::new(config.app.clone(), id), i);
+    for (device, i) in devices.into_iter().zip(1..) {
+        let device = SimDevice::new(device, i);
         // Spread the devices over one interval so uplinks do not arrive in bursts.
         let offset = config
             .uplink_interval
@@ -108,6 +147,7 @@ async fn publish(upstream: &Upstream, device: &DeviceRef, event: Event, doc: &se
 mod tests {
     use super::*;
     use crate::bus::{Bus, EmbeddedBus};
+    use crate::devices::{DeviceRegistry, MemoryDeviceRegistry};
     use crate::downlink::{DownlinkQueue, MemoryDownlinkQueue};
     use futures::StreamExt;
     use serde_json::Value;
@@ -117,6 +157,7 @@ mod tests {
     async fn devices_join_uplink_and_serve_confirmed_downlinks() {
         let bus = Arc::new(EmbeddedBus::new());
         let queue = Arc::new(MemoryDownlinkQueue::new(10));
+        let devices = Arc::new(MemoryDeviceRegistry::new());
         let app = AppRef::new(Id::parse("tenant1").unwrap(), Id::parse("app1").unwrap());
         let dev1 = DeviceRef::new(app.clone(), Id::parse("dev1").unwrap());
         queue
@@ -132,7 +173,7 @@ mod tests {
             .unwrap();
         let stop = CancellationToken::new();
         let fleet = tokio::spawn(run_fleet(
-            Upstream::new(bus.clone(), queue.clone()),
+            Upstream::new(bus.clone(), queue.clone(), devices.clone()),
             FleetConfig {
                 app,
                 devices: 2,
@@ -150,6 +191,15 @@ mod tests {
             subjects.push(msg.subject.rsplit_once("dev1.").unwrap().1.to_owned());
         }
         assert_eq!(subjects, ["join", "up", "down.sent", "down.ack"]);
+        // The fleet registered the devices it serves.
+        let registered: Vec<String> = devices
+            .list(&dev1.app)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(registered, ["dev1", "dev2"]);
         stop.cancel();
         fleet.await.unwrap();
         assert!(queue.list(&dev1).await.unwrap().is_empty());

@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 use lorabroker::app::{App, Backends};
 use lorabroker::auth::{create_key, Rights};
 use lorabroker::config::Config;
+use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
-use lorabroker::topic::{AppRef, Id};
+use lorabroker::topic::{AppRef, DeviceRef, Id};
 use lorabroker::upstream::Upstream;
 
 use super::services::{unique, NatsService, RedisService};
@@ -79,6 +80,9 @@ impl TestEnv {
         c.http.listen = "127.0.0.1:0".into();
         c.redis.key_prefix = self.prefix.clone();
         c.shutdown.grace_period = Duration::from_millis(500);
+        // Tests about something else push to devices that nobody registered; the tests of
+        // the device registry turn the check back on (or register with `register_device`).
+        c.downlink.require_known_device = false;
         if let (Some(r), Some(n)) = (&self.redis, &self.nats) {
             c.redis.url = r.url.clone();
             c.nats.url = n.url.clone();
@@ -97,7 +101,9 @@ impl TestEnv {
         tweak(&mut config);
         config.validate().expect("test config is valid");
         let backends = match self.backend {
-            Backend::Embedded => Backends::embedded(config.downlink.queue_capacity),
+            Backend::Embedded => {
+                Backends::embedded_with(QueueLimits::from_config(&config.downlink))
+            }
             Backend::Cluster => Backends::from_config(&config, "test-node")
                 .await
                 .expect("cluster backends"),
@@ -149,7 +155,19 @@ impl TestNode {
 
     /// The upstream side of this node's backends.
     pub fn upstream(&self) -> Upstream {
-        Upstream::new(self.app.bus.clone(), self.app.queue.clone())
+        Upstream::new(
+            self.app.bus.clone(),
+            self.app.queue.clone(),
+            self.app.devices.clone(),
+        )
+    }
+
+    /// Registers `device` in this node's device registry, as its upstream would.
+    pub async fn register_device(&self, device: &DeviceRef) {
+        self.upstream()
+            .register(device)
+            .await
+            .expect("device registered");
     }
 
     /// The MQTT username of `app` on this node.

@@ -2,12 +2,17 @@
 //! over D devices; one more client subscribes to the application's `down/queued` events.
 //! Each push carries a correlation ID `lbload:<send time>`, which the broker copies into
 //! the event, so push→event latency is measured; the Redis queue lengths are read at the
-//! end and must add up to what was pushed.
+//! end and must add up to what was pushed. The devices are registered first, as their
+//! upstream would (the cluster refuses downlinks to unregistered devices).
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::BytesMut;
+use lorabroker::devices::redis::RedisDeviceRegistry;
+use lorabroker::devices::DeviceRegistry;
+use lorabroker::downlink::redis::list_key;
+use lorabroker::topic::{AppRef, DeviceRef, Id};
 
 use crate::clients::{close_all, connect_many};
 use crate::payload::{find_correlation_time, now_us};
@@ -37,6 +42,7 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
         target.is_lorabroker(),
         "the downlink scenario needs a lorabroker cluster (--redis-url, --nats-url)"
     );
+    register_devices(target, shape.devices.max(1)).await?;
     let logins = target.logins(1, false).await?;
     let events = format!("v3/{}/devices/+/down/queued", target.uid());
     let mut listener = connect_many(target, 1, logins.as_deref(), |_| Some(events.clone()), 1)
@@ -127,6 +133,22 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
     Ok(r)
 }
 
+/// The `i`-th device of the load's application.
+fn device_ref(target: &Target, i: usize) -> anyhow::Result<DeviceRef> {
+    let app = AppRef::new(Id::parse(&target.tenant)?, Id::parse(&target.app)?);
+    Ok(DeviceRef::new(app, Id::parse(&Target::device(i))?))
+}
+
+/// Registers the load's devices in the cluster's device registry.
+async fn register_devices(target: &Target, devices: usize) -> anyhow::Result<()> {
+    let url = target.redis_url.as_deref().context("no Redis URL")?;
+    let registry = RedisDeviceRegistry::connect(url, &target.redis_prefix).await?;
+    for i in 0..devices {
+        registry.add(&device_ref(target, i)?).await?;
+    }
+    Ok(())
+}
+
 /// Sum of the lengths of the devices' downlink queues in Redis.
 async fn queue_lengths(target: &Target, devices: usize) -> anyhow::Result<u64> {
     let url = target.redis_url.as_deref().context("no Redis URL")?;
@@ -134,13 +156,8 @@ async fn queue_lengths(target: &Target, devices: usize) -> anyhow::Result<u64> {
     let mut conn = client.get_multiplexed_async_connection().await?;
     let mut pipe = redis::pipe();
     for i in 0..devices {
-        pipe.cmd("LLEN").arg(format!(
-            "{}:down:{}:{}:{}",
-            target.redis_prefix,
-            target.tenant,
-            target.app,
-            Target::device(i)
-        ));
+        pipe.cmd("LLEN")
+            .arg(list_key(&target.redis_prefix, &device_ref(target, i)?));
     }
     let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
     Ok(lens.into_iter().sum())

@@ -232,8 +232,11 @@ async fn create(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        // 413 for a body over http.max_body_bytes, 400 or 415 for the others.
-        Err(e) => return error(e.status(), e.body_text()),
+        // 413 for a body over http.max_body_bytes, 400 for the others.
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(e.status(), e.body_text())
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let application = match app.tenancy.parse_app(&app_uid) {
         Ok(a) => a,

@@ -16,10 +16,18 @@ use crate::downlink::{
     DownlinkQueue, DownlinkService, MemoryDownlinkQueue, QueueError, QueueLimits, ServiceSettings,
 };
 use crate::limits::{Limits, MemoryQuotaStore, QuotaError, QuotaStore};
-use crate::metrics::Metrics;
+use crate::log::LogLimiter;
+use crate::metrics::{Metrics, ReasonLabels};
+use crate::mqtt::admission::Admission;
 use crate::registry::Registry;
 use crate::router::Router;
 use crate::topic::Tenancy;
+
+/// One refusal line per peer (IP address) per this interval; the others are counted in
+/// `lorabroker_log_lines_suppressed_total` and reported by the next line.
+const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Peers the refusal log limiter remembers (about 100 bytes each).
+const REFUSAL_LOG_PEERS: usize = 10_000;
 
 /// Why the backends could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +142,10 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Set when the node starts draining.
     pub draining: AtomicBool,
+    /// The bounds on pending handshakes and established connections.
+    pub admission: Admission,
+    /// One refusal log line per peer per interval.
+    pub refusal_log: LogLimiter,
 }
 
 impl App {
@@ -149,6 +161,19 @@ impl App {
                 capacity: config.auth.cache_capacity,
             },
         ));
+        backends.bus.count_drops_in(
+            metrics
+                .bus_dropped
+                .get_or_create(&ReasonLabels {
+                    reason: "slow_consumer",
+                })
+                .clone(),
+        );
+        let admission = Admission::new(
+            config.mqtt.max_connections,
+            config.mqtt.max_pending_handshakes,
+            metrics.pending_handshakes.clone(),
+        );
         Arc::new(Self {
             node_id: format!("{}-{}", config.node_name, ulid::Ulid::new()),
             router: Router::new(backends.bus.clone(), tenancy.clone(), metrics.clone()),
@@ -172,6 +197,8 @@ impl App {
             )),
             metrics,
             draining: AtomicBool::new(false),
+            admission,
+            refusal_log: LogLimiter::new(REFUSAL_LOG_INTERVAL, REFUSAL_LOG_PEERS),
             config,
         })
     }

@@ -96,6 +96,13 @@ pub struct MqttConfig {
     /// Longest keepalive a client is held to; a client asking 0 (none) or more gets this.
     #[serde(with = "humantime_serde")]
     pub max_keepalive: Duration,
+    /// Largest CONNECT packet (remaining length, bytes), checked as soon as the fixed
+    /// header is readable: an unauthenticated socket never makes the node buffer more.
+    /// `max_packet_size` applies too when it is smaller.
+    pub max_connect_size: usize,
+    /// Most sockets waiting for their CONNECT at once, apart from `max_connections`; when
+    /// full, the oldest waiting socket is closed to make room for the new one.
+    pub max_pending_handshakes: usize,
 }
 
 /// `[http]`
@@ -106,6 +113,18 @@ pub struct HttpConfig {
     pub listen: String,
     /// Bearer token of the admin API; empty disables the admin API.
     pub admin_token: String,
+    /// Address of a second listener serving only `/healthz`, `/readyz` and `/metrics`;
+    /// empty serves them on `listen` only.
+    pub metrics_listen: String,
+    /// Bearer token `/metrics` requires; empty leaves it open.
+    pub metrics_token: String,
+    /// Time a client has to send a request's headers; slower connections are closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request body (bytes); larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Most concurrent HTTP connections per listener; further ones wait in the backlog.
+    pub max_connections: usize,
 }
 
 /// `[tenancy]`
@@ -222,6 +241,8 @@ impl Default for MqttConfig {
             write_timeout: Duration::from_secs(30),
             max_inflight_qos2: 64,
             max_keepalive: Duration::from_secs(3600),
+            max_connect_size: 4096,
+            max_pending_handshakes: 1024,
         }
     }
 }
@@ -231,6 +252,11 @@ impl Default for HttpConfig {
         Self {
             listen: "0.0.0.0:8080".into(),
             admin_token: String::new(),
+            metrics_listen: String::new(),
+            metrics_token: String::new(),
+            header_read_timeout: Duration::from_secs(10),
+            max_body_bytes: 64 * 1024,
+            max_connections: 1024,
         }
     }
 }
@@ -364,6 +390,40 @@ impl Config {
                 "mqtt.max_inflight_qos2: {} out of range 1..=65535",
                 self.mqtt.max_inflight_qos2
             ),
+        );
+        check(
+            (64..=268_435_455).contains(&self.mqtt.max_connect_size),
+            format!(
+                "mqtt.max_connect_size: {} out of range 64..=268435455",
+                self.mqtt.max_connect_size
+            ),
+        );
+        check(
+            self.mqtt.max_pending_handshakes > 0,
+            "mqtt.max_pending_handshakes: must be at least 1".into(),
+        );
+        check(
+            self.http.metrics_listen.is_empty()
+                || self.http.metrics_listen.parse::<SocketAddr>().is_ok(),
+            format!(
+                "http.metrics_listen: {:?} is neither empty nor an address like 0.0.0.0:9090",
+                self.http.metrics_listen
+            ),
+        );
+        check(
+            !self.http.header_read_timeout.is_zero(),
+            "http.header_read_timeout: must be more than 0s".into(),
+        );
+        check(
+            self.http.max_body_bytes >= 1024,
+            format!(
+                "http.max_body_bytes: {} is less than 1024",
+                self.http.max_body_bytes
+            ),
+        );
+        check(
+            self.http.max_connections > 0,
+            "http.max_connections: must be at least 1".into(),
         );
         check(
             matches!(self.tenancy.mode.as_str(), "single" | "multi"),

@@ -1,6 +1,11 @@
 //! The HTTP surface of a node (DESIGN §8): `/healthz` (alive), `/readyz` (backends
-//! reachable, not draining), `/metrics` (Prometheus) and the admin API for keys, behind a
-//! bearer token (disabled when `http.admin_token` is empty).
+//! reachable, not draining), `/metrics` (Prometheus, behind `http.metrics_token` when set)
+//! and the admin API for keys, behind a bearer token (disabled when `http.admin_token` is
+//! empty). The probes can also be served on a listener of their own
+//! (`http.metrics_listen`), apart from the admin API.
+//!
+//! Hardened against clients that hold connections: a header-read timeout, a body limit and
+//! a cap on concurrent connections per listener ([`serve`]).
 //!
 //! Admin API:
 //! - `POST /api/v1/applications/{app}/keys` `{"rights":[…],"name":"…","expires_in":"30d"}`
@@ -17,17 +22,22 @@
 //! `{app}` is written as in usernames: `{app}@{tenant}` or `{app}`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
@@ -35,17 +45,85 @@ use crate::auth::{create_key, KeyView, Rights};
 use crate::cluster::revoke_key;
 use crate::topic::{AppRef, DeviceRef, Id};
 
-/// Serves HTTP on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "HTTP server failed");
+/// Serves HTTP on `listener` until `shutdown` is cancelled: the whole API, or with
+/// `probes_only` just `/healthz`, `/readyz` and `/metrics` (the `http.metrics_listen`
+/// listener).
+///
+/// Each connection gets `http.header_read_timeout` to send a request's headers and bodies
+/// are cut at `http.max_body_bytes` (413); at most `http.max_connections` are served at
+/// once, further ones wait in the listen backlog.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    probes_only: bool,
+    shutdown: CancellationToken,
+) {
+    let routes = if probes_only {
+        probes(app.clone())
+    } else {
+        router(app.clone())
+    };
+    let limit = Arc::new(Semaphore::new(app.config.http.max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.http.header_read_timeout);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(routes.clone());
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let (shutdown, gauge) = (shutdown.clone(), app.metrics.http_connections.clone());
+        gauge.inc();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            gauge.dec();
+            drop(permit);
+        });
     }
+    // Every connection holds a permit until it is done.
+    let _ = limit
+        .acquire_many(app.config.http.max_connections as u32)
+        .await;
 }
 
-/// The HTTP routes of a node.
+/// The probe routes: `/healthz`, `/readyz`, `/metrics`.
+fn probes(app: Arc<App>) -> Router {
+    let metrics_route = Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_metrics));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(metrics_route)
+        .layer(DefaultBodyLimit::max(app.config.http.max_body_bytes))
+        .with_state(app)
+}
+
+/// The HTTP routes of a node: the probes and the admin API.
 pub fn router(app: Arc<App>) -> Router {
     let admin = Router::new()
         .route(
@@ -63,14 +141,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         // `route_layer`: the token guards these routes only. A `layer` would also wrap the
         // router's fallback, and every unknown path would answer with admin-API errors.
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .merge(admin)
-        .fallback(not_found)
-        .with_state(app)
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_admin))
+        .layer(DefaultBodyLimit::max(app.config.http.max_body_bytes))
+        .with_state(app.clone());
+    probes(app).merge(admin).fallback(not_found)
 }
 
 /// Any path that is not a route: a plain 404, whoever asks.
@@ -105,23 +179,46 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn require_admin(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let token = app.config.http.admin_token.as_bytes();
+    let token = &app.config.http.admin_token;
     if token.is_empty() {
         return error(
             StatusCode::NOT_FOUND,
             "the admin API is disabled (http.admin_token is empty)",
         );
     }
-    let presented = request
+    if !token_matches(bearer(&request), token) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
+    }
+    next.run(request).await
+}
+
+async fn require_metrics(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let token = &app.config.http.metrics_token;
+    if !token.is_empty() && !token_matches(bearer(&request), token) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong metrics token");
+    }
+    next.run(request).await
+}
+
+/// The bearer token of a request, empty if there is none.
+fn bearer(request: &Request) -> &str {
+    request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !bool::from(presented.as_bytes().ct_eq(token)) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
-    }
-    next.run(request).await
+        .unwrap_or("")
+}
+
+/// Whether `presented` is `expected`, in a time that depends on neither: both are hashed
+/// first, so not even the length of the expected token leaks (a plain constant-time
+/// comparison returns early on a length mismatch).
+fn token_matches(presented: &str, expected: &str) -> bool {
+    let (p, e) = (
+        Sha256::digest(presented.as_bytes()),
+        Sha256::digest(expected.as_bytes()),
+    );
+    bool::from(p.as_slice().ct_eq(e.as_slice()))
 }
 
 #[derive(Deserialize)]
@@ -142,6 +239,10 @@ async fn create(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
+        // 413 for a body over http.max_body_bytes, 400 for the others.
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(e.status(), e.body_text())
+        }
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let application = match app.tenancy.parse_app(&app_uid) {
@@ -285,5 +386,23 @@ async fn remove_device(
             StatusCode::NOT_FOUND,
             format!("end device {} not found", device.device),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(token_matches("s3cret-token", "s3cret-token"));
+        assert!(!token_matches("s3cret-tokeN", "s3cret-token"));
+        assert!(
+            !token_matches("s3cret", "s3cret-token"),
+            "a prefix is not the token"
+        );
+        assert!(!token_matches("s3cret-token-and-more", "s3cret-token"));
+        assert!(!token_matches("", "s3cret-token"));
+        assert!(token_matches("", ""));
     }
 }

@@ -28,6 +28,7 @@ pub mod downlink;
 pub mod health;
 pub mod http;
 pub mod limits;
+pub mod log;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;

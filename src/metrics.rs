@@ -92,6 +92,16 @@ pub struct Metrics {
     pub quota_refused: Family<ScopeLabels, Counter>,
     /// Connection quota operations that failed (the store unreachable; logins fail open).
     pub quota_unavailable: Counter,
+    /// Sockets waiting for their CONNECT (bounded by `mqtt.max_pending_handshakes`).
+    pub pending_handshakes: Gauge,
+    /// Bus messages lost before they reached this node's routers, by reason
+    /// (`slow_consumer`: a NATS subscription's buffer was full; the application is not
+    /// known there).
+    pub bus_dropped: Family<ReasonLabels, Counter>,
+    /// Log lines about refusals held back by the per-peer log limiter.
+    pub log_lines_suppressed: Counter,
+    /// Open HTTP connections, all listeners (bounded by `http.max_connections` each).
+    pub http_connections: Gauge,
 }
 
 impl Default for Metrics {
@@ -111,6 +121,10 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             quota_refused: Family::default(),
             quota_unavailable: Counter::default(),
+            pending_handshakes: Gauge::default(),
+            bus_dropped: Family::default(),
+            log_lines_suppressed: Counter::default(),
+            http_connections: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -177,6 +191,26 @@ impl Default for Metrics {
             "quota_unavailable",
             "Connection quota operations that failed because the store was unreachable (logins fail open)",
             m.quota_unavailable.clone(),
+        );
+        registry.register(
+            "pending_handshakes",
+            "Sockets waiting for their CONNECT",
+            m.pending_handshakes.clone(),
+        );
+        registry.register(
+            "bus_dropped",
+            "Bus messages lost before reaching this node's routers, by reason",
+            m.bus_dropped.clone(),
+        );
+        registry.register(
+            "log_lines_suppressed",
+            "Refusal log lines held back by the per-peer log limiter",
+            m.log_lines_suppressed.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "Open HTTP connections",
+            m.http_connections.clone(),
         );
         Metrics { registry, ..m }
     }

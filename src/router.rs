@@ -22,7 +22,8 @@ use parking_lot::{Mutex, RwLock};
 use tokio::task::AbortHandle;
 
 use crate::bus::{Bus, BusError, BusMessage, Subscription};
-use crate::metrics::{AppLabels, Metrics};
+use crate::log::Bounded;
+use crate::metrics::{AppLabels, Metrics, ReasonLabels};
 use crate::mqtt::codec::encode_publish;
 use crate::mqtt::outbox::Outbox;
 use crate::topic::{parse_subject_rest, AppRef, Filter, Tenancy};
@@ -186,7 +187,7 @@ impl AppState {
             return 0;
         };
         let Some(event) = parse_subject_rest(rest) else {
-            tracing::debug!(subject = %msg.subject, "ignoring a message on a subject that is no device event");
+            tracing::debug!(subject = %Bounded::id(&msg.subject), "ignoring a message on a subject that is no device event");
             return 0;
         };
         let mut encoded: Option<Bytes> = None;
@@ -201,7 +202,13 @@ impl AppState {
                     None => match encode_publish(&self.topic_prefix, rest, b'.', &msg.payload) {
                         Some(p) => encoded.insert(p).clone(),
                         None => {
-                            tracing::warn!(subject = %msg.subject, len = msg.payload.len(), "message too large to frame as MQTT");
+                            tracing::warn!(subject = %Bounded::id(&msg.subject), len = msg.payload.len(), "message too large to frame as MQTT");
+                            metrics
+                                .bus_dropped
+                                .get_or_create(&ReasonLabels {
+                                    reason: "too_large_for_mqtt",
+                                })
+                                .inc();
                             too_large = true;
                             return;
                         }

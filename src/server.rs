@@ -5,13 +5,11 @@
 //! listener closes at once; connected clients are told to close spread evenly over the
 //! grace period; then the process may exit. A hard deadline bounds the whole drain.
 
-use futures::FutureExt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -147,6 +145,8 @@ pub struct Node {
     pub mqtt_addr: SocketAddr,
     /// Where HTTP is served.
     pub http_addr: SocketAddr,
+    /// Where the probes are served apart from the admin API (`http.metrics_listen`).
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     /// Cuts a drain short: every remaining client is closed at once.
     hurry: CancellationToken,
@@ -154,6 +154,7 @@ pub struct Node {
     /// Stops HTTP, which keeps answering (not ready) until the drain is over.
     http_stop: CancellationToken,
     http_task: JoinHandle<()>,
+    metrics_task: Option<JoinHandle<()>>,
     signal_task: JoinHandle<()>,
     /// Probes the backends for logs and `lorabroker_backend_up`; stopped with HTTP.
     health_task: JoinHandle<()>,
@@ -192,6 +193,15 @@ impl Node {
                 return Err(StartError::Listen(errors));
             }
         };
+        let (metrics, metrics_addr) = match app.config.http.metrics_listen.as_str() {
+            "" => (None, None),
+            addr => {
+                let (l, a) = bind(Listener::Http, addr)
+                    .await
+                    .map_err(|e| StartError::Listen(vec![e]))?;
+                (Some(l), Some(a))
+            }
+        };
         let signals = app.bus.subscribe(SIGNAL_FILTER.to_owned()).await?;
         let handler = SignalHandler {
             node: app.node_id.clone(),
@@ -206,7 +216,20 @@ impl Node {
         });
         let signal_task = tokio::spawn(handler.run(signals));
         let limits_task = tokio::spawn(crate::limits::housekeeping(app.limits.clone()));
-        let http_task = tokio::spawn(crate::http::serve(http, app.clone(), http_stop.clone()));
+        let http_task = tokio::spawn(crate::http::serve(
+            http,
+            app.clone(),
+            false,
+            http_stop.clone(),
+        ));
+        let metrics_task = metrics.map(|listener| {
+            tokio::spawn(crate::http::serve(
+                listener,
+                app.clone(),
+                true,
+                http_stop.clone(),
+            ))
+        });
         let health_task = tokio::spawn(crate::health::watch(app.clone(), http_stop.clone()));
         let mqtt_task = tokio::spawn(accept_loop(
             mqtt,
@@ -219,11 +242,13 @@ impl Node {
             app,
             mqtt_addr,
             http_addr,
+            metrics_addr,
             shutdown,
             hurry,
             mqtt_task,
             http_stop,
             http_task,
+            metrics_task,
             signal_task,
             health_task,
             limits_task,
@@ -253,17 +278,15 @@ impl Node {
     pub async fn wait(self) {
         let _ = self.mqtt_task.await;
         self.http_stop.cancel();
-        let mut http_task = self.http_task;
         let http_grace = if self.hurry.is_cancelled() {
             Duration::ZERO
         } else {
             HTTP_STOP_GRACE
         };
-        if tokio::time::timeout(http_grace, &mut http_task)
-            .await
-            .is_err()
-        {
-            http_task.abort();
+        for mut task in std::iter::once(self.http_task).chain(self.metrics_task) {
+            if tokio::time::timeout(http_grace, &mut task).await.is_err() {
+                task.abort();
+            }
         }
         self.signal_task.abort();
         self.health_task.abort();
@@ -275,21 +298,16 @@ impl Node {
     }
 }
 
+/// Accepts and spawns; the connection bounds are the handshake's (`mqtt::admission`): a
+/// socket waits for its CONNECT in a pending-handshake slot, and only an authenticated
+/// client takes one of `mqtt.max_connections`.
 async fn accept_loop(
     listener: TcpListener,
     app: Arc<App>,
     shutdown: CancellationToken,
     hurry: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(app.config.mqtt.max_connections));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -308,18 +326,16 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        // A combinator, not an `async` block: a block awaiting the connection's future
-        // would hold it twice, and it is most of an idle connection's memory.
-        tokio::spawn(session::serve(app.clone(), stream, peer).map(move |()| drop(permit)));
+        tokio::spawn(session::serve(app.clone(), stream, peer));
     }
     drop(listener);
-    drain(&app, &limit, &hurry).await;
+    drain(&app, &hurry).await;
 }
 
 /// Readiness false, then clients told to close spread over the grace period, then wait for
 /// them to finish, bounded by a hard deadline. `hurry` closes everyone left at once and
 /// waits only [`HURRIED_EXIT`] for them.
-async fn drain(app: &App, limit: &Semaphore, hurry: &CancellationToken) {
+async fn drain(app: &App, hurry: &CancellationToken) {
     app.draining.store(true, Ordering::Release);
     let grace = app.config.shutdown.grace_period;
     let conns = app.registry.all();
@@ -351,9 +367,8 @@ async fn drain(app: &App, limit: &Semaphore, hurry: &CancellationToken) {
     for c in left {
         c.outbox.close(CloseReason::Draining);
     }
-    let all = app.config.mqtt.max_connections as u32;
     tokio::select! {
-        _ = tokio::time::timeout_at(deadline, limit.acquire_many(all)) => {}
+        _ = tokio::time::timeout_at(deadline, app.admission.all_closed()) => {}
         _ = async {
             hurry.cancelled().await;
             tokio::time::sleep(HURRIED_EXIT).await;

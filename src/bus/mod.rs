@@ -60,6 +60,10 @@ pub trait Bus: Send + Sync + 'static {
     fn connections(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+
+    /// Counts in `counter` every message the bus drops before a subscription's owner gets
+    /// it (a NATS slow consumer). A bus that never drops ignores it.
+    fn count_drops_in(&self, _counter: prometheus_client::metrics::counter::Counter) {}
 }
 
 /// Whether a NATS subject `filter` (`*`, `>`) matches a concrete `subject`.

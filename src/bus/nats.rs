@@ -17,7 +17,7 @@
 //! This module owns the NATS client; nothing else in the crate imports async-nats.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio::time::timeout;
 
@@ -227,6 +228,12 @@ impl Bus for NatsBus {
     fn connections(&self) -> Option<watch::Receiver<u64>> {
         Some(self.events.connections.subscribe())
     }
+
+    fn count_drops_in(&self, counter: Counter) {
+        // Drops before this call are in `dropped` and are carried over.
+        counter.inc_by(self.events.dropped.load(Ordering::Relaxed));
+        let _ = self.events.drop_counter.set(counter);
+    }
 }
 
 /// The inbox of [`NatsBus::round_trip`].
@@ -259,6 +266,10 @@ struct EventLog {
     /// Connections made so far (see [`Bus::connections`]).
     connections: watch::Sender<u64>,
     dropped: AtomicU64,
+    /// Where drops are reported (`lorabroker_bus_dropped_total{reason="slow_consumer"}`):
+    /// per node, because async-nats names the subscription only by an ID it keeps private,
+    /// so the application is not known here.
+    drop_counter: OnceLock<Counter>,
     /// When the last slow-consumer warning was logged, and drops since then.
     slow: Mutex<(Option<Instant>, u64)>,
     /// Failed connection attempts come about once a second while NATS is away: the first
@@ -272,6 +283,7 @@ impl EventLog {
             server,
             connections: watch::Sender::new(0),
             dropped: AtomicU64::new(0),
+            drop_counter: OnceLock::new(),
             slow: Mutex::default(),
             outage: Mutex::new(crate::health::Outage::with_reminders()),
         }
@@ -299,6 +311,9 @@ impl EventLog {
             }
             Event::SlowConsumer(sid) => {
                 let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(counter) = self.drop_counter.get() {
+                    counter.inc();
+                }
                 let mut slow = self.slow.lock();
                 slow.1 += 1;
                 let due = slow

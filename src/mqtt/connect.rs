@@ -10,6 +10,7 @@ use mqttbytes::v4::{Connect, ConnectReturnCode};
 use mqttbytes::Protocol;
 
 use crate::auth::{AuthError, Authenticator, StoredKey};
+use crate::log::Bounded;
 use crate::topic::{AppRef, Tenancy};
 
 /// Why a CONNECT was refused.
@@ -118,7 +119,9 @@ pub async fn accept(
     })?;
     let app = tenancy
         .parse_app(&login.username)
-        .map_err(|e| Refusal::BadCredentials(e.to_string()))?;
+        // The error quotes the username: bounded here, and any API key in it (a client
+        // that swapped username and password) cut to its ID.
+        .map_err(|e| Refusal::BadCredentials(Bounded::message(&e.to_string()).to_string()))?;
     let key = auth.authenticate(&app, &login.password).await?;
     Ok(Accepted {
         app,

@@ -13,29 +13,48 @@ use std::time::Duration;
 use bytes::Bytes;
 use mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 use tracing::field;
 
 use super::codec::{encode, DecodeError};
 use super::connect::accept;
-use super::publish::{bounded, write_target, Target};
+use super::publish::{write_target, Target};
 use super::session::Session;
 use super::wire::{ReadError, Wire};
 use crate::app::App;
-use crate::limits::Admission;
+use crate::limits::Admission as Quota;
+use crate::log::{Bounded, Verdict};
 use crate::metrics::{OutcomeLabels, ReasonLabels};
 
 /// Reads and decides the CONNECT; `None` when the connection ends here (refused,
-/// timed out, closed).
+/// timed out, evicted, closed). An accepted client comes with its connection permit.
+///
+/// Until its CONNECT is read the socket holds a pending-handshake slot, which a newer
+/// socket may take (see [`super::admission`]); from then on it holds nothing of that bound.
 pub(super) async fn handshake(
     app: Arc<App>,
     stream: TcpStream,
     peer: IpAddr,
-) -> Option<(Session, Wire)> {
+) -> Option<(Session, Wire, OwnedSemaphorePermit)> {
+    let (slot, _) = app.admission.admit();
     let _ = stream.set_nodelay(true);
     let mut conn = Wire::new(stream, app.config.mqtt.max_packet_size);
     let connect_timeout = app.config.mqtt.connect_timeout;
-    let connect = match timeout(connect_timeout, conn.read_connect()).await {
+    let max_connect = app
+        .config
+        .mqtt
+        .max_connect_size
+        .min(app.config.mqtt.max_packet_size);
+    let read = tokio::select! {
+        read = timeout(connect_timeout, conn.read_connect(max_connect)) => read,
+        () = slot.evicted() => {
+            tracing::debug!("closed without CONNECT: its pending-handshake slot went to a newer socket");
+            return count_connect(&app, "handshake_evicted");
+        }
+    };
+    drop(slot);
+    let connect = match read {
         Err(_) => {
             tracing::debug!("no CONNECT within {connect_timeout:?}");
             return count_connect(&app, "timeout");
@@ -47,7 +66,7 @@ pub(super) async fn handshake(
         }
         Ok(Ok(None)) => return None,
         Ok(Err(ReadError::Decode(DecodeError::UnsupportedProtocol(what)))) => {
-            tracing::debug!(%what, "CONNECT refused: unsupported protocol version");
+            tracing::debug!(what = %Bounded::id(&what), "CONNECT refused: unsupported protocol version");
             let _ = conn
                 .send_now(connack(ConnectReturnCode::RefusedProtocolVersion))
                 .await;
@@ -55,8 +74,20 @@ pub(super) async fn handshake(
             conn.shutdown().await;
             return count_connect(&app, "refused_protocol");
         }
+        Ok(Err(e @ ReadError::ConnectTooLarge { .. })) => {
+            if let Some(suppressed) = may_log(&app, peer) {
+                tracing::info!(error = %e, suppressed, "CONNECT refused");
+            }
+            app.metrics
+                .malformed_packets
+                .get_or_create(&ReasonLabels {
+                    reason: "connect_too_large",
+                })
+                .inc();
+            return count_connect(&app, "connect_too_large");
+        }
         Ok(Err(ReadError::Decode(e))) => {
-            tracing::debug!(error = %e, "malformed CONNECT");
+            tracing::debug!(error = %Bounded::message(&e.to_string()), "malformed CONNECT");
             count_malformed(&app, &e);
             return count_connect(&app, "protocol_error");
         }
@@ -74,6 +105,21 @@ pub(super) async fn handshake(
             .await;
         return count_connect(&app, "refused_failed_connects");
     }
+    // Checked before the key: a full node spends no key store lookup on a client it
+    // cannot take.
+    let Some(permit) = app.admission.connect() else {
+        if let Some(suppressed) = may_log(&app, peer) {
+            tracing::warn!(
+                max_connections = app.config.mqtt.max_connections,
+                suppressed,
+                "connection refused: the node is full"
+            );
+        }
+        let _ = conn
+            .send_now(connack(ConnectReturnCode::ServiceUnavailable))
+            .await;
+        return count_connect(&app, "refused_node_full");
+    };
     let accepted = match accept(
         &connect,
         &app.tenancy,
@@ -91,7 +137,15 @@ pub(super) async fn handshake(
                     "too many failed logins from this address: refused for the cool-down"
                 );
             }
-            tracing::info!(reason = %refusal, "connection refused");
+            if let Some(suppressed) = may_log(&app, peer) {
+                tracing::info!(
+                    reason = %Bounded::message(&refusal.to_string()),
+                    username = ?connect.login.as_ref().map(|l| Bounded::id(&l.username)),
+                    client_id = %Bounded::id(&connect.client_id),
+                    suppressed,
+                    "connection refused"
+                );
+            }
             let _ = conn.send_now(connack(refusal.code())).await;
             return count_connect(&app, refusal.outcome());
         }
@@ -108,7 +162,7 @@ pub(super) async fn handshake(
         .quotas
         .acquire(&accepted.app, &accepted.key.id)
         .await;
-    if let Admission::Full(scope) = quota {
+    if let Quota::Full(scope) = quota {
         // CONNACK 3, as The Things Stack answers a resource limit (ResourceExhausted).
         tracing::info!(
             scope = scope.as_str(),
@@ -123,7 +177,10 @@ pub(super) async fn handshake(
     let span = tracing::Span::current();
     span.record("tenant", field::display(&accepted.app.tenant));
     span.record("app", field::display(&accepted.app.app));
-    span.record("client_id", field::display(&accepted.client_id));
+    span.record(
+        "client_id",
+        field::display(Bounded::id(&accepted.client_id)),
+    );
     count_connect::<()>(&app, "accepted");
     // A will on a topic the key may not write is not kept, and the CONNECT is accepted, as
     // The Things Stack does (Home Assistant sets a status will by default).
@@ -138,7 +195,7 @@ pub(super) async fn handshake(
             Target::Downlink(..) => true,
             Target::Refused { reason, .. } => {
                 tracing::info!(
-                    will_topic = bounded(&will.topic),
+                    will_topic = %Bounded::id(&will.topic),
                     reason,
                     "will ignored: the key may not write its topic"
                 );
@@ -153,8 +210,20 @@ pub(super) async fn handshake(
         }
     });
     let keep_alive = held_keepalive(connect.keep_alive, app.config.mqtt.max_keepalive);
-    let session = Session::new(app, accepted, keep_alive, will, quota == Admission::Held);
-    Some((session, conn))
+    let session = Session::new(app, accepted, keep_alive, will, quota == Quota::Held);
+    Some((session, conn, permit))
+}
+
+/// Whether a refusal from `peer` may be logged now (see [`crate::log::LogLimiter`]):
+/// `Some(lines held back before it)`, or `None` (counted).
+fn may_log(app: &App, peer: IpAddr) -> Option<u64> {
+    match app.refusal_log.check(peer) {
+        Verdict::Log { suppressed } => Some(suppressed),
+        Verdict::Suppress => {
+            app.metrics.log_lines_suppressed.inc();
+            None
+        }
+    }
 }
 
 /// The keepalive a client asking `requested` seconds is held to: 0 (none) and anything

@@ -3,6 +3,7 @@
 //! ([`wire`]), and the per-connection state machine ([`session`]) with its CONNECT phase
 //! (`handshake`) and its inbound PUBLISH handling (`publish`).
 
+pub mod admission;
 pub mod codec;
 pub mod connect;
 mod handshake;

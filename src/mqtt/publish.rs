@@ -21,6 +21,7 @@ use super::session::{End, Session};
 use crate::auth::Rights;
 use crate::downlink::DownlinkError;
 use crate::limits::DownlinkVerdict;
+use crate::log::Bounded;
 use crate::metrics::{DownlinkLabels, ReasonLabels};
 use crate::topic::{parse_downlink_topic, AppRef, DeviceRef, DownlinkOp, Id, Tenancy};
 
@@ -249,13 +250,13 @@ impl Session {
         self.refused = self.refused.saturating_add(1);
         if logs_refusal(self.refused) {
             tracing::info!(
-                topic = bounded(topic),
+                topic = %Bounded::id(topic),
                 reason,
                 refused_on_this_connection = self.refused,
                 "PUBLISH acknowledged and dropped: the key may not write this topic"
             );
         } else {
-            tracing::debug!(topic = bounded(topic), reason, "PUBLISH dropped");
+            tracing::debug!(topic = %Bounded::id(topic), reason, "PUBLISH dropped");
         }
         if let Some((device, error)) = failed {
             self.app.downlinks.report_refused(&device, error).await;
@@ -277,7 +278,7 @@ impl Session {
                 "queued"
             }
             Err(e) => {
-                tracing::info!(device = %device.device, ?op, error = %e, "downlink rejected");
+                tracing::info!(device = %device.device, ?op, error = %Bounded::message(&e.to_string()), "downlink rejected");
                 e.name()
             }
         };

@@ -29,6 +29,7 @@ use super::wire::{ReadError, Wire};
 use crate::app::App;
 use crate::auth::StoredKey;
 use crate::cluster::{self, Signal};
+use crate::log::Bounded;
 use crate::metrics::OutcomeLabels;
 use crate::registry::Connection;
 use crate::topic::{parse_downlink_topic, Filter};
@@ -115,7 +116,7 @@ pub fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) -> impl Future<
     // established connection should not keep room for.
     let handshake = Box::pin(handshake(app, stream, peer.ip()));
     async move {
-        let Some((mut session, mut wire)) = handshake.await else {
+        let Some((mut session, mut wire, _admitted)) = handshake.await else {
             return;
         };
         session.run(&mut wire).await;
@@ -501,7 +502,7 @@ impl Session {
     async fn subscribe(&mut self, requested: &str) -> SubscribeReasonCode {
         if !self.key.rights.can_read() {
             tracing::info!(
-                filter = requested,
+                filter = %Bounded::id(requested),
                 "subscription refused: the key has no read right"
             );
             return SubscribeReasonCode::Failure;
@@ -509,7 +510,7 @@ impl Session {
         let Some(filter) = Filter::rewrite(&self.app.tenancy, &self.registration.app, requested)
         else {
             tracing::info!(
-                filter = requested,
+                filter = %Bounded::id(requested),
                 "subscription refused: not a topic of this application"
             );
             return SubscribeReasonCode::Failure;

@@ -24,6 +24,8 @@ pub(super) enum ReadError {
     Truncated,
     #[error("the first packet is not CONNECT (first byte {0:#04x})")]
     NotConnect(u8),
+    #[error("CONNECT of {size} bytes is larger than mqtt.max_connect_size = {max}")]
+    ConnectTooLarge { size: usize, max: usize },
 }
 
 /// Most packets handed to one `writev` (Linux's `UIO_MAXIOV` is 1024).
@@ -62,12 +64,7 @@ impl Wire {
         }
     }
 
-    /// Reads whatever the socket has; `Ok(false)` at a clean end of stream.
-    pub(super) async fn fill(&mut self) -> Result<bool, ReadError> {
-        poll_fn(|cx| self.poll_fill(cx)).await
-    }
-
-    /// [`Wire::fill`] as a poll function, so that waiting for a read holds no future (the
+    /// Reads whatever the socket has (`Ok(false)` at a clean end of stream), as a poll function, so that waiting for a read holds no future (the
     /// read buffer is only grown once the socket is readable).
     pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ReadError>> {
         loop {
@@ -99,8 +96,13 @@ impl Wire {
 
     /// Reads the CONNECT packet; `None` at a clean end of stream. Anything that does not
     /// start like a CONNECT (an HTTP request, TLS, noise) is refused at its first byte
-    /// instead of waiting for a packet that will never be whole.
-    pub(super) async fn read_connect(&mut self) -> Result<Option<Packet>, ReadError> {
+    /// instead of waiting for a packet that will never be whole, and a CONNECT announcing
+    /// more than `max_size` bytes as soon as its fixed header is readable, so that an
+    /// unauthenticated socket never holds more than `max_size` plus one read.
+    pub(super) async fn read_connect(
+        &mut self,
+        max_size: usize,
+    ) -> Result<Option<Packet>, ReadError> {
         loop {
             if let Some(&first) = self.read_buf.first() {
                 // The packet type only: a CONNECT with wrong flags is the codec's to judge.
@@ -108,12 +110,37 @@ impl Wire {
                     return Err(ReadError::NotConnect(first));
                 }
             }
-            if let Some(p) = self.buffered_packet()? {
-                return Ok(Some(p));
+            match decode(&mut self.read_buf, max_size) {
+                Ok(Decoded::Packet(p)) => return Ok(Some(p)),
+                Ok(Decoded::Incomplete) => {}
+                Err(DecodeError::TooLarge { size, max }) => {
+                    return Err(ReadError::ConnectTooLarge { size, max })
+                }
+                Err(e) => return Err(ReadError::Decode(e)),
             }
-            if !self.fill().await? {
+            if !poll_fn(|cx| self.poll_fill_small(cx)).await? {
                 return Ok(None);
             }
+        }
+    }
+
+    /// [`Wire::poll_fill`] that grows the buffer only by the bytes that came: before
+    /// authentication no room is reserved ahead (readiness is often stale, and a socket
+    /// that stops half-way through its CONNECT would keep that room for the connect timeout).
+    fn poll_fill_small(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ReadError>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            let mut chunk = [0u8; 4096];
+            return Poll::Ready(match self.stream.try_read(&mut chunk) {
+                Ok(0) if self.read_buf.is_empty() => Ok(false),
+                Ok(0) => Err(ReadError::Truncated),
+                Ok(n) => {
+                    self.read_buf.extend_from_slice(&chunk[..n]);
+                    Ok(true)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => Err(e.into()),
+            });
         }
     }
 

@@ -116,6 +116,7 @@ impl TestEnv {
         TestNode {
             mqtt_addr: node.mqtt_addr,
             http_addr: node.http_addr,
+            metrics_addr: node.metrics_addr,
             app: node.app.clone(),
             node: Some(node),
         }
@@ -128,6 +129,8 @@ pub struct TestNode {
     pub mqtt_addr: SocketAddr,
     /// HTTP address.
     pub http_addr: SocketAddr,
+    /// The probes-only HTTP listener, when `http.metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     /// The node's handles.
     pub app: Arc<App>,
     node: Option<Node>,

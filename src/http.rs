@@ -4,7 +4,7 @@
 //!
 //! Admin API:
 //! - `POST /api/v1/applications/{app}/keys` `{"rights":[…],"name":"…","expires_in":"30d"}`
-//!   → 201 with the key (shown once)
+//!   → 201 with the key (shown once); `expires_in` at most `100y` (400 beyond)
 //! - `GET /api/v1/applications/{app}/keys` → the application's keys, never secrets
 //! - `DELETE /api/v1/keys/{id}` → 204, cluster-wide revocation; 404 if unknown
 //!
@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::auth::{create_key, KeyView, Rights};
+use crate::auth::{create_key, CreateKeyError, KeyView, Rights};
 use crate::cluster::revoke_key;
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled.
@@ -143,7 +143,10 @@ async fn create(
             Json(json!({ "key": generated.key, "details": KeyView::from(&record) })),
         )
             .into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e @ CreateKeyError::LifetimeTooLong(_)) => {
+            error(StatusCode::BAD_REQUEST, format!("expires_in: {e}"))
+        }
+        Err(CreateKeyError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use lorabroker::app::{App, Backends};
-use lorabroker::auth::{create_key, GeneratedKey, KeyView, PresentedKey, Rights, StoredKey};
+use lorabroker::auth::{
+    create_key, CreateKeyError, GeneratedKey, KeyView, PresentedKey, Rights, StoredKey,
+};
 use lorabroker::cluster::revoke_key;
 use lorabroker::config::Config;
 use lorabroker::server::Node;
@@ -123,7 +125,7 @@ enum KeysCommand {
         /// A name for the key.
         #[arg(long, default_value = "")]
         name: String,
-        /// Lifetime, e.g. 30d; never expires when absent.
+        /// Lifetime, e.g. 30d, at most 100y; never expires when absent.
         #[arg(long, value_parser = humantime::parse_duration)]
         expires: Option<Duration>,
     },
@@ -378,8 +380,18 @@ async fn keys(config: Config, command: KeysCommand) -> anyhow::Result<()> {
         } => {
             let application = application(&config, &app, tenant.as_deref())?;
             let rights = Rights::parse_list(&rights)?;
-            let (generated, record) =
-                create_key(backends.keys.as_ref(), &application, rights, &name, expires).await?;
+            let (generated, record) = match create_key(
+                backends.keys.as_ref(),
+                &application,
+                rights,
+                &name,
+                expires,
+            )
+            .await
+            {
+                Err(e @ CreateKeyError::LifetimeTooLong(_)) => bail!("--expires: {e}"),
+                created => created?,
+            };
             eprintln!(
                 "created key {} for {} (username {:?}) with {:?}",
                 record.id,

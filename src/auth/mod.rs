@@ -8,8 +8,8 @@ pub mod redis;
 pub mod rights;
 pub mod store;
 
-pub use admin::{create_key, KeyView};
+pub use admin::{create_key, CreateKeyError, KeyView};
 pub use cache::{AuthError, Authenticator, CacheSettings};
 pub use key::{generate, GeneratedKey, PresentedKey};
 pub use rights::Rights;
-pub use store::{KeyStore, MemoryKeyStore, StoreError, StoredKey};
+pub use store::{KeyStore, MemoryKeyStore, StoreError, StoredKey, LATEST_EXPIRY, MAX_KEY_LIFETIME};

@@ -321,7 +321,7 @@ impl Session {
         let write_timeout = self.app.config.mqtt.write_timeout;
         // MQTT 3.1.1 §3.1.2.10: one and a half keepalive periods without a packet.
         let keepalive = (!self.keep_alive.is_zero()).then(|| self.keep_alive.mul_f32(1.5));
-        let expiry = key_expiry_instant(self.key.expires_at);
+        let expiry = key_expiry_instant(self.key.expiry());
         // One timer for both the keepalive and the key expiry: a timer is a tenth of an
         // idle connection's memory.
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
@@ -581,13 +581,15 @@ fn unix_millis() -> u64 {
         .unwrap_or(0)
 }
 
-/// The monotonic instant at which a key expiring at `expires_at` (Unix seconds) expires.
+/// The monotonic instant at which a key expiring at `expires_at` (Unix seconds) expires;
+/// `None` for never, and for an expiry too far ahead to be an instant (checked arithmetic:
+/// no stored value may panic a session).
 fn key_expiry_instant(expires_at: Option<u64>) -> Option<Instant> {
-    let expires_at = UNIX_EPOCH + Duration::from_secs(expires_at?);
+    let expires_at = UNIX_EPOCH.checked_add(Duration::from_secs(expires_at?))?;
     let left = expires_at
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
-    Some(Instant::now() + left)
+    Instant::now().checked_add(left)
 }
 
 #[cfg(test)]
@@ -609,5 +611,22 @@ mod tests {
         let (stream, peer) = listener.accept().await.unwrap();
         let size = std::mem::size_of_val(&serve(app, stream, peer));
         assert!(size <= 768, "the serve future is {size} bytes");
+    }
+
+    #[test]
+    fn any_key_expiry_becomes_an_instant_or_never_without_panicking() {
+        let millennium = Duration::from_secs(1000 * 31_557_600);
+        for far in [u64::MAX, 300_000_000_000 * 31_557_600, i64::MAX as u64] {
+            let at = key_expiry_instant(Some(far));
+            assert!(
+                at.is_none_or(|at| at > Instant::now() + millennium),
+                "{far}"
+            );
+        }
+        assert_eq!(key_expiry_instant(None), None);
+        let now = Instant::now();
+        assert!(key_expiry_instant(Some(0)).is_some_and(|at| at <= Instant::now() && at >= now));
+        let in_a_century = crate::auth::store::unix_now() + crate::auth::MAX_KEY_LIFETIME.as_secs();
+        assert!(key_expiry_instant(Some(in_a_century)).is_some_and(|at| at > now));
     }
 }

@@ -121,6 +121,8 @@ impl App {
                 ttl: config.auth.cache_ttl,
                 negative_ttl: config.auth.negative_cache_ttl,
                 capacity: config.auth.cache_capacity,
+                max_tombstones: config.auth.max_tombstones,
+                tombstones_dropped: metrics.tombstones_dropped.clone(),
             },
         ));
         Arc::new(Self {
@@ -131,8 +133,8 @@ impl App {
             bus: backends.bus,
             keys: backends.keys,
             queue: backends.queue,
+            registry: Arc::new(Registry::new(auth.revocations().clone())),
             auth,
-            registry: Arc::new(Registry::default()),
             metrics,
             draining: AtomicBool::new(false),
             config,

@@ -183,7 +183,8 @@ impl SignalHandler {
                 }
             }
             Signal::KeyRevoked { key_id } => {
-                self.auth.evict(&key_id).await;
+                // The tombstone first: a login reading the key now cannot cache it after.
+                self.auth.revoke(&key_id).await;
                 let n = self.registry.close_by_key(&key_id, CloseReason::KeyRevoked);
                 tracing::info!(%key_id, connections = n, "API key revoked");
             }
@@ -197,11 +198,14 @@ mod tests {
     use crate::auth::{CacheSettings, MemoryKeyStore};
     use crate::mqtt::outbox::Outbox;
     use crate::registry::Connection;
-    use std::time::Duration;
 
     /// A node's signal handler with one connection of `client-1`, accepted at `at_ms`.
     fn node(name: &str, at_ms: u64) -> (SignalHandler, Arc<Outbox>) {
-        let registry = Arc::new(Registry::default());
+        let auth = Arc::new(Authenticator::new(
+            Arc::new(MemoryKeyStore::new()),
+            &CacheSettings::default(),
+        ));
+        let registry = Arc::new(Registry::new(auth.revocations().clone()));
         let outbox = Arc::new(Outbox::new(1024));
         registry.register(Arc::new(Connection {
             id: registry.next_id(),
@@ -210,15 +214,8 @@ mod tests {
             key_id: "KEY".into(),
             outbox: outbox.clone(),
             connected_at_ms: at_ms,
+            ticket: auth.ticket(),
         }));
-        let auth = Arc::new(Authenticator::new(
-            Arc::new(MemoryKeyStore::new()),
-            &CacheSettings {
-                ttl: Duration::from_secs(60),
-                negative_ttl: Duration::from_secs(5),
-                capacity: 10,
-            },
-        ));
         let handler = SignalHandler {
             node: name.into(),
             registry,
@@ -275,5 +272,20 @@ mod tests {
         let (a, a_conn) = node("node-a", 1_000);
         a.handle(takeover("node-a", 2_000)).await;
         assert_eq!(closed(&a_conn), None);
+    }
+
+    #[tokio::test]
+    async fn a_revocation_signal_leaves_a_tombstone_and_closes_the_keys_connections() {
+        let (a, a_conn) = node("node-a", 1_000);
+        let before = a.auth.ticket();
+        a.handle(Signal::KeyRevoked {
+            key_id: "KEY".into(),
+        })
+        .await;
+        assert_eq!(closed(&a_conn), Some(CloseReason::KeyRevoked));
+        assert_eq!(
+            a.auth.revocations().standing("KEY", before),
+            crate::auth::Standing::Revoked
+        );
     }
 }

@@ -114,6 +114,9 @@ pub struct AuthConfig {
     pub negative_cache_ttl: Duration,
     /// Most cached keys.
     pub cache_capacity: u64,
+    /// Most revocations remembered (for `cache_ttl`), so that a key read before its
+    /// revocation is never cached or accepted.
+    pub max_tombstones: usize,
 }
 
 /// `[downlink]`
@@ -216,6 +219,7 @@ impl Default for AuthConfig {
             cache_ttl: Duration::from_secs(300),
             negative_cache_ttl: Duration::from_secs(5),
             cache_capacity: 100_000,
+            max_tombstones: 10_000,
         }
     }
 }
@@ -361,6 +365,10 @@ impl Config {
         check(
             self.auth.cache_capacity > 0,
             "auth.cache_capacity: must be at least 1".into(),
+        );
+        check(
+            self.auth.max_tombstones > 0,
+            "auth.max_tombstones: must be at least 1".into(),
         );
         check(
             (1..=1_000_000).contains(&self.downlink.queue_capacity),

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub bus_messages: Counter,
     /// Downlink publishes by outcome.
     pub downlinks: Family<DownlinkLabels, Counter>,
+    /// Revocation tombstones dropped over `auth.max_tombstones`.
+    pub tombstones_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -64,6 +66,7 @@ impl Default for Metrics {
             dropped: Family::default(),
             bus_messages: Counter::default(),
             downlinks: Family::default(),
+            tombstones_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -100,6 +103,11 @@ impl Default for Metrics {
             "downlinks",
             "Downlink publishes by outcome",
             m.downlinks.clone(),
+        );
+        registry.register(
+            "auth_tombstones_dropped",
+            "Revocation tombstones forgotten over auth.max_tombstones (keys cached before them are read again)",
+            m.tombstones_dropped.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -1,15 +1,18 @@
 //! API keys and rights (DESIGN §3): the key format, hashing, the [`KeyStore`] trait with
-//! its in-memory and Redis implementations, and the caching [`Authenticator`].
+//! its in-memory and Redis implementations, and the caching [`Authenticator`] with the
+//! revocation tombstones that keep it honest.
 
 pub mod admin;
 pub mod cache;
 pub mod key;
 pub mod redis;
+pub mod revocation;
 pub mod rights;
 pub mod store;
 
 pub use admin::{create_key, CreateKeyError, KeyView};
 pub use cache::{AuthError, Authenticator, CacheSettings};
 pub use key::{generate, GeneratedKey, PresentedKey};
+pub use revocation::{Revocations, Standing, Ticket};
 pub use rights::Rights;
 pub use store::{KeyStore, MemoryKeyStore, StoreError, StoredKey, LATEST_EXPIRY, MAX_KEY_LIFETIME};

@@ -27,7 +27,7 @@ use super::connect::{accept, Accepted};
 use super::outbox::{CloseReason, Outbox};
 use super::wire::{ReadError, Wire};
 use crate::app::App;
-use crate::auth::StoredKey;
+use crate::auth::{StoredKey, Ticket};
 use crate::cluster::{self, Signal};
 use crate::metrics::OutcomeLabels;
 use crate::registry::Connection;
@@ -133,6 +133,8 @@ async fn handshake(app: Arc<App>, stream: TcpStream) -> Option<(Session, Wire)> 
             return count_connect(&app, "protocol_error");
         }
     };
+    // Before the login: a revocation of its key from here on closes it as it registers.
+    let ticket = app.auth.ticket();
     let accepted = match accept(
         &connect,
         &app.tenancy,
@@ -155,7 +157,7 @@ async fn handshake(app: Arc<App>, stream: TcpStream) -> Option<(Session, Wire)> 
     span.record("client_id", field::display(&accepted.client_id));
     count_connect::<()>(&app, "accepted");
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
-    let session = Session::new(app, accepted, keep_alive, connect.last_will);
+    let session = Session::new(app, accepted, keep_alive, connect.last_will, ticket);
     Some((session, conn))
 }
 
@@ -229,6 +231,7 @@ impl Session {
         accepted: Accepted,
         keep_alive: Duration,
         will: Option<mqttbytes::v4::LastWill>,
+        ticket: Ticket,
     ) -> Self {
         let outbox = Arc::new(Outbox::new(app.config.mqtt.outbound_buffer_bytes));
         let registration = Arc::new(Connection {
@@ -238,6 +241,7 @@ impl Session {
             key_id: accepted.key.id.clone(),
             outbox: outbox.clone(),
             connected_at_ms: unix_millis(),
+            ticket,
         });
         Self {
             app,

@@ -5,7 +5,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::auth::redis::RedisKeyStore;
-use crate::auth::{Authenticator, CacheSettings, KeyStore, MemoryKeyStore, StoreError};
+use crate::auth::{
+    Authenticator, CacheSettings, ClientEpochs, KeyStore, MemoryEpochs, MemoryKeyStore, StoreError,
+};
 use crate::bus::{Bus, BusError, EmbeddedBus, NatsBus};
 use crate::config::Config;
 use crate::downlink::redis::RedisDownlinkQueue;
@@ -29,13 +31,16 @@ pub enum BackendError {
     Queue(#[from] QueueError),
 }
 
-/// The three backends of a node: bus, key store, downlink queue.
+/// The backends of a node: bus, key store (with the takeover epochs beside it), downlink
+/// queue.
 #[derive(Clone)]
 pub struct Backends {
     /// Traffic and cluster signals.
     pub bus: Arc<dyn Bus>,
     /// API key records.
     pub keys: Arc<dyn KeyStore>,
+    /// Takeover epochs of client IDs (on the key store's Redis connection).
+    pub epochs: Arc<dyn ClientEpochs>,
     /// Downlink queues.
     pub queue: Arc<dyn DownlinkQueue>,
 }
@@ -46,6 +51,7 @@ impl Backends {
         Self {
             bus: Arc::new(EmbeddedBus::new()),
             keys: Arc::new(MemoryKeyStore::new()),
+            epochs: Arc::new(MemoryEpochs::new()),
             queue: Arc::new(MemoryDownlinkQueue::new(queue_capacity)),
         }
     }
@@ -60,25 +66,22 @@ impl Backends {
         } else {
             Arc::new(NatsBus::connect(&config.nats.url, client_name).await?)
         };
-        let (keys, queue): (Arc<dyn KeyStore>, Arc<dyn DownlinkQueue>) =
-            if config.redis.url.is_empty() {
-                (embedded.keys, embedded.queue)
-            } else {
-                (
-                    Arc::new(
-                        RedisKeyStore::connect(&config.redis.url, &config.redis.key_prefix).await?,
-                    ),
-                    Arc::new(
-                        RedisDownlinkQueue::connect(
-                            &config.redis.url,
-                            &config.redis.key_prefix,
-                            config.downlink.queue_capacity,
-                        )
-                        .await?,
-                    ),
-                )
-            };
-        Ok(Self { bus, keys, queue })
+        if config.redis.url.is_empty() {
+            return Ok(Self { bus, ..embedded });
+        }
+        let keys = RedisKeyStore::connect(&config.redis.url, &config.redis.key_prefix).await?;
+        let queue = RedisDownlinkQueue::connect(
+            &config.redis.url,
+            &config.redis.key_prefix,
+            config.downlink.queue_capacity,
+        )
+        .await?;
+        Ok(Self {
+            bus,
+            epochs: Arc::new(keys.epochs(config.redis.takeover_epoch_ttl)),
+            keys: Arc::new(keys),
+            queue: Arc::new(queue),
+        })
     }
 }
 
@@ -94,6 +97,8 @@ pub struct App {
     pub bus: Arc<dyn Bus>,
     /// API key records.
     pub keys: Arc<dyn KeyStore>,
+    /// Takeover epochs of client IDs.
+    pub epochs: Arc<dyn ClientEpochs>,
     /// Downlink queues.
     pub queue: Arc<dyn DownlinkQueue>,
     /// Cached key verification.
@@ -132,6 +137,7 @@ impl App {
             tenancy,
             bus: backends.bus,
             keys: backends.keys,
+            epochs: backends.epochs,
             queue: backends.queue,
             registry: Arc::new(Registry::new(auth.revocations().clone())),
             auth,

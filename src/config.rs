@@ -143,6 +143,9 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of every Redis key.
     pub key_prefix: String,
+    /// How long Redis keeps a client ID's takeover epoch counter after its last CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub takeover_epoch_ttl: Duration,
 }
 
 /// `[shutdown]`
@@ -237,6 +240,7 @@ impl Default for RedisConfig {
         Self {
             url: String::new(),
             key_prefix: "lorabroker".into(),
+            takeover_epoch_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -397,6 +401,13 @@ impl Config {
             format!(
                 "redis.key_prefix: {:?} must be non-empty without spaces",
                 self.redis.key_prefix
+            ),
+        );
+        check(
+            self.redis.takeover_epoch_ttl >= Duration::from_secs(1),
+            format!(
+                "redis.takeover_epoch_ttl: {} is less than 1s",
+                humantime::format_duration(self.redis.takeover_epoch_ttl)
             ),
         );
         check(

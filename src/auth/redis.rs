@@ -112,6 +112,11 @@ impl RedisKeyStore {
         })
     }
 
+    /// Takeover epochs on this store's connection, under its prefix.
+    pub fn epochs(&self, ttl: Duration) -> super::epoch::RedisEpochs {
+        super::epoch::RedisEpochs::new(self.conn.clone(), &self.prefix, ttl)
+    }
+
     fn record_key(&self, id: &str) -> String {
         format!("{}:apikey:{id}", self.prefix)
     }

@@ -156,8 +156,18 @@ async fn handshake(app: Arc<App>, stream: TcpStream) -> Option<(Session, Wire)> 
     span.record("app", field::display(&accepted.app.app));
     span.record("client_id", field::display(&accepted.client_id));
     count_connect::<()>(&app, "accepted");
+    let epoch = app
+        .registry
+        .claim_epoch(app.epochs.as_ref(), &accepted.app, &accepted.client_id)
+        .await;
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
-    let session = Session::new(app, accepted, keep_alive, connect.last_will, ticket);
+    let session = Session::new(
+        app,
+        accepted,
+        keep_alive,
+        connect.last_will,
+        (epoch, ticket),
+    );
     Some((session, conn))
 }
 
@@ -231,7 +241,7 @@ impl Session {
         accepted: Accepted,
         keep_alive: Duration,
         will: Option<mqttbytes::v4::LastWill>,
-        ticket: Ticket,
+        (epoch, ticket): (Option<u64>, Ticket),
     ) -> Self {
         let outbox = Arc::new(Outbox::new(app.config.mqtt.outbound_buffer_bytes));
         let registration = Arc::new(Connection {
@@ -240,6 +250,7 @@ impl Session {
             client_id: accepted.client_id,
             key_id: accepted.key.id.clone(),
             outbox: outbox.clone(),
+            epoch,
             connected_at_ms: unix_millis(),
             ticket,
         });
@@ -309,13 +320,7 @@ impl Session {
     /// Tells the other nodes that this client ID connected here, so that they close an
     /// older connection with the same client ID (takeover across nodes).
     async fn announce(&self) {
-        let takeover = Signal::Takeover {
-            tenant: self.registration.app.tenant.clone(),
-            application: self.registration.app.app.clone(),
-            client_id: self.registration.client_id.clone(),
-            node: self.app.node_id.clone(),
-            connected_at_ms: self.registration.connected_at_ms,
-        };
+        let takeover = Signal::takeover(&self.registration, &self.app.node_id);
         if let Err(e) = cluster::send(self.app.bus.as_ref(), &takeover).await {
             tracing::warn!(error = %e, "could not announce the connection to other nodes");
         }

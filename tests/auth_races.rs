@@ -334,6 +334,14 @@ async fn while_redis_is_down_takeover_falls_back_to_the_connect_time_order() {
     let app = env.app("app1");
     let key = n1.key(&app, Rights::DEFAULT).await;
     for n in [&n1, &n2] {
+        // A node forgets its cached keys when it (first) connects to NATS, in case it
+        // missed revocations; let that happen before the keys are cached for the outage.
+        eventually("connected to NATS", WAIT, || async {
+            let connections = n.app.bus.connections().map(|c| *c.borrow());
+            connections.filter(|&c| c > 0).ok_or(connections)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         drop(raw_login(n, &app, &key, &unique("warm")).await);
     }
     env.redis.as_mut().expect("Redis").stop().await;

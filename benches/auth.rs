@@ -35,6 +35,7 @@ fn authenticator(store: Arc<MemoryKeyStore>) -> Authenticator {
             ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(5),
             capacity: 100_000,
+            ..CacheSettings::default()
         },
     )
 }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use crate::auth::quota_redis::RedisQuotaStore;
 use crate::auth::redis::RedisKeyStore;
-use crate::auth::{Authenticator, CacheSettings, KeyStore, MemoryKeyStore, StoreError};
+use crate::auth::{
+    Authenticator, CacheSettings, ClientEpochs, KeyStore, MemoryEpochs, MemoryKeyStore, StoreError,
+};
 use crate::bus::{Bus, BusError, EmbeddedBus, NatsBus};
 use crate::config::Config;
 use crate::devices::redis::RedisDeviceRegistry;
@@ -49,13 +51,16 @@ pub enum BackendError {
     Quota(#[from] QuotaError),
 }
 
-/// The backends of a node: bus, key store, downlink queue, device registry.
+/// The backends of a node: bus, key store (with the takeover epochs beside it), downlink
+/// queue, device registry, connection quota store.
 #[derive(Clone)]
 pub struct Backends {
     /// Traffic and cluster signals.
     pub bus: Arc<dyn Bus>,
     /// API key records.
     pub keys: Arc<dyn KeyStore>,
+    /// Takeover epochs of client IDs (on the key store's Redis connection).
+    pub epochs: Arc<dyn ClientEpochs>,
     /// Downlink queues.
     pub queue: Arc<dyn DownlinkQueue>,
     /// Devices the upstream serves.
@@ -76,6 +81,7 @@ impl Backends {
         Self {
             bus: Arc::new(EmbeddedBus::new()),
             keys: Arc::new(MemoryKeyStore::new()),
+            epochs: Arc::new(MemoryEpochs::new()),
             queue: Arc::new(MemoryDownlinkQueue::with_limits(limits)),
             devices: Arc::new(MemoryDeviceRegistry::new()),
             quota: Arc::new(MemoryQuotaStore::new()),
@@ -97,9 +103,11 @@ impl Backends {
             return Ok(Self { bus, ..embedded });
         }
         let (url, prefix) = (&config.redis.url, &config.redis.key_prefix);
+        let keys = RedisKeyStore::connect(url, prefix).await?;
         Ok(Self {
             bus,
-            keys: Arc::new(RedisKeyStore::connect(url, prefix).await?),
+            epochs: Arc::new(keys.epochs(config.redis.takeover_epoch_ttl)),
+            keys: Arc::new(keys),
             queue: Arc::new(RedisDownlinkQueue::connect_with(url, prefix, limits).await?),
             devices: Arc::new(RedisDeviceRegistry::connect(url, prefix).await?),
             quota: Arc::new(RedisQuotaStore::connect(
@@ -124,6 +132,8 @@ pub struct App {
     pub bus: Arc<dyn Bus>,
     /// API key records.
     pub keys: Arc<dyn KeyStore>,
+    /// Takeover epochs of client IDs.
+    pub epochs: Arc<dyn ClientEpochs>,
     /// Downlink queues.
     pub queue: Arc<dyn DownlinkQueue>,
     /// Devices the upstream serves.
@@ -159,6 +169,8 @@ impl App {
                 ttl: config.auth.cache_ttl,
                 negative_ttl: config.auth.negative_cache_ttl,
                 capacity: config.auth.cache_capacity,
+                max_tombstones: config.auth.max_tombstones,
+                tombstones_dropped: metrics.tombstones_dropped.clone(),
             },
         ));
         backends.bus.count_drops_in(
@@ -186,10 +198,11 @@ impl App {
             tenancy,
             bus: backends.bus,
             keys: backends.keys,
+            epochs: backends.epochs,
             queue: backends.queue,
             devices: backends.devices,
+            registry: Arc::new(Registry::new(auth.revocations().clone())),
             auth,
-            registry: Arc::new(Registry::default()),
             limits: Arc::new(Limits::new(
                 config.limits.clone(),
                 backends.quota,

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::auth::{Authenticator, KeyStore, StoreError, StoredKey};
 use crate::bus::{Bus, BusError, Subscription};
 use crate::mqtt::outbox::CloseReason;
-use crate::registry::Registry;
+use crate::registry::{Claim, Connection, Registry};
 use crate::topic::{AppRef, Id};
 
 /// Subject filter of every cluster signal.
@@ -38,8 +38,13 @@ pub enum Signal {
         client_id: String,
         /// Instance ID of the node that now holds the client.
         node: String,
-        /// When the new connection was accepted (Unix milliseconds).
+        /// When the new connection was accepted (Unix milliseconds): the takeover order of
+        /// connections without an epoch.
         connected_at_ms: u64,
+        /// The new connection's takeover epoch; absent when it has none (Redis was down),
+        /// and from nodes older than epochs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
     },
     /// An API key was revoked: evict it and close its connections.
     KeyRevoked {
@@ -63,6 +68,20 @@ pub enum RevokeError {
     /// still cache it could not be sent either.
     #[error("key not found (nothing deleted), and the revocation signal could not be sent: {0}")]
     NotFoundNotSent(BusError),
+}
+
+impl Signal {
+    /// The takeover announcement of `conn`, a connection of `node`.
+    pub fn takeover(conn: &Connection, node: &str) -> Signal {
+        Signal::Takeover {
+            tenant: conn.app.tenant.clone(),
+            application: conn.app.app.clone(),
+            client_id: conn.client_id.clone(),
+            node: node.to_owned(),
+            connected_at_ms: conn.connected_at_ms,
+            epoch: conn.epoch,
+        }
+    }
 }
 
 /// Publishes a signal.
@@ -169,28 +188,23 @@ impl SignalHandler {
                 client_id,
                 node,
                 connected_at_ms,
+                epoch,
             } => {
                 if node != self.node {
                     let app = AppRef::new(tenant, application);
-                    // Two connections accepted in the same millisecond on two nodes would
-                    // each close the other; the one on the greater instance ID survives.
-                    let newer_than_ms = if self.node < node {
-                        connected_at_ms
-                    } else {
-                        connected_at_ms.saturating_sub(1)
+                    let claim = Claim {
+                        epoch,
+                        connected_at_ms,
+                        node: &node,
                     };
-                    if self.registry.close_client(
-                        &app,
-                        &client_id,
-                        newer_than_ms,
-                        CloseReason::Takeover,
-                    ) {
+                    if self.registry.announced(&app, &client_id, claim, &self.node) {
                         tracing::info!(%app, %client_id, by = %node, "client taken over by another node");
                     }
                 }
             }
             Signal::KeyRevoked { key_id } => {
-                self.auth.evict(&key_id).await;
+                // The tombstone first: a login reading the key now cannot cache it after.
+                self.auth.revoke(&key_id).await;
                 let n = self.registry.close_by_key(&key_id, CloseReason::KeyRevoked);
                 tracing::info!(%key_id, connections = n, "API key revoked");
             }
@@ -203,12 +217,15 @@ mod tests {
     use super::*;
     use crate::auth::{CacheSettings, MemoryKeyStore};
     use crate::mqtt::outbox::Outbox;
-    use crate::registry::Connection;
-    use std::time::Duration;
 
-    /// A node's signal handler with one connection of `client-1`, accepted at `at_ms`.
-    fn node(name: &str, at_ms: u64) -> (SignalHandler, Arc<Outbox>) {
-        let registry = Arc::new(Registry::default());
+    /// A node's signal handler with one connection of `client-1`, accepted at `at_ms` with
+    /// `epoch`.
+    fn node(name: &str, epoch: Option<u64>, at_ms: u64) -> (SignalHandler, Arc<Outbox>) {
+        let auth = Arc::new(Authenticator::new(
+            Arc::new(MemoryKeyStore::new()),
+            &CacheSettings::default(),
+        ));
+        let registry = Arc::new(Registry::new(auth.revocations().clone()));
         let outbox = Arc::new(Outbox::new(1024));
         registry.register(Arc::new(Connection {
             id: registry.next_id(),
@@ -216,16 +233,10 @@ mod tests {
             client_id: "client-1".into(),
             key_id: "KEY".into(),
             outbox: outbox.clone(),
+            epoch,
             connected_at_ms: at_ms,
+            ticket: auth.ticket(),
         }));
-        let auth = Arc::new(Authenticator::new(
-            Arc::new(MemoryKeyStore::new()),
-            &CacheSettings {
-                ttl: Duration::from_secs(60),
-                negative_ttl: Duration::from_secs(5),
-                capacity: 10,
-            },
-        ));
         let handler = SignalHandler {
             node: name.into(),
             registry,
@@ -238,13 +249,14 @@ mod tests {
         AppRef::new(Id::parse("tenant1").unwrap(), Id::parse("app1").unwrap())
     }
 
-    fn takeover(node: &str, at_ms: u64) -> Signal {
+    fn takeover(node: &str, epoch: Option<u64>, at_ms: u64) -> Signal {
         Signal::Takeover {
             tenant: app().tenant,
             application: app().app,
             client_id: "client-1".into(),
             node: node.into(),
             connected_at_ms: at_ms,
+            epoch,
         }
     }
 
@@ -253,22 +265,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_newer_connection_survives_a_takeover_race() {
-        let (a, a_conn) = node("node-a", 1_000);
-        let (b, b_conn) = node("node-b", 1_001);
-        // The signals cross: each node hears of the other's connection.
-        a.handle(takeover("node-b", 1_001)).await;
-        b.handle(takeover("node-a", 1_000)).await;
+    async fn the_greater_epoch_survives_crossing_signals_whatever_the_clocks() {
+        // Node b's clock is behind: its connection looks older, but its epoch is greater.
+        let (a, a_conn) = node("node-a", Some(7), 1_000);
+        let (b, b_conn) = node("node-b", Some(8), 900);
+        a.handle(takeover("node-b", Some(8), 900)).await;
+        b.handle(takeover("node-a", Some(7), 1_000)).await;
         assert_eq!(closed(&a_conn), Some(CloseReason::Takeover));
         assert_eq!(closed(&b_conn), None);
     }
 
     #[tokio::test]
-    async fn exactly_one_survives_connections_of_the_same_millisecond() {
-        let (a, a_conn) = node("node-a", 1_000);
-        let (b, b_conn) = node("node-b", 1_000);
-        a.handle(takeover("node-b", 1_000)).await;
-        b.handle(takeover("node-a", 1_000)).await;
+    async fn without_epochs_the_newer_connection_survives_a_takeover_race() {
+        let (a, a_conn) = node("node-a", None, 1_000);
+        let (b, b_conn) = node("node-b", None, 1_001);
+        // The signals cross: each node hears of the other's connection.
+        a.handle(takeover("node-b", None, 1_001)).await;
+        b.handle(takeover("node-a", None, 1_000)).await;
+        assert_eq!(closed(&a_conn), Some(CloseReason::Takeover));
+        assert_eq!(closed(&b_conn), None);
+    }
+
+    #[tokio::test]
+    async fn without_epochs_exactly_one_survives_connections_of_the_same_millisecond() {
+        let (a, a_conn) = node("node-a", None, 1_000);
+        let (b, b_conn) = node("node-b", None, 1_000);
+        a.handle(takeover("node-b", None, 1_000)).await;
+        b.handle(takeover("node-a", None, 1_000)).await;
         assert_eq!(closed(&a_conn), Some(CloseReason::Takeover));
         assert_eq!(
             closed(&b_conn),
@@ -279,8 +302,32 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_ignores_its_own_takeover_signals() {
-        let (a, a_conn) = node("node-a", 1_000);
-        a.handle(takeover("node-a", 2_000)).await;
+        let (a, a_conn) = node("node-a", Some(1), 1_000);
+        a.handle(takeover("node-a", Some(2), 2_000)).await;
         assert_eq!(closed(&a_conn), None);
+    }
+
+    #[test]
+    fn takeover_signals_without_an_epoch_still_parse() {
+        let old = r#"{"type":"takeover","tenant":"tenant1","application":"app1","client_id":"c","node":"n","connected_at_ms":5}"#;
+        match serde_json::from_str::<Signal>(old).unwrap() {
+            Signal::Takeover { epoch, .. } => assert_eq!(epoch, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_revocation_signal_leaves_a_tombstone_and_closes_the_keys_connections() {
+        let (a, a_conn) = node("node-a", Some(1), 1_000);
+        let before = a.auth.ticket();
+        a.handle(Signal::KeyRevoked {
+            key_id: "KEY".into(),
+        })
+        .await;
+        assert_eq!(closed(&a_conn), Some(CloseReason::KeyRevoked));
+        assert_eq!(
+            a.auth.revocations().standing("KEY", before),
+            crate::auth::Standing::Revoked
+        );
     }
 }

@@ -149,6 +149,9 @@ pub struct AuthConfig {
     pub negative_cache_ttl: Duration,
     /// Most cached keys.
     pub cache_capacity: u64,
+    /// Most revocations remembered (for `cache_ttl`), so that a key read before its
+    /// revocation is never cached or accepted.
+    pub max_tombstones: usize,
 }
 
 /// `[downlink]`: the bounds of downlink requests and queues (DESIGN §5, §9).
@@ -190,6 +193,9 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of every Redis key.
     pub key_prefix: String,
+    /// How long Redis keeps a client ID's takeover epoch counter after its last CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub takeover_epoch_ttl: Duration,
 }
 
 /// `[shutdown]`
@@ -276,6 +282,7 @@ impl Default for AuthConfig {
             cache_ttl: Duration::from_secs(300),
             negative_cache_ttl: Duration::from_secs(5),
             cache_capacity: 100_000,
+            max_tombstones: 10_000,
         }
     }
 }
@@ -300,6 +307,7 @@ impl Default for RedisConfig {
         Self {
             url: String::new(),
             key_prefix: "lorabroker".into(),
+            takeover_epoch_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -444,6 +452,10 @@ impl Config {
             "auth.cache_capacity: must be at least 1".into(),
         );
         check(
+            self.auth.max_tombstones > 0,
+            "auth.max_tombstones: must be at least 1".into(),
+        );
+        check(
             (1..=1_000_000).contains(&self.downlink.queue_capacity),
             format!(
                 "downlink.queue_capacity: {} out of range 1..=1000000",
@@ -515,6 +527,13 @@ impl Config {
                 "redis.key_prefix: {:?} must be non-empty without spaces or braces (braces would \
                  change the Redis Cluster hash tags)",
                 self.redis.key_prefix
+            ),
+        );
+        check(
+            self.redis.takeover_epoch_ttl >= Duration::from_secs(1),
+            format!(
+                "redis.takeover_epoch_ttl: {} is less than 1s",
+                humantime::format_duration(self.redis.takeover_epoch_ttl)
             ),
         );
         check(

@@ -9,7 +9,7 @@
 //!
 //! Admin API:
 //! - `POST /api/v1/applications/{app}/keys` `{"rights":[…],"name":"…","expires_in":"30d"}`
-//!   → 201 with the key (shown once)
+//!   → 201 with the key (shown once); `expires_in` at most `100y` (400 beyond)
 //! - `GET /api/v1/applications/{app}/keys` → the application's keys, never secrets
 //! - `DELETE /api/v1/keys/{id}` → 204, cluster-wide revocation; 404 if unknown
 //! - `POST /api/v1/applications/{app}/devices` `{"device_id":"…"}` → 201 (200 when it was
@@ -41,7 +41,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::auth::{create_key, KeyView, Rights};
+use crate::auth::{create_key, CreateKeyError, KeyView, Rights};
 use crate::cluster::revoke_key;
 use crate::topic::{AppRef, DeviceRef, Id};
 
@@ -267,7 +267,10 @@ async fn create(
             Json(json!({ "key": generated.key, "details": KeyView::from(&record) })),
         )
             .into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e @ CreateKeyError::LifetimeTooLong(_)) => {
+            error(StatusCode::BAD_REQUEST, format!("expires_in: {e}"))
+        }
+        Err(CreateKeyError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -162,7 +162,7 @@ enum KeysCommand {
         /// A name for the key.
         #[arg(long)]
         name: Option<String>,
-        /// Lifetime, e.g. 30d; never expires when absent.
+        /// Lifetime, e.g. 30d; at most 100y; never expires when absent.
         #[arg(long, value_parser = humantime::parse_duration)]
         expires: Option<Duration>,
     },

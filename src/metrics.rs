@@ -102,6 +102,8 @@ pub struct Metrics {
     pub log_lines_suppressed: Counter,
     /// Open HTTP connections, all listeners (bounded by `http.max_connections` each).
     pub http_connections: Gauge,
+    /// Revocation tombstones dropped over `auth.max_tombstones`.
+    pub tombstones_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -125,6 +127,7 @@ impl Default for Metrics {
             bus_dropped: Family::default(),
             log_lines_suppressed: Counter::default(),
             http_connections: Gauge::default(),
+            tombstones_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -211,6 +214,11 @@ impl Default for Metrics {
             "http_connections",
             "Open HTTP connections",
             m.http_connections.clone(),
+        );
+        registry.register(
+            "auth_tombstones_dropped",
+            "Revocation tombstones forgotten over auth.max_tombstones (keys cached before them are read again)",
+            m.tombstones_dropped.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -5,14 +5,22 @@
 //! bad credentials does not reach the store. Concurrent misses of one ID make one store
 //! call (moka's `try_get_with` coalesces them). Store errors are never cached. A wrong
 //! secret for a known ID is decided from the cached record without a store call.
+//!
+//! A revocation ([`Authenticator::revoke`]) evicts the key and leaves a tombstone in the
+//! node's [`Revocations`]; every record carries the [`Ticket`] taken before it was read
+//! and is checked against the tombstones when the read returns and again at every use, so
+//! that a read which raced the revocation never brings the key back (see
+//! [`super::revocation`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use moka::Expiry;
+use prometheus_client::metrics::counter::Counter;
 
 use super::key::PresentedKey;
+use super::revocation::{Revocations, Standing, Ticket};
 use super::store::{unix_now, KeyStore, StoreError, StoredKey};
 use crate::topic::AppRef;
 
@@ -56,11 +64,39 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     /// Most entries held.
     pub capacity: u64,
+    /// Most revocation tombstones held (see [`super::revocation`]).
+    pub max_tombstones: usize,
+    /// Counts the tombstones dropped over `max_tombstones`.
+    pub tombstones_dropped: Counter,
 }
+
+impl Default for CacheSettings {
+    /// The defaults of `[auth]` in `config/lorabroker.toml`.
+    fn default() -> Self {
+        let auth = crate::config::AuthConfig::default();
+        Self {
+            ttl: auth.cache_ttl,
+            negative_ttl: auth.negative_cache_ttl,
+            capacity: auth.cache_capacity,
+            max_tombstones: auth.max_tombstones,
+            tombstones_dropped: Counter::default(),
+        }
+    }
+}
+
+/// How long a tombstone outlives the cache TTL: more than the longest store read (each is
+/// bounded by the store's own timeout, 1.5 s for Redis), so that every entry a tombstone
+/// could concern has expired before the tombstone does.
+const TOMBSTONE_MARGIN: Duration = Duration::from_secs(10);
+
+/// How often one login reads a key again after finding a record that may predate a
+/// forgotten revocation, before giving up (only under a flood of revocations).
+const LOOKUP_ATTEMPTS: usize = 3;
 
 #[derive(Clone)]
 enum Lookup {
-    Found(Arc<StoredKey>),
+    /// A record, and the ticket taken before it was read.
+    Found(Arc<StoredKey>, Ticket),
     Missing,
 }
 
@@ -72,7 +108,7 @@ struct LookupExpiry {
 impl Expiry<String, Lookup> for LookupExpiry {
     fn expire_after_create(&self, _: &String, value: &Lookup, _: Instant) -> Option<Duration> {
         Some(match value {
-            Lookup::Found(_) => self.ttl,
+            Lookup::Found(..) => self.ttl,
             Lookup::Missing => self.negative_ttl,
         })
     }
@@ -82,6 +118,7 @@ impl Expiry<String, Lookup> for LookupExpiry {
 pub struct Authenticator {
     store: Arc<dyn KeyStore>,
     cache: Cache<String, Lookup>,
+    revocations: Arc<Revocations>,
 }
 
 impl Authenticator {
@@ -94,12 +131,32 @@ impl Authenticator {
                 negative_ttl: settings.negative_ttl,
             })
             .build();
-        Self { store, cache }
+        let revocations = Arc::new(Revocations::new(
+            settings.ttl.saturating_add(TOMBSTONE_MARGIN),
+            settings.max_tombstones,
+            settings.tombstones_dropped.clone(),
+        ));
+        Self {
+            store,
+            cache,
+            revocations,
+        }
     }
 
     /// The store behind the cache.
     pub fn store(&self) -> &Arc<dyn KeyStore> {
         &self.store
+    }
+
+    /// This node's recent revocations (the registry checks connections against them).
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// The ticket a login takes before it begins: a revocation of its key recorded after
+    /// it closes the connection as it registers.
+    pub fn ticket(&self) -> Ticket {
+        self.revocations.ticket()
     }
 
     /// Authenticates `password` for `app`, returning the key record on success.
@@ -109,22 +166,7 @@ impl Authenticator {
         password: &str,
     ) -> Result<Arc<StoredKey>, AuthError> {
         let presented = PresentedKey::parse(password).map_err(|_| AuthError::MalformedKey)?;
-        let store = self.store.clone();
-        let id = presented.id.clone();
-        let lookup = self
-            .cache
-            .try_get_with(presented.id.clone(), async move {
-                Ok::<_, StoreError>(match store.get(&id).await? {
-                    Some(k) => Lookup::Found(Arc::new(k)),
-                    None => Lookup::Missing,
-                })
-            })
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        let key = match lookup {
-            Lookup::Found(k) => k,
-            Lookup::Missing => return Err(AuthError::UnknownKey(presented.id)),
-        };
+        let key = self.lookup(&presented.id).await?;
         if !presented.verify(&key.secret_hash) {
             return Err(AuthError::WrongSecret(presented.id));
         }
@@ -143,7 +185,58 @@ impl Authenticator {
         Ok(key)
     }
 
-    /// Forgets a key ID (after revocation), so the next use asks the store.
+    /// The record of `id`, from the cache or the store, never one that may have been read
+    /// before a revocation of `id` that this node has heard of.
+    async fn lookup(&self, id: &str) -> Result<Arc<StoredKey>, AuthError> {
+        for _ in 0..LOOKUP_ATTEMPTS {
+            let store = self.store.clone();
+            let revocations = self.revocations.clone();
+            let key_id = id.to_owned();
+            let lookup = self
+                .cache
+                .try_get_with(id.to_owned(), async move {
+                    let ticket = revocations.ticket();
+                    let record = store.get(&key_id).await?;
+                    Ok::<_, StoreError>(match record {
+                        // Revoked while the read was under way: the record predates the
+                        // revocation. Remembered as unknown, which it now is.
+                        Some(_) if revocations.standing(&key_id, ticket) == Standing::Revoked => {
+                            Lookup::Missing
+                        }
+                        Some(k) => Lookup::Found(Arc::new(k), ticket),
+                        None => Lookup::Missing,
+                    })
+                })
+                .await
+                .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+            let (key, ticket) = match lookup {
+                Lookup::Found(k, ticket) => (k, ticket),
+                Lookup::Missing => return Err(AuthError::UnknownKey(id.to_owned())),
+            };
+            // The check above ran before moka stored the record; a revocation handled in
+            // between evicted nothing, so the entry is checked at every use as well.
+            match self.revocations.standing(id, ticket) {
+                Standing::Current => return Ok(key),
+                Standing::Revoked => {
+                    self.cache.invalidate(id).await;
+                    return Err(AuthError::UnknownKey(id.to_owned()));
+                }
+                Standing::Forgotten => self.cache.invalidate(id).await,
+            }
+        }
+        Err(AuthError::Unavailable(format!(
+            "API key {id}: revocations kept arriving while it was read"
+        )))
+    }
+
+    /// Acts on the revocation of `key_id`: leaves a tombstone (before anything else, so
+    /// that a read under way cannot cache the record afterwards) and evicts the key.
+    pub async fn revoke(&self, key_id: &str) {
+        self.revocations.record(key_id);
+        self.cache.invalidate(key_id).await;
+    }
+
+    /// Forgets a key ID, so the next use asks the store.
     pub async fn evict(&self, key_id: &str) {
         self.cache.invalidate(key_id).await;
     }
@@ -207,6 +300,7 @@ mod tests {
                 ttl: Duration::from_secs(60),
                 negative_ttl: Duration::from_secs(5),
                 capacity: 100,
+                ..CacheSettings::default()
             },
         );
         (store, auth)
@@ -318,5 +412,144 @@ mod tests {
             auth.authenticate(&app("app1"), &g2.key).await,
             Err(AuthError::NoTrafficRights(g2.id.clone()))
         );
+    }
+
+    /// A store whose reads wait until the test lets them return: a slow store, frozen.
+    struct Gated {
+        inner: MemoryKeyStore,
+        started: tokio::sync::Notify,
+        release: tokio::sync::Semaphore,
+    }
+
+    #[async_trait]
+    impl KeyStore for Gated {
+        async fn insert(&self, key: &StoredKey) -> Result<(), StoreError> {
+            self.inner.insert(key).await
+        }
+        async fn get(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
+            // Read first, as Redis does before its reply travels back.
+            let record = self.inner.get(id).await;
+            self.started.notify_one();
+            self.release.acquire().await.expect("open").forget();
+            record
+        }
+        async fn list(&self, app: &AppRef) -> Result<Vec<StoredKey>, StoreError> {
+            self.inner.list(app).await
+        }
+        async fn remove(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
+            self.inner.remove(id).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    async fn gated_with_key() -> (Arc<Gated>, Arc<Authenticator>, crate::auth::GeneratedKey) {
+        let store = Arc::new(Gated {
+            inner: MemoryKeyStore::new(),
+            started: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        });
+        let g = generate();
+        store
+            .insert(&StoredKey::new(
+                &g,
+                &app("app1"),
+                Rights::DEFAULT,
+                "k",
+                None,
+            ))
+            .await
+            .unwrap();
+        let auth = Arc::new(Authenticator::new(store.clone(), &CacheSettings::default()));
+        (store, auth, g)
+    }
+
+    #[tokio::test]
+    async fn a_revocation_during_a_store_read_is_not_undone_by_the_read() {
+        let (store, auth, g) = gated_with_key().await;
+        let login = tokio::spawn({
+            let (auth, key) = (auth.clone(), g.key.clone());
+            async move { auth.authenticate(&app("app1"), &key).await }
+        });
+        store.started.notified().await;
+        // The read holds the record; now the key is deleted and the signal handled.
+        store.remove(&g.id).await.unwrap();
+        auth.revoke(&g.id).await;
+        store.release.add_permits(1);
+        assert_eq!(
+            login.await.unwrap(),
+            Err(AuthError::UnknownKey(g.id.clone()))
+        );
+        // Nothing was cached but the refusal: the next login is refused without a store
+        // read (which would wait for a permit forever).
+        let app1 = app("app1");
+        let again = tokio::time::timeout(Duration::from_secs(5), auth.authenticate(&app1, &g.key));
+        assert_eq!(
+            again.await.expect("decided from the cache"),
+            Err(AuthError::UnknownKey(g.id.clone()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cached_record_read_before_a_revocation_is_never_used() {
+        let (store, auth, g) = gated_with_key().await;
+        let before = auth.ticket();
+        let record = store.inner.get(&g.id).await.unwrap().unwrap();
+        auth.revoke(&g.id).await;
+        // What moka does when the tombstone arrives between a read's own check and the
+        // insert: the stale record lands in the cache after the eviction.
+        auth.cache
+            .insert(g.id.clone(), Lookup::Found(Arc::new(record), before))
+            .await;
+        assert_eq!(
+            auth.authenticate(&app("app1"), &g.key).await,
+            Err(AuthError::UnknownKey(g.id.clone()))
+        );
+        assert!(
+            auth.cache.get(&g.id).await.is_none(),
+            "the stale entry is gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_older_than_a_forgotten_revocation_is_read_again() {
+        let store = Arc::new(MemoryKeyStore::new());
+        let g = generate();
+        store
+            .insert(&StoredKey::new(
+                &g,
+                &app("app1"),
+                Rights::DEFAULT,
+                "k",
+                None,
+            ))
+            .await
+            .unwrap();
+        let dropped = Counter::default();
+        let auth = Authenticator::new(
+            store.clone(),
+            &CacheSettings {
+                max_tombstones: 1,
+                tombstones_dropped: dropped.clone(),
+                ..CacheSettings::default()
+            },
+        );
+        let stale = auth.ticket();
+        let record = store.get(&g.id).await.unwrap().unwrap();
+        auth.cache
+            .insert(g.id.clone(), Lookup::Found(Arc::new(record), stale))
+            .await;
+        // Two revocations of other keys: the first one's tombstone is dropped, so the
+        // cached record might predate a revocation of its own key that was forgotten.
+        auth.revoke("OTHER1").await;
+        auth.revoke("OTHER2").await;
+        assert_eq!(dropped.get(), 1);
+        let key = auth.authenticate(&app("app1"), &g.key).await.unwrap();
+        assert_eq!(key.id, g.id);
+        match auth.cache.get(&g.id).await {
+            Some(Lookup::Found(_, ticket)) => assert!(ticket > stale, "read again"),
+            _ => panic!("the key is cached again"),
+        }
     }
 }

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, ProtocolVersion, RedisResult, Script};
 
-use super::store::{KeyStore, StoreError, StoredKey};
+use super::store::{KeyStore, StoreError, StoredKey, LATEST_EXPIRY};
 use crate::topic::AppRef;
 
 /// Upper bound of one store or queue operation, waiting for a connection included: what
@@ -112,6 +112,11 @@ impl RedisKeyStore {
         })
     }
 
+    /// Takeover epochs on this store's connection, under its prefix.
+    pub fn epochs(&self, ttl: Duration) -> super::epoch::RedisEpochs {
+        super::epoch::RedisEpochs::new(self.conn.clone(), &self.prefix, ttl)
+    }
+
     fn record_key(&self, id: &str) -> String {
         format!("{}:apikey:{id}", self.prefix)
     }
@@ -150,6 +155,13 @@ fn decode(id: &str, raw: &str) -> Result<StoredKey, StoreError> {
             id: id.to_owned(),
             reason: format!("record holds key ID {:?}", key.id),
         });
+    }
+    if let Some(at) = key.expires_at.filter(|&at| at > LATEST_EXPIRY) {
+        tracing::warn!(
+            key_id = id,
+            expires_at = at,
+            "API key record expires after 9999-12-31; it is treated as never expiring"
+        );
     }
     Ok(key)
 }

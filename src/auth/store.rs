@@ -2,7 +2,7 @@
 //! used by the embedded node. The Redis implementation is in [`super::redis`].
 
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use parking_lot::RwLock;
@@ -11,6 +11,16 @@ use serde::{Deserialize, Serialize};
 use super::key::GeneratedKey;
 use super::rights::Rights;
 use crate::topic::{AppRef, Id};
+
+/// The longest lifetime a key may be created with (DESIGN §3): 100 years of 365.25 days,
+/// as `humantime` counts them (`"100y"` is allowed).
+pub const MAX_KEY_LIFETIME: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// The last second an expiry can name: 9999-12-31T23:59:59Z, the last one RFC 3339 (hence
+/// `keys list` and the admin API) can write. Only a corrupt or hand-written record expires
+/// later (creation allows [`MAX_KEY_LIFETIME`]); such an expiry is treated as never, so
+/// that no stored value can make a time computation overflow.
+pub const LATEST_EXPIRY: u64 = 253_402_300_799;
 
 /// What is stored of an API key: never the secret, only its hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,7 +38,8 @@ pub struct StoredKey {
     pub name: String,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: u64,
-    /// Expiry, seconds since the Unix epoch; `None` never expires.
+    /// Expiry, seconds since the Unix epoch; `None` never expires. Read it through
+    /// [`StoredKey::expiry`], which bounds it.
     #[serde(default)]
     pub expires_at: Option<u64>,
     /// SHA-256 of the secret, lowercase hex.
@@ -62,9 +73,15 @@ impl StoredKey {
         AppRef::new(self.tenant.clone(), self.application.clone())
     }
 
+    /// When the key expires (Unix seconds, at most [`LATEST_EXPIRY`]); `None` if never,
+    /// which includes a stored expiry after [`LATEST_EXPIRY`].
+    pub fn expiry(&self) -> Option<u64> {
+        self.expires_at.filter(|&e| e <= LATEST_EXPIRY)
+    }
+
     /// Whether the key has expired at `now` (Unix seconds).
     pub fn is_expired(&self, now: u64) -> bool {
-        self.expires_at.is_some_and(|e| e <= now)
+        self.expiry().is_some_and(|e| e <= now)
     }
 }
 
@@ -168,5 +185,38 @@ impl KeyStore for MemoryKeyStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::key::generate;
+    use crate::topic::Id;
+
+    fn key_expiring(expires_at: Option<u64>) -> StoredKey {
+        let app = AppRef::new(Id::parse("tenant1").unwrap(), Id::parse("app1").unwrap());
+        StoredKey::new(&generate(), &app, Rights::DEFAULT, "k", expires_at)
+    }
+
+    #[test]
+    fn absurd_expiries_never_expire_and_sane_ones_do() {
+        for absurd in [LATEST_EXPIRY + 1, 300_000_000_000 * 31_557_600, u64::MAX] {
+            let k = key_expiring(Some(absurd));
+            assert_eq!(k.expiry(), None, "{absurd}");
+            assert!(!k.is_expired(u64::MAX), "{absurd}");
+        }
+        let k = key_expiring(Some(LATEST_EXPIRY));
+        assert_eq!(k.expiry(), Some(LATEST_EXPIRY));
+        assert!(k.is_expired(LATEST_EXPIRY));
+        assert!(!k.is_expired(LATEST_EXPIRY - 1));
+        assert!(key_expiring(Some(0)).is_expired(0));
+        assert_eq!(key_expiring(None).expiry(), None);
+    }
+
+    #[test]
+    fn the_lifetime_limit_is_the_one_humantime_writes_as_100_years() {
+        assert_eq!(humantime::parse_duration("100y").unwrap(), MAX_KEY_LIFETIME);
+        assert!(unix_now() + MAX_KEY_LIFETIME.as_secs() < LATEST_EXPIRY);
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::bail;
 
 use lorabroker::app::Backends;
-use lorabroker::auth::{create_key, KeyView, PresentedKey, Rights};
+use lorabroker::auth::{create_key, CreateKeyError, KeyView, PresentedKey, Rights};
 use lorabroker::bus::Bus;
 use lorabroker::cluster::{self, Signal};
 use lorabroker::config::{redact_url, Config};
@@ -51,8 +51,12 @@ pub(crate) async fn run(config: Config, command: KeysCommand) -> anyhow::Result<
             let rights = Rights::parse_list(rights.as_deref().unwrap_or(""))
                 .map_err(|e| UsageError(format!("--rights: {e}")))?;
             let name = name.unwrap_or_default();
-            let (generated, record) =
-                create_key(backends.keys.as_ref(), &application, rights, &name, expires).await?;
+            let created =
+                create_key(backends.keys.as_ref(), &application, rights, &name, expires).await;
+            let (generated, record) = match created {
+                Err(e @ CreateKeyError::LifetimeTooLong(_)) => usage!("--expires: {e}"),
+                created => created?,
+            };
             eprintln!(
                 "created key {} for {application} (username {}) with {}",
                 record.id,

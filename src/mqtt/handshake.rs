@@ -120,6 +120,8 @@ pub(super) async fn handshake(
             .await;
         return count_connect(&app, "refused_node_full");
     };
+    // Before the login: a revocation of its key from here on closes it as it registers.
+    let ticket = app.auth.ticket();
     let accepted = match accept(
         &connect,
         &app.tenancy,
@@ -210,7 +212,18 @@ pub(super) async fn handshake(
         }
     });
     let keep_alive = held_keepalive(connect.keep_alive, app.config.mqtt.max_keepalive);
-    let session = Session::new(app, accepted, keep_alive, will, quota == Quota::Held);
+    let epoch = app
+        .registry
+        .claim_epoch(app.epochs.as_ref(), &accepted.app, &accepted.client_id)
+        .await;
+    let session = Session::new(
+        app,
+        accepted,
+        keep_alive,
+        will,
+        quota == Quota::Held,
+        (epoch, ticket),
+    );
     Some((session, conn, permit))
 }
 

@@ -27,7 +27,7 @@ use super::outbox::{CloseReason, Outbox};
 use super::publish::Qos2Ids;
 use super::wire::{ReadError, Wire};
 use crate::app::App;
-use crate::auth::StoredKey;
+use crate::auth::{StoredKey, Ticket};
 use crate::cluster::{self, Signal};
 use crate::log::Bounded;
 use crate::metrics::OutcomeLabels;
@@ -192,6 +192,7 @@ impl Session {
         keep_alive: Duration,
         will: Option<mqttbytes::v4::LastWill>,
         quota_held: bool,
+        (epoch, ticket): (Option<u64>, Ticket),
     ) -> Self {
         let outbox = Arc::new(Outbox::new(app.config.mqtt.outbound_buffer_bytes));
         let registration = Arc::new(Connection {
@@ -200,7 +201,9 @@ impl Session {
             client_id: accepted.client_id,
             key_id: accepted.key.id.clone(),
             outbox: outbox.clone(),
+            epoch,
             connected_at_ms: unix_millis(),
+            ticket,
         });
         Self {
             app,
@@ -292,13 +295,7 @@ impl Session {
     /// Tells the other nodes that this client ID connected here, so that they close an
     /// older connection with the same client ID (takeover across nodes).
     async fn announce(&self) {
-        let takeover = Signal::Takeover {
-            tenant: self.registration.app.tenant.clone(),
-            application: self.registration.app.app.clone(),
-            client_id: self.registration.client_id.clone(),
-            node: self.app.node_id.clone(),
-            connected_at_ms: self.registration.connected_at_ms,
-        };
+        let takeover = Signal::takeover(&self.registration, &self.app.node_id);
         if let Err(e) = cluster::send(self.app.bus.as_ref(), &takeover).await {
             tracing::warn!(error = %e, "could not announce the connection to other nodes");
         }
@@ -308,7 +305,7 @@ impl Session {
         let write_timeout = self.app.config.mqtt.write_timeout;
         // MQTT 3.1.1 §3.1.2.10: one and a half keepalive periods without a packet.
         let keepalive = (!self.keep_alive.is_zero()).then(|| self.keep_alive.mul_f32(1.5));
-        let expiry = key_expiry_instant(self.key.expires_at);
+        let expiry = key_expiry_instant(self.key.expiry());
         // One timer for both the keepalive and the key expiry: a timer is a tenth of an
         // idle connection's memory.
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
@@ -539,13 +536,15 @@ fn unix_millis() -> u64 {
         .unwrap_or(0)
 }
 
-/// The monotonic instant at which a key expiring at `expires_at` (Unix seconds) expires.
+/// The monotonic instant at which a key expiring at `expires_at` (Unix seconds) expires;
+/// `None` for never, and for an expiry too far ahead to be an instant (checked arithmetic:
+/// no stored value may panic a session).
 fn key_expiry_instant(expires_at: Option<u64>) -> Option<Instant> {
-    let expires_at = UNIX_EPOCH + Duration::from_secs(expires_at?);
+    let expires_at = UNIX_EPOCH.checked_add(Duration::from_secs(expires_at?))?;
     let left = expires_at
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
-    Some(Instant::now() + left)
+    Instant::now().checked_add(left)
 }
 
 #[cfg(test)]
@@ -567,5 +566,22 @@ mod tests {
         let (stream, peer) = listener.accept().await.unwrap();
         let size = std::mem::size_of_val(&serve(app, stream, peer));
         assert!(size <= 768, "the serve future is {size} bytes");
+    }
+
+    #[test]
+    fn any_key_expiry_becomes_an_instant_or_never_without_panicking() {
+        let millennium = Duration::from_secs(1000 * 31_557_600);
+        for far in [u64::MAX, 300_000_000_000 * 31_557_600, i64::MAX as u64] {
+            let at = key_expiry_instant(Some(far));
+            assert!(
+                at.is_none_or(|at| at > Instant::now() + millennium),
+                "{far}"
+            );
+        }
+        assert_eq!(key_expiry_instant(None), None);
+        let now = Instant::now();
+        assert!(key_expiry_instant(Some(0)).is_some_and(|at| at <= Instant::now() && at >= now));
+        let in_a_century = crate::auth::store::unix_now() + crate::auth::MAX_KEY_LIFETIME.as_secs();
+        assert!(key_expiry_instant(Some(in_a_century)).is_some_and(|at| at > now));
     }
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod delay_proxy;
 pub mod http;
 pub mod services;
 pub mod shell;

@@ -244,7 +244,7 @@ async fn configuration_errors_are_listed_at_once_and_exit_64() {
     for line in [
         "  mqtt.max_packet_size = \"abc\": expected a number of bytes (LORABROKER_MQTT__MAX_PACKET_SIZE)",
         "  mqtt.listn: unknown key; did you mean mqtt.listen? (LORABROKER_MQTT__LISTN)",
-        "  http.bar: unknown key; [http] has listen, admin_token (LORABROKER_HTTP__BAR)",
+        "  http.bar: unknown key; [http] has listen, admin_token, metrics_listen, metrics_token, header_read_timeout, max_body_bytes, max_connections (LORABROKER_HTTP__BAR)",
     ] {
         assert_eq!(stderr.lines().filter(|l| *l == line).count(), 1, "{line:?} once in:\n{stderr}");
     }

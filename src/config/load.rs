@@ -354,7 +354,7 @@ mod tests {
                 "mqtt.max_packet_size = \"abc\": expected a number of bytes (LORABROKER_MQTT__MAX_PACKET_SIZE)",
                 "mqtt.connect_timeout = \"soon\": expected a duration such as 10s, 500ms or 5m (LORABROKER_MQTT__CONNECT_TIMEOUT)",
                 "mqtt.listn: unknown key; did you mean mqtt.listen? (LORABROKER_MQTT__LISTN)",
-                "http.bar: unknown key; [http] has listen, admin_token (LORABROKER_HTTP__BAR)",
+                "http.bar: unknown key; [http] has listen, admin_token, metrics_listen, metrics_token, header_read_timeout, max_body_bytes, max_connections (LORABROKER_HTTP__BAR)",
             ];
             for line in expected {
                 assert_eq!(

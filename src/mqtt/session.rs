@@ -501,7 +501,7 @@ impl Session {
             );
             return SubscribeReasonCode::Failure;
         }
-        let Some(filter) = Filter::rewrite(&self.app.tenancy, &self.registration.app, requested)
+        let Ok(filter) = Filter::rewrite(&self.app.tenancy, &self.registration.app, requested)
         else {
             tracing::info!(
                 filter = requested,

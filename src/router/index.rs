@@ -81,7 +81,7 @@ impl Index {
         });
         sub.filters.retain(|(r, _)| **r != *filter.requested);
         sub.filters
-            .push((filter.requested.as_str().into(), filter.selection()));
+            .push((filter.requested.as_str().into(), filter.selection().clone()));
         self.reindex(id);
     }
 

@@ -17,7 +17,7 @@ mod subject;
 mod tenancy;
 
 pub use event::{parse_downlink_topic, DownlinkOp, Event, EventSet};
-pub use filter::{Filter, Selection};
+pub use filter::{Filter, FilterError, Selection, MAX_TRAFFIC_TOPIC_LEN};
 pub use id::{Id, TopicError, MAX_ID_LEN};
 pub use subject::{parse_subject_rest, topic_to_subject, SubjectEvent};
 pub use tenancy::{AppRef, DeviceRef, Tenancy};

@@ -23,6 +23,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// A single `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: &'static str,
+}
+
 /// Per-application downlink outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DownlinkLabels {
@@ -51,6 +58,10 @@ pub struct Metrics {
     pub bus_messages: Counter,
     /// Downlink publishes by outcome.
     pub downlinks: Family<DownlinkLabels, Counter>,
+    /// Subscription filters granted to this node's connections.
+    pub subscriptions: Gauge,
+    /// Subscription filters refused (SUBACK 0x80), by reason.
+    pub subscriptions_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +75,8 @@ impl Default for Metrics {
             dropped: Family::default(),
             bus_messages: Counter::default(),
             downlinks: Family::default(),
+            subscriptions: Gauge::default(),
+            subscriptions_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -100,6 +113,16 @@ impl Default for Metrics {
             "downlinks",
             "Downlink publishes by outcome",
             m.downlinks.clone(),
+        );
+        registry.register(
+            "subscriptions",
+            "Subscription filters granted to this node's connections",
+            m.subscriptions.clone(),
+        );
+        registry.register(
+            "subscriptions_refused",
+            "Subscription filters refused with SUBACK 0x80, by reason",
+            m.subscriptions_refused.clone(),
         );
         Metrics { registry, ..m }
     }

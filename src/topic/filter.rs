@@ -72,11 +72,7 @@ impl Filter {
     /// mean `v3/{app}/#`, `v3/+/…` means `v3/{app}/…`, `v3/{app}/…` stays as written.
     /// Anything else is an error: an invalid filter, another application or prefix. The
     /// result may select no traffic at all (see [`Filter::grant`]).
-    pub fn rewrite(
-        tenancy: &Tenancy,
-        app: &AppRef,
-        requested: &str,
-    ) -> Result<Self, FilterError> {
+    pub fn rewrite(tenancy: &Tenancy, app: &AppRef, requested: &str) -> Result<Self, FilterError> {
         if !is_valid_filter(requested) {
             return Err(FilterError::Invalid);
         }

@@ -141,6 +141,51 @@ mod tests {
         assert_eq!(Excerpt("a\nb\u{1b}").to_string(), "a\\nb\\u{1b}");
     }
 
+    /// Thousands of refused filters make one log line, which shows the first filter as an
+    /// excerpt and its length, never the whole input.
+    #[test]
+    fn one_log_line_per_packet_and_no_unbounded_input() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let long = format!("v3/+/devices/{}/up", "x".repeat(10_000));
+        tracing::subscriber::with_default(subscriber, || {
+            let mut refusals = Refusals::default();
+            for _ in 0..4000 {
+                refusals.add(&Refusal::Filter(FilterError::NeverMatches), &long);
+            }
+            refusals.add(&Refusal::NoReadRight, "#");
+            refusals.report(&Metrics::default(), 4001);
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("refused=4001"), "{text}");
+        assert!(
+            text.contains("never_matches=4000,no_read_right=1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("first_len={}", long.len())),
+            "{text}"
+        );
+        assert!(text.len() < 600, "{text}");
+    }
+
     #[test]
     fn one_report_counts_every_refusal_by_reason() {
         let metrics = Metrics::default();

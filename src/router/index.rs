@@ -167,6 +167,11 @@ impl Bucket {
 
     fn push(&mut self, slot: Slot) {
         let (number, i) = (slot.number, self.slots.len() as u32);
+        if self.slots.capacity() == 0 {
+            // Sized for the usual single subscriber of a device (a first push would make
+            // room for four): this is per-connection memory.
+            self.slots.reserve_exact(1);
+        }
         self.slots.push(slot);
         match &mut self.at {
             Some(at) => {
@@ -686,6 +691,13 @@ mod tests {
         assert!(size_of::<Subscriber>() <= 40, "{}", size_of::<Subscriber>());
         assert!(size_of::<Slot>() <= 24, "{}", size_of::<Slot>());
         assert!(size_of::<Bucket>() <= 32, "{}", size_of::<Bucket>());
+        let (mut index, mut o) = (Index::new(), Outboxes::default());
+        add(&mut index, &mut o, 1, "v3/+/devices/dev1/#");
+        assert_eq!(index.by_device["dev1"].slots.capacity(), 1);
+        let Filters::Few(list) = &index.subscribers[&1].filters else {
+            panic!("one filter is a list")
+        };
+        assert_eq!(list.capacity(), 1);
     }
 
     /// One step of a subscriber's life.

@@ -1,11 +1,17 @@
 //! Fan-out (`src/router.rs`): one bus message of one application delivered to its local
-//! subscribers, while other applications' clients are connected to the same node.
+//! subscribers, while other applications' clients are connected to the same node; and what
+//! one subscription costs.
 //!
 //! `router/dispatch/*` measures the router alone (match, encode once, push to every
 //! matching outbox) through [`Router::dispatch`]; `router/bus/*` goes through the embedded
 //! bus and the application's delivery task, as traffic does in `lorabroker dev`.
+//! `router/subscribe/*` and `router/unsubscribe/*` time granting one filter
+//! ([`Filter::grant`] and [`Router::subscribe`], what a SUBSCRIBE costs per filter) and
+//! removing it ([`Router::unsubscribe`]) next to N existing filters: of the same connection
+//! (`connection/N`), of N other connections on N devices (`app_devices/N`), and of N other
+//! connections on the same device (`app_same_device/N`). Issue 9 wants these flat in N.
 //!
-//! `cargo bench --bench router`
+//! `cargo bench --bench router` (`-- router/subscribe` for one group)
 
 mod common;
 
@@ -19,6 +25,9 @@ use lorabroker::metrics::Metrics;
 use lorabroker::mqtt::outbox::Outbox;
 use lorabroker::router::Router;
 use lorabroker::topic::{AppRef, Filter, Id, Tenancy};
+
+/// No filter limit: the benches set up more filters than a connection may have.
+const NO_LIMIT: usize = usize::MAX;
 use tokio::runtime::Runtime;
 
 /// Messages dispatched between two drains of the outboxes.
@@ -56,7 +65,7 @@ impl Node {
         let mut join = |app: &AppRef, filter: &str, keep: bool| {
             let outbox = Arc::new(Outbox::new(16 << 20));
             let filter = Filter::rewrite(&Tenancy::Multi, app, filter).unwrap();
-            rt.block_on(router.subscribe(app, next_id, &outbox, &filter))
+            rt.block_on(router.subscribe(app, next_id, &outbox, &filter, NO_LIMIT))
                 .unwrap();
             next_id += 1;
             if keep {
@@ -197,9 +206,144 @@ fn bench_bus(c: &mut Criterion) {
     g.finish();
 }
 
+/// Where the N existing filters are.
+#[derive(Clone, Copy)]
+enum Existing {
+    /// N per-device filters of the measured connection.
+    Connection,
+    /// One per-device filter on each of N other connections, N devices.
+    AppDevices,
+    /// The same device's filter on N other connections.
+    AppSameDevice,
+}
+
+/// The connection that holds the N filters of [`Existing::Connection`].
+const CROWDED: u64 = u64::MAX;
+
+impl Existing {
+    const ALL: [Existing; 3] = [
+        Existing::Connection,
+        Existing::AppDevices,
+        Existing::AppSameDevice,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Existing::Connection => "connection",
+            Existing::AppDevices => "app_devices",
+            Existing::AppSameDevice => "app_same_device",
+        }
+    }
+
+    /// The i-th existing filter: its connection and text.
+    fn existing(self, i: usize) -> (u64, String) {
+        match self {
+            Existing::Connection => (CROWDED, format!("v3/+/devices/dev-{i}/up")),
+            Existing::AppDevices => (i as u64, format!("v3/+/devices/dev-{i}/up")),
+            Existing::AppSameDevice => (i as u64, "v3/+/devices/dev-shared/up".to_owned()),
+        }
+    }
+
+    /// The i-th measured filter: another filter of the crowded connection, or a new
+    /// connection's filter of a new device or of the shared one.
+    fn measured(self, i: usize) -> (u64, String) {
+        let newcomer = CROWDED - 1 - i as u64;
+        match self {
+            Existing::Connection => (CROWDED, format!("v3/+/devices/dev-new-{i}/up")),
+            Existing::AppDevices => (newcomer, format!("v3/+/devices/dev-new-{i}/up")),
+            Existing::AppSameDevice => (newcomer, "v3/+/devices/dev-shared/up".to_owned()),
+        }
+    }
+}
+
+/// A router whose `app1` holds `n` filters placed as `existing` says.
+fn subscribed(rt: &Runtime, existing: Existing, n: usize) -> (Router, Arc<Outbox>) {
+    let bus = Arc::new(EmbeddedBus::new());
+    let router = Router::new(bus, Tenancy::Multi, Arc::new(Metrics::default()));
+    let a = app("app1");
+    let outbox = Arc::new(Outbox::new(1 << 20));
+    rt.block_on(async {
+        // Keeps the application's state (and delivery task) alive across the measurements.
+        let keep = std::iter::once((0, "v3/+/devices/dev-keep/up".to_owned()));
+        for (id, f) in keep.chain((0..n).map(|i| existing.existing(i))) {
+            let filter = Filter::rewrite(&Tenancy::Multi, &a, &f).unwrap();
+            router
+                .subscribe(&a, id, &outbox, &filter, NO_LIMIT)
+                .await
+                .unwrap();
+        }
+    });
+    (router, outbox)
+}
+
+/// Adds the first `k` measured filters; timed when `timed`.
+async fn add_measured(
+    router: &Router,
+    outbox: &Arc<Outbox>,
+    existing: Existing,
+    k: usize,
+) -> Duration {
+    let a = app("app1");
+    let measured: Vec<(u64, String)> = (0..k).map(|i| existing.measured(i)).collect();
+    let start = Instant::now();
+    for (id, f) in &measured {
+        // What a SUBSCRIBE costs per filter: the grant checks, then the router.
+        let filter = Filter::grant(&Tenancy::Multi, &a, f, 256).unwrap();
+        router
+            .subscribe(&a, *id, outbox, &filter, NO_LIMIT)
+            .await
+            .unwrap();
+    }
+    start.elapsed()
+}
+
+/// Removes the first `k` measured filters; returns the time it took.
+fn remove_measured(router: &Router, existing: Existing, k: usize) -> Duration {
+    let a = app("app1");
+    let measured: Vec<(u64, String)> = (0..k).map(|i| existing.measured(i)).collect();
+    let start = Instant::now();
+    for (id, f) in &measured {
+        router.unsubscribe(&a, *id, f);
+    }
+    start.elapsed()
+}
+
+fn bench_subscribe(c: &mut Criterion) {
+    let rt = runtime();
+    for (group, timing_add) in [("router/subscribe", true), ("router/unsubscribe", false)] {
+        let mut g = c.benchmark_group(group);
+        g.throughput(Throughput::Elements(1));
+        for existing in Existing::ALL {
+            for n in [10usize, 100, 1000, 10_000] {
+                let (router, outbox) = subscribed(&rt, existing, n);
+                g.bench_function(format!("{}/{n}", existing.name()), |b| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        let mut left = iters;
+                        while left > 0 {
+                            let k = left.min(CHUNK) as usize;
+                            let added = rt.block_on(add_measured(&router, &outbox, existing, k));
+                            let removed = remove_measured(&router, existing, k);
+                            total += if timing_add { added } else { removed };
+                            left -= k as u64;
+                        }
+                        total
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = common::config(Duration::from_secs(2), 20);
     targets = bench_dispatch, bench_bus
 }
-criterion_main!(benches);
+criterion_group! {
+    name = subscriptions;
+    config = common::config(Duration::from_secs(1), 20);
+    targets = bench_subscribe
+}
+criterion_main!(benches, subscriptions);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::topic::{Id, Tenancy};
+use crate::topic::{Id, Tenancy, MAX_TRAFFIC_TOPIC_LEN};
 
 mod load;
 
@@ -85,6 +85,10 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// Longest client ID accepted.
     pub max_client_id_len: usize,
+    /// Most subscription filters one connection holds; more get SUBACK 0x80.
+    pub max_subscriptions: usize,
+    /// Longest subscription filter accepted, in bytes; longer ones get SUBACK 0x80.
+    pub max_filter_length: usize,
     /// Bytes queued for one slow subscriber before its messages are dropped.
     pub outbound_buffer_bytes: usize,
     /// Time a blocked socket write may take before the connection is closed.
@@ -243,6 +247,8 @@ impl Default for MqttConfig {
             max_packet_size: 64 * 1024,
             max_connections: 100_000,
             max_client_id_len: 256,
+            max_subscriptions: 100,
+            max_filter_length: 256,
             outbound_buffer_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(30),
             max_inflight_qos2: 64,
@@ -379,6 +385,21 @@ impl Config {
             format!(
                 "mqtt.max_client_id_len: {} out of range 23..=65535",
                 self.mqtt.max_client_id_len
+            ),
+        );
+        check(
+            (1..=100_000).contains(&self.mqtt.max_subscriptions),
+            format!(
+                "mqtt.max_subscriptions: {} out of range 1..=100000",
+                self.mqtt.max_subscriptions
+            ),
+        );
+        check(
+            (MAX_TRAFFIC_TOPIC_LEN..=65_535).contains(&self.mqtt.max_filter_length),
+            format!(
+                "mqtt.max_filter_length: {} out of range {MAX_TRAFFIC_TOPIC_LEN}..=65535 \
+                 (the longest topic a client receives is {MAX_TRAFFIC_TOPIC_LEN} bytes)",
+                self.mqtt.max_filter_length
             ),
         );
         check(

@@ -104,6 +104,10 @@ pub struct Metrics {
     pub http_connections: Gauge,
     /// Revocation tombstones dropped over `auth.max_tombstones`.
     pub tombstones_dropped: Counter,
+    /// Subscription filters granted to this node's connections.
+    pub subscriptions: Gauge,
+    /// Subscription filters refused (SUBACK 0x80), by reason.
+    pub subscriptions_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -128,6 +132,8 @@ impl Default for Metrics {
             log_lines_suppressed: Counter::default(),
             http_connections: Gauge::default(),
             tombstones_dropped: Counter::default(),
+            subscriptions: Gauge::default(),
+            subscriptions_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -219,6 +225,16 @@ impl Default for Metrics {
             "auth_tombstones_dropped",
             "Revocation tombstones forgotten over auth.max_tombstones (keys cached before them are read again)",
             m.tombstones_dropped.clone(),
+        );
+        registry.register(
+            "subscriptions",
+            "Subscription filters granted to this node's connections",
+            m.subscriptions.clone(),
+        );
+        registry.register(
+            "subscriptions_refused",
+            "Subscription filters refused with SUBACK 0x80, by reason",
+            m.subscriptions_refused.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -7,10 +7,18 @@
 //! any-device subscribers, never a scan of every filter), it is encoded as a PUBLISH once
 //! (only if someone matches), and the same bytes are handed to every matching client's
 //! outbox.
+//!
+//! Subscriptions cost what one filter costs (issue 9): the node-wide map of applications is
+//! locked only to find or insert an application's state, never across index work; each
+//! application's index has its own lock, held for the one filter added or removed. So one
+//! connection's SUBSCRIBE, however many filters it carries, never waits on or delays
+//! another application's subscriptions or deliveries.
 
 mod index;
+mod refusals;
 
-pub use index::{Index, Slot};
+pub use index::{Index, Removed, TooManyFilters};
+pub use refusals::{Excerpt, Refusal, Refusals};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,13 +36,37 @@ use crate::mqtt::codec::encode_publish;
 use crate::mqtt::outbox::Outbox;
 use crate::topic::{parse_subject_rest, AppRef, Filter, Tenancy};
 
+/// Why [`Router::subscribe`] refused a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    /// The connection is at `mqtt.max_subscriptions`.
+    #[error(transparent)]
+    TooManyFilters(#[from] TooManyFilters),
+    /// The application's bus subscription could not be taken.
+    #[error("bus unavailable: {0}")]
+    Bus(#[from] BusError),
+}
+
+impl SubscribeError {
+    /// The `reason` label of `lorabroker_subscriptions_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SubscribeError::TooManyFilters(_) => "max_subscriptions",
+            SubscribeError::Bus(_) => "bus_unavailable",
+        }
+    }
+}
+
 /// One application's local subscribers and its bus subscription task.
 struct AppState {
     index: RwLock<Index>,
+    /// Set, under the index lock, when the last member left: this state is out of the
+    /// node's map (or about to be) and takes no new member.
+    closed: AtomicBool,
+    /// Set once the delivery task runs: later subscribers need not wait on `task`.
+    delivering: AtomicBool,
     /// The delivery task, once subscribed; serialises the first subscribe.
     task: tokio::sync::Mutex<Option<AbortHandle>>,
-    /// Set when the last member left; a late subscriber must not leave a task behind.
-    closed: AtomicBool,
     /// `v3.{tenant}.{app}.`
     prefix: String,
     /// `v3/{app uid}/`
@@ -61,58 +93,101 @@ impl Router {
         }
     }
 
-    /// Grants `filter` to connection `id` of `app`, delivering to `outbox` (a filter with
-    /// the same requested text is replaced), and makes sure the node's bus subscription
-    /// for `app` exists (and has reached the bus) before returning. On an error the filter
-    /// stays granted; the caller refuses it and calls [`Router::unsubscribe`].
+    /// Grants `filter` to connection `id` of `app`, delivering to `outbox` (the same for
+    /// every filter of `id`), unless `id` already has `max_filters` other filters; a filter
+    /// with the same requested text replaces the old one and is not counted twice. Makes
+    /// sure the node's bus subscription for `app` exists (and has reached the bus) before
+    /// returning; when it cannot be taken the filter is not granted.
     pub async fn subscribe(
         &self,
         app: &AppRef,
         id: u64,
         outbox: &Arc<Outbox>,
         filter: &Filter,
-    ) -> Result<(), BusError> {
-        let state = {
-            let mut apps = self.apps.lock();
-            let state = apps
-                .entry(app.clone())
-                .or_insert_with(|| {
-                    Arc::new(AppState {
-                        index: RwLock::new(Index::new()),
-                        task: tokio::sync::Mutex::new(None),
-                        closed: AtomicBool::new(false),
-                        prefix: app.subject_prefix(),
-                        topic_prefix: format!("v3/{}/", self.tenancy.app_uid(app)),
-                        labels: AppLabels {
-                            tenant: app.tenant.to_string(),
-                            application: app.app.to_string(),
-                        },
-                    })
-                })
-                .clone();
-            state.index.write().add(id, outbox, filter);
-            state
-        };
-        let mut task = state.task.lock().await;
-        if task.is_none() && !state.closed.load(Ordering::Acquire) {
-            let sub = self.bus.subscribe(app.traffic_subject_filter()).await?;
-            // While the bus is down the subscription is sent when it is back (DESIGN §7);
-            // the client's filter is valid, so it is granted all the same.
-            if let Err(e) = self.bus.flush().await {
-                if self.bus.is_ready() {
-                    return Err(e);
-                }
-            }
-            let deliver = Delivery {
-                state: state.clone(),
-                metrics: self.metrics.clone(),
-            };
-            *task = Some(tokio::spawn(deliver.run(sub)).abort_handle());
+        max_filters: usize,
+    ) -> Result<(), SubscribeError> {
+        let (state, new) = loop {
+            let state = self.state(app);
+            let mut index = state.index.write();
             if state.closed.load(Ordering::Acquire) {
-                // Everyone left while we subscribed.
-                if let Some(t) = task.take() {
-                    t.abort();
-                }
+                // Its last member left since we looked it up: it is (being) removed from
+                // the map; make way for a fresh one.
+                drop(index);
+                self.retire(app, &state);
+                continue;
+            }
+            let new = index.add(id, outbox, filter, max_filters)?;
+            break (state.clone(), new);
+        };
+        if new {
+            self.metrics.subscriptions.inc();
+        }
+        if let Err(e) = self.deliver(app, &state).await {
+            if new {
+                self.unsubscribe(app, id, &filter.requested);
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The state of `app`, created if there is none.
+    fn state(&self, app: &AppRef) -> Arc<AppState> {
+        let mut apps = self.apps.lock();
+        if let Some(state) = apps.get(app) {
+            return state.clone();
+        }
+        let state = Arc::new(AppState {
+            index: RwLock::new(Index::new()),
+            closed: AtomicBool::new(false),
+            delivering: AtomicBool::new(false),
+            task: tokio::sync::Mutex::new(None),
+            prefix: app.subject_prefix(),
+            topic_prefix: format!("v3/{}/", self.tenancy.app_uid(app)),
+            labels: AppLabels {
+                tenant: app.tenant.to_string(),
+                application: app.app.to_string(),
+            },
+        });
+        apps.insert(app.clone(), state.clone());
+        state
+    }
+
+    /// Removes the closed `state` from the map, if it is still there.
+    fn retire(&self, app: &AppRef, state: &Arc<AppState>) {
+        let mut apps = self.apps.lock();
+        if apps.get(app).is_some_and(|s| Arc::ptr_eq(s, state)) {
+            apps.remove(app);
+        }
+    }
+
+    /// Makes sure `state`'s delivery task runs, subscribed on the bus.
+    async fn deliver(&self, app: &AppRef, state: &Arc<AppState>) -> Result<(), BusError> {
+        if state.delivering.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut task = state.task.lock().await;
+        if task.is_some() || state.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let sub = self.bus.subscribe(app.traffic_subject_filter()).await?;
+        // While the bus is down the subscription is sent when it is back (DESIGN §7);
+        // the client's filter is valid, so it is granted all the same.
+        if let Err(e) = self.bus.flush().await {
+            if self.bus.is_ready() {
+                return Err(e);
+            }
+        }
+        let deliver = Delivery {
+            state: state.clone(),
+            metrics: self.metrics.clone(),
+        };
+        *task = Some(tokio::spawn(deliver.run(sub)).abort_handle());
+        state.delivering.store(true, Ordering::Release);
+        if state.closed.load(Ordering::Acquire) {
+            // Everyone left while we subscribed.
+            if let Some(t) = task.take() {
+                t.abort();
             }
         }
         Ok(())
@@ -121,33 +196,39 @@ impl Router {
     /// Removes the filter `requested` of connection `id`; returns how many filters it
     /// still has. The last subscriber out drops the application's bus subscription.
     pub fn unsubscribe(&self, app: &AppRef, id: u64, requested: &str) -> usize {
-        self.update(app, |index| index.remove(id, requested))
+        let removed = self.update(app, |index| index.remove(id, requested));
+        if removed.removed {
+            self.metrics.subscriptions.dec();
+        }
+        removed.left
     }
 
     /// Removes every filter of connection `id`.
     pub fn leave(&self, app: &AppRef, id: u64) {
-        self.update(app, |index| index.remove_all(id));
+        let removed = self.update(app, |index| index.remove_all(id));
+        self.metrics.subscriptions.dec_by(removed as i64);
     }
 
     fn update<T: Default>(&self, app: &AppRef, change: impl FnOnce(&mut Index) -> T) -> T {
-        let mut apps = self.apps.lock();
-        let Some(state) = apps.get(app) else {
+        let Some(state) = self.apps.lock().get(app).cloned() else {
             return T::default();
         };
-        let (result, empty) = {
+        let result = {
             let mut index = state.index.write();
             let result = change(&mut index);
-            (result, index.is_empty())
-        };
-        if empty {
-            state.closed.store(true, Ordering::Release);
-            if let Ok(mut task) = state.task.try_lock() {
-                if let Some(t) = task.take() {
-                    t.abort();
-                }
+            if !index.is_empty() || state.closed.load(Ordering::Acquire) {
+                return result;
             }
-            apps.remove(app);
+            state.closed.store(true, Ordering::Release);
+            result
+        };
+        // A subscriber that holds the task lock sees `closed` once it has subscribed.
+        if let Ok(mut task) = state.task.try_lock() {
+            if let Some(t) = task.take() {
+                t.abort();
+            }
         }
+        self.retire(app, &state);
         result
     }
 
@@ -195,7 +276,7 @@ impl AppState {
         let mut too_large = false;
         self.index
             .read()
-            .for_each_match(event.device, event.event, |slot| {
+            .for_each_match(event.device, event.event, |outbox| {
                 let packet = match &encoded {
                     Some(p) => p.clone(),
                     None if too_large => return,
@@ -214,7 +295,7 @@ impl AppState {
                         }
                     },
                 };
-                match slot.outbox.push(packet) {
+                match outbox.push(packet) {
                     Ok(()) => delivered += 1,
                     Err(_) => dropped += 1,
                 }
@@ -235,6 +316,8 @@ mod tests {
     use crate::bus::EmbeddedBus;
     use crate::topic::Id;
 
+    const NO_LIMIT: usize = usize::MAX;
+
     fn app(a: &str) -> AppRef {
         AppRef::new(Id::parse("tenant1").unwrap(), Id::parse(a).unwrap())
     }
@@ -246,22 +329,33 @@ mod tests {
         }
     }
 
+    fn router() -> (Router, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
+        let bus = Arc::new(EmbeddedBus::new());
+        (Router::new(bus, Tenancy::Multi, metrics.clone()), metrics)
+    }
+
+    fn filter(app: &AppRef, f: &str) -> Filter {
+        Filter::rewrite(&Tenancy::Multi, app, f).unwrap()
+    }
+
     /// A slow subscriber loses what exceeds its byte budget, alone; the drop is counted
     /// for its application in /metrics.
     #[tokio::test]
     async fn a_full_outbox_drops_for_its_client_only_and_is_counted() {
-        let metrics = Arc::new(Metrics::default());
-        let router = Router::new(
-            Arc::new(EmbeddedBus::new()),
-            Tenancy::Multi,
-            metrics.clone(),
-        );
+        let (router, metrics) = router();
         let a = app("app1");
         let slow = Arc::new(Outbox::new(1024));
         let fast = Arc::new(Outbox::new(1 << 20));
-        let all = Filter::rewrite(&Tenancy::Multi, &a, "#").unwrap();
-        router.subscribe(&a, 1, &slow, &all).await.unwrap();
-        router.subscribe(&a, 2, &fast, &all).await.unwrap();
+        let all = filter(&a, "#");
+        router
+            .subscribe(&a, 1, &slow, &all, NO_LIMIT)
+            .await
+            .unwrap();
+        router
+            .subscribe(&a, 2, &fast, &all, NO_LIMIT)
+            .await
+            .unwrap();
         let mut delivered = 0;
         for _ in 0..10 {
             delivered += router.dispatch(&a, &uplink("dev1"));
@@ -281,5 +375,115 @@ mod tests {
         router.leave(&a, 1);
         router.leave(&a, 2);
         assert_eq!(router.subscribed_apps(), 0);
+    }
+
+    /// The filter limit is the connection's, re-subscribing is free, and the node's gauge
+    /// counts granted filters only.
+    #[tokio::test]
+    async fn limits_and_the_subscriptions_gauge() {
+        let (router, metrics) = router();
+        let a = app("app1");
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let gauge = || {
+            let text = metrics.render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("lorabroker_subscriptions "));
+            line.and_then(|l| l.split(' ').nth(1)?.parse::<i64>().ok())
+        };
+        for d in ["dev1", "dev2"] {
+            let f = filter(&a, &format!("v3/+/devices/{d}/up"));
+            router.subscribe(&a, 1, &outbox, &f, 2).await.unwrap();
+        }
+        let third = filter(&a, "v3/+/devices/dev3/up");
+        let refused = router.subscribe(&a, 1, &outbox, &third, 2).await;
+        assert!(matches!(refused, Err(SubscribeError::TooManyFilters(_))));
+        assert_eq!(refused.unwrap_err().reason(), "max_subscriptions");
+        let again = filter(&a, "v3/+/devices/dev1/up");
+        router.subscribe(&a, 1, &outbox, &again, 2).await.unwrap();
+        // Another connection has a limit of its own.
+        router.subscribe(&a, 2, &outbox, &third, 2).await.unwrap();
+        assert_eq!(gauge(), Some(3));
+        assert_eq!(router.unsubscribe(&a, 1, "v3/+/devices/dev1/up"), 1);
+        assert_eq!(router.unsubscribe(&a, 1, "v3/+/devices/dev1/up"), 1);
+        assert_eq!(gauge(), Some(2));
+        router.leave(&a, 1);
+        router.leave(&a, 2);
+        assert_eq!(gauge(), Some(0));
+        assert_eq!(router.subscribed_apps(), 0);
+    }
+
+    /// The last member out drops the application's state and bus subscription; the next
+    /// subscriber gets a fresh one that the bus delivers to.
+    #[tokio::test]
+    async fn an_application_left_and_joined_again_is_delivered_to() {
+        let bus = Arc::new(EmbeddedBus::new());
+        let router = Router::new(bus.clone(), Tenancy::Multi, Arc::new(Metrics::default()));
+        let a = app("app1");
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        router
+            .subscribe(&a, 1, &outbox, &filter(&a, "#"), NO_LIMIT)
+            .await
+            .unwrap();
+        assert_eq!(router.unsubscribe(&a, 1, "#"), 0);
+        assert_eq!(router.subscribed_apps(), 0);
+        router
+            .subscribe(&a, 1, &outbox, &filter(&a, "#"), NO_LIMIT)
+            .await
+            .unwrap();
+        assert_eq!(router.subscribed_apps(), 1);
+        let msg = uplink("dev1");
+        bus.publish(msg.subject, msg.payload).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while got.is_empty() {
+                outbox.ready().await;
+                outbox.take(&mut got);
+            }
+        })
+        .await
+        .expect("the uplink reaches the subscriber through the new bus subscription");
+        router.leave(&a, 1);
+    }
+
+    /// Members join and leave one application from many threads at once, so that the last
+    /// one out often races the next one in: a member whose subscribe returned is always in
+    /// the application's live state (a dispatch reaches it), and when all are gone the
+    /// application is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_joins_and_leaves_never_lose_a_member() {
+        let (router, metrics) = router();
+        let router = Arc::new(router);
+        let a = app("app1");
+        let mut tasks = Vec::new();
+        for id in 0..8u64 {
+            let (router, a) = (router.clone(), a.clone());
+            tasks.push(tokio::spawn(async move {
+                let outbox = Arc::new(Outbox::new(1 << 20));
+                let f = filter(&a, &format!("v3/+/devices/dev{id}/up"));
+                let mut got = Vec::new();
+                for _ in 0..300 {
+                    router
+                        .subscribe(&a, id, &outbox, &f, NO_LIMIT)
+                        .await
+                        .unwrap();
+                    router.dispatch(&a, &uplink(&format!("dev{id}")));
+                    outbox.take(&mut got);
+                    assert_eq!(got.len(), 1, "member {id} was not delivered to");
+                    got.clear();
+                    if id % 2 == 0 {
+                        router.leave(&a, id);
+                    } else {
+                        assert_eq!(router.unsubscribe(&a, id, &f.requested), 0);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(router.subscribed_apps(), 0);
+        assert!(metrics.render().contains("lorabroker_subscriptions 0"));
     }
 }

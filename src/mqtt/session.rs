@@ -29,9 +29,9 @@ use super::wire::{ReadError, Wire};
 use crate::app::App;
 use crate::auth::{StoredKey, Ticket};
 use crate::cluster::{self, Signal};
-use crate::log::Bounded;
 use crate::metrics::OutcomeLabels;
 use crate::registry::Connection;
+use crate::router::{Refusal, Refusals};
 use crate::topic::{parse_downlink_topic, Filter};
 
 /// How a session ended.
@@ -442,9 +442,23 @@ impl Session {
                 .push(encode(&Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
             return None;
         }
-        for f in &subscribe.filters {
-            codes.push(self.subscribe(&f.path).await);
+        let mut refusals = Refusals::default();
+        for (i, f) in subscribe.filters.iter().enumerate() {
+            // One packet may carry thousands of filters: let the other connections of this
+            // worker thread run between batches.
+            if i % 64 == 63 {
+                tokio::task::yield_now().await;
+            }
+            codes.push(match self.subscribe(&f.path).await {
+                Ok(()) => SubscribeReasonCode::Success(QoS::AtMostOnce),
+                Err(refusal) => {
+                    refusals.add(&refusal, &f.path);
+                    SubscribeReasonCode::Failure
+                }
+            });
         }
+        // One log line per packet, however many filters it refused.
+        refusals.report(&self.app.metrics, subscribe.filters.len());
         self.out
             .push(encode(&Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
         None
@@ -494,38 +508,25 @@ impl Session {
         None
     }
 
-    /// Grants or refuses one filter (DESIGN §4): QoS 0 for a rewritten filter of the
-    /// client's own application when the key may read, 0x80 otherwise.
-    async fn subscribe(&mut self, requested: &str) -> SubscribeReasonCode {
+    /// Grants or refuses one filter (DESIGN §4, issue 9): QoS 0 for a rewritten filter of
+    /// the client's own application that can match some of its traffic, within the
+    /// connection's limits (`mqtt.max_filter_length`, `mqtt.max_subscriptions`), when the
+    /// key may read; 0x80 otherwise, for the reason returned.
+    async fn subscribe(&mut self, requested: &str) -> Result<(), Refusal> {
         if !self.key.rights.can_read() {
-            tracing::info!(
-                filter = %Bounded::id(requested),
-                "subscription refused: the key has no read right"
-            );
-            return SubscribeReasonCode::Failure;
+            return Err(Refusal::NoReadRight);
         }
-        let Some(filter) = Filter::rewrite(&self.app.tenancy, &self.registration.app, requested)
-        else {
-            tracing::info!(
-                filter = %Bounded::id(requested),
-                "subscription refused: not a topic of this application"
-            );
-            return SubscribeReasonCode::Failure;
-        };
+        let mqtt = &self.app.config.mqtt;
         let (app, id) = (&self.registration.app, self.registration.id);
-        if let Err(e) = self
-            .app
-            .router
-            .subscribe(app, id, &self.outbox, &filter)
-            .await
-        {
-            tracing::warn!(error = %e, "subscription failed: bus unavailable");
-            let left = self.app.router.unsubscribe(app, id, requested);
-            self.subscribed = left > 0;
-            return SubscribeReasonCode::Failure;
-        }
+        let filter = Filter::grant(&self.app.tenancy, app, requested, mqtt.max_filter_length)?;
+        // Set before the router is asked, so that the connection leaves it at its end
+        // whatever happens (leaving an application one has no filter in is a lookup).
         self.subscribed = true;
-        SubscribeReasonCode::Success(QoS::AtMostOnce)
+        self.app
+            .router
+            .subscribe(app, id, &self.outbox, &filter, mqtt.max_subscriptions)
+            .await?;
+        Ok(())
     }
 }
 

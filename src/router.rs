@@ -18,7 +18,7 @@ mod index;
 mod refusals;
 
 pub use index::{Index, Removed, TooManyFilters};
-pub use refusals::{Excerpt, Refusal, Refusals};
+pub use refusals::{Refusal, Refusals};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

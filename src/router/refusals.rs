@@ -1,12 +1,11 @@
 //! Refused subscriptions: why one filter was refused ([`Refusal`]), and the refusals of one
 //! SUBSCRIBE packet ([`Refusals`]), reported once per packet (one log line, whatever the
 //! number of filters) and counted by reason in `lorabroker_subscriptions_refused_total`;
-//! and [`Excerpt`], how a client's filter appears in a log line: a short prefix beside its
-//! length, never the unbounded input.
-
-use std::fmt::{self, Write};
+//! the first refused filter appears as [`crate::log::Bounded`] shows client input (a short,
+//! escaped, key-redacted prefix) beside its length, never the unbounded input.
 
 use super::SubscribeError;
+use crate::log::Bounded;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::topic::FilterError;
 
@@ -40,7 +39,7 @@ impl Refusal {
 pub struct Refusals {
     /// Reasons in the order first seen, with their counts (a packet meets few reasons).
     by_reason: Vec<(&'static str, u64)>,
-    /// The first filter refused, cut to [`Excerpt::MAX`] bytes, its length, and why.
+    /// The first filter refused, as [`Bounded::id`] shows it, its length, and why.
     first: Option<(String, usize, String)>,
 }
 
@@ -53,7 +52,7 @@ impl Refusals {
             None => self.by_reason.push((reason, 1)),
         }
         if self.first.is_none() {
-            let shown = Excerpt(filter).to_string();
+            let shown = Bounded::id(filter).to_string();
             self.first = Some((shown, filter.len(), refusal.to_string()));
         }
     }
@@ -94,51 +93,24 @@ impl Refusals {
     }
 }
 
-/// A string from a client as logs show it: at most [`Excerpt::MAX`] bytes of it (cut at a
-/// character boundary, control characters escaped), then `…` if it was longer. Log its
-/// length beside it.
-pub struct Excerpt<'a>(pub &'a str);
-
-impl Excerpt<'_> {
-    /// Longest prefix shown, in bytes.
-    pub const MAX: usize = 48;
-}
-
-impl fmt::Display for Excerpt<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut end = self.0.len().min(Self::MAX);
-        while !self.0.is_char_boundary(end) {
-            end -= 1;
-        }
-        for c in self.0[..end].chars() {
-            if c.is_control() {
-                write!(f, "{}", c.escape_default())?;
-            } else {
-                f.write_char(c)?;
-            }
-        }
-        if end < self.0.len() {
-            f.write_str("…")?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn excerpts_are_short_and_safe() {
-        assert_eq!(
-            Excerpt("v3/+/devices/dev1/up").to_string(),
-            "v3/+/devices/dev1/up"
-        );
+    fn the_first_filter_is_shown_short_and_safe() {
+        let mut refusals = Refusals::default();
         let long = "v3/+/devices/".to_owned() + &"é".repeat(100);
-        let shown = Excerpt(&long).to_string();
-        assert!(shown.ends_with('…'), "{shown}");
-        assert!(shown.len() <= Excerpt::MAX + '…'.len_utf8(), "{shown}");
-        assert_eq!(Excerpt("a\nb\u{1b}").to_string(), "a\\nb\\u{1b}");
+        refusals.add(&Refusal::NoReadRight, &long);
+        refusals.add(&Refusal::NoReadRight, "v3/+/devices/dev1/up");
+        let (shown, len, _) = refusals.first.clone().unwrap();
+        assert_eq!(len, long.len());
+        assert!(shown.contains('…'), "{shown}");
+        assert!(
+            shown.chars().count() <= crate::log::ID_PREFIX + 20,
+            "{shown}"
+        );
+        assert_eq!(Bounded::id("a\nb\u{1b}").to_string(), "a\\nb\\u{1b}");
     }
 
     /// Thousands of refused filters make one log line, which shows the first filter as an

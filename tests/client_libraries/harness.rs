@@ -34,7 +34,8 @@ pub const FLEET_DEVICE: &str = "dev1";
 /// How to install what the client programs need, for the failure messages.
 const HOW_TO_INSTALL: &str = "\
 the client-library tests need Python 3 with venv, Node.js with npm, and the pinned client
-libraries. Install them with
+libraries. The tests run the following themselves when target/pyenv or
+tests/clients/node/node_modules is missing; to install (or reinstall) them by hand:
 
     tests/clients/setup
 
@@ -273,10 +274,41 @@ fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
+/// Runs `tests/clients/setup` once per test run when the pinned libraries are not installed
+/// where the default interpreters look (so that a plain `cargo test` needs no step of its
+/// own); interpreters named by `LORABROKER_TEST_PYTHON`/`LORABROKER_TEST_NODE` are the
+/// caller's business and are not installed into.
+fn install_if_missing() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python_missing = std::env::var_os("LORABROKER_TEST_PYTHON").is_none()
+            && !root.join("target/pyenv/bin/python").exists();
+        let node_missing = std::env::var_os("LORABROKER_TEST_NODE").is_none()
+            && !clients_dir().join("node/node_modules/mqtt").exists();
+        if !(python_missing || node_missing) {
+            return;
+        }
+        let out = std::process::Command::new(clients_dir().join("setup"))
+            .current_dir(root)
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => panic!(
+                "tests/clients/setup failed:\n{}{}\n{HOW_TO_INSTALL}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => panic!("cannot run tests/clients/setup: {e}.\n{HOW_TO_INSTALL}"),
+        }
+    });
+}
+
 /// The virtual environment's Python, checked once to have paho-mqtt 2.x.
 fn python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
     PYTHON.get_or_init(|| {
+        install_if_missing();
         let python = std::env::var_os("LORABROKER_TEST_PYTHON")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -302,6 +334,7 @@ fn python() -> &'static Path {
 fn node() -> &'static Path {
     static NODE: OnceLock<PathBuf> = OnceLock::new();
     NODE.get_or_init(|| {
+        install_if_missing();
         let node = std::env::var_os("LORABROKER_TEST_NODE")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("node"));

@@ -37,4 +37,5 @@ pub mod router;
 pub mod server;
 pub mod signals;
 pub mod topic;
+pub mod transport;
 pub mod upstream;

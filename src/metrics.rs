@@ -62,6 +62,15 @@ pub struct BackendLabels {
     pub backend: &'static str,
 }
 
+/// A listener and why a connection failed on it below MQTT.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// `tcp`, `tls`, `ws` or `wss` ([`crate::transport::Kind`]).
+    pub listener: &'static str,
+    /// `proxy_protocol`, `tls_handshake`, `websocket_upgrade` or `handshake_timeout`.
+    pub reason: &'static str,
+}
+
 /// Every metric of a node.
 pub struct Metrics {
     registry: Registry,
@@ -108,6 +117,9 @@ pub struct Metrics {
     pub subscriptions: Gauge,
     /// Subscription filters refused (SUBACK 0x80), by reason.
     pub subscriptions_refused: Family<ReasonLabels, Counter>,
+    /// Connections that failed below MQTT (PROXY header, TLS handshake, WebSocket
+    /// upgrade, or their timeout), by listener and reason.
+    pub transport_failures: Family<TransportLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -134,6 +146,7 @@ impl Default for Metrics {
             tombstones_dropped: Counter::default(),
             subscriptions: Gauge::default(),
             subscriptions_refused: Family::default(),
+            transport_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -235,6 +248,11 @@ impl Default for Metrics {
             "subscriptions_refused",
             "Subscription filters refused with SUBACK 0x80, by reason",
             m.subscriptions_refused.clone(),
+        );
+        registry.register(
+            "transport_failures",
+            "Connections that failed below MQTT (PROXY header, TLS handshake, WebSocket upgrade, or mqtt.handshake_timeout), by listener and reason",
+            m.transport_failures.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -18,6 +18,7 @@ use crate::bus::BusError;
 use crate::cluster::{SignalHandler, SIGNAL_FILTER};
 use crate::mqtt::outbox::CloseReason;
 use crate::mqtt::session;
+use crate::transport::{Kind, Transport};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -35,20 +36,21 @@ fn listen_problems(errors: &[ListenError]) -> String {
     lines.join("\n  ")
 }
 
-/// The two listeners of a node.
+/// The listeners of a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Listener {
-    /// MQTT (`mqtt.listen`).
-    Mqtt,
+    /// MQTT over one transport (`mqtt.listen`, `mqtt.tls.listen`, …).
+    Mqtt(Kind),
     /// HTTP (`http.listen`).
     Http,
 }
 
 impl Listener {
-    /// The command-line flag of `dev` and `serve` that sets its address.
+    /// How to set its address: the command-line flag of `dev` and `serve`, or the setting.
     pub fn flag(self) -> &'static str {
         match self {
-            Listener::Mqtt => "--mqtt-listen",
+            Listener::Mqtt(Kind::Tcp) => "--mqtt-listen",
+            Listener::Mqtt(kind) => kind.listen_key(),
             Listener::Http => "--http-listen",
         }
     }
@@ -56,7 +58,7 @@ impl Listener {
     /// Who is likely to hold its port already.
     fn usual_suspect(self) -> &'static str {
         match self {
-            Listener::Mqtt => "another MQTT server such as Mosquitto?",
+            Listener::Mqtt(_) => "another MQTT server such as Mosquitto?",
             Listener::Http => "another web server or lorabroker node?",
         }
     }
@@ -78,6 +80,21 @@ pub struct ListenError {
 impl std::fmt::Display for ListenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (addr, flag) = (&self.addr, self.listener.flag());
+        if !flag.starts_with("--") {
+            // Set in the configuration only.
+            let advice = match self.free {
+                Some(free) => format!("set {flag} = \"{free}\" (free)"),
+                None => format!("set {flag} to a free address"),
+            };
+            return match self.error.kind() {
+                std::io::ErrorKind::AddrInUse => write!(
+                    f,
+                    "{addr} is in use ({}); {advice}",
+                    self.listener.usual_suspect()
+                ),
+                _ => write!(f, "cannot listen on {addr}: {}; {advice}", self.error),
+            };
+        }
         match (self.error.kind(), self.free) {
             (std::io::ErrorKind::AddrInUse, Some(free)) => write!(
                 f,
@@ -141,8 +158,10 @@ async fn free_port_near(busy: SocketAddr) -> Option<SocketAddr> {
 pub struct Node {
     /// The node's handles.
     pub app: Arc<App>,
-    /// Where MQTT is served (the real port when configured with port 0).
+    /// Where MQTT over TCP is served (the real port when configured with port 0).
     pub mqtt_addr: SocketAddr,
+    /// Every MQTT listener (TCP first) with where it is served.
+    pub mqtt_listeners: Vec<(Kind, SocketAddr)>,
     /// Where HTTP is served.
     pub http_addr: SocketAddr,
     /// Where the probes are served apart from the admin API (`http.metrics_listen`).
@@ -174,25 +193,49 @@ impl Node {
     /// Binds the listeners and starts serving. When a listener cannot be bound, both are
     /// tried first so that the error reports every busy address at once.
     pub async fn start(app: Arc<App>) -> Result<Node, StartError> {
+        let mqtt_specs = mqtt_listeners(&app)?;
         let (mqtt, http) = tokio::join!(
-            bind(Listener::Mqtt, &app.config.mqtt.listen),
+            futures::future::join_all(
+                mqtt_specs
+                    .iter()
+                    .map(|(kind, addr, _)| bind(Listener::Mqtt(*kind), addr))
+            ),
             bind(Listener::Http, &app.config.http.listen)
         );
-        let ((mqtt, mqtt_addr), (http, http_addr)) = match (mqtt, http) {
-            (Ok(m), Ok(h)) => (m, h),
-            (m, h) => {
-                let mut errors: Vec<ListenError> = m.err().into_iter().chain(h.err()).collect();
-                // Both on one busy address: two different suggestions.
-                if let [first, second] = errors.as_mut_slice() {
-                    if let (Some(a), Some(b)) = (first.free, second.free) {
-                        if a == b {
-                            second.free = free_port_near(a).await;
-                        }
+        let mut errors: Vec<ListenError> = Vec::new();
+        let mut bound = Vec::new();
+        for (result, (kind, _, transport)) in mqtt.into_iter().zip(mqtt_specs) {
+            match result {
+                Ok((listener, addr)) => bound.push((kind, listener, addr, transport)),
+                Err(e) => errors.push(e),
+            }
+        }
+        let http = match http {
+            Ok(h) => Some(h),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        };
+        let (http, http_addr) = match http {
+            Some(h) if errors.is_empty() => h,
+            _ => {
+                // Several on one busy address: different suggestions.
+                let mut suggested: Vec<SocketAddr> = Vec::new();
+                for e in &mut errors {
+                    while let Some(free) = e.free.filter(|f| suggested.contains(f)) {
+                        e.free = free_port_near(free).await;
                     }
+                    suggested.extend(e.free);
                 }
                 return Err(StartError::Listen(errors));
             }
         };
+        let mqtt_addr = bound[0].2;
+        let mqtt_listeners: Vec<(Kind, SocketAddr)> = bound
+            .iter()
+            .map(|(kind, _, addr, _)| (*kind, *addr))
+            .collect();
         let (metrics, metrics_addr) = match app.config.http.metrics_listen.as_str() {
             "" => (None, None),
             addr => {
@@ -231,16 +274,27 @@ impl Node {
             ))
         });
         let health_task = tokio::spawn(crate::health::watch(app.clone(), http_stop.clone()));
-        let mqtt_task = tokio::spawn(accept_loop(
-            mqtt,
-            app.clone(),
-            shutdown.clone(),
-            hurry.clone(),
-        ));
+        let accept_loops: Vec<_> = bound
+            .into_iter()
+            .map(|(_, listener, _, transport)| {
+                accept_loop(listener, Arc::new(transport), app.clone(), shutdown.clone())
+            })
+            .collect();
+        let mqtt_task = tokio::spawn({
+            let (app, hurry) = (app.clone(), hurry.clone());
+            async move {
+                futures::future::join_all(accept_loops).await;
+                drain(&app, &hurry).await;
+            }
+        });
+        for (kind, addr) in &mqtt_listeners[1..] {
+            tracing::info!(listener = kind.as_str(), %addr, "MQTT listener started");
+        }
         tracing::info!(node = %app.node_id, mqtt = %mqtt_addr, http = %http_addr, "node started");
         Ok(Node {
             app,
             mqtt_addr,
+            mqtt_listeners,
             http_addr,
             metrics_addr,
             shutdown,
@@ -298,14 +352,14 @@ impl Node {
     }
 }
 
-/// Accepts and spawns; the connection bounds are the handshake's (`mqtt::admission`): a
-/// socket waits for its CONNECT in a pending-handshake slot, and only an authenticated
-/// client takes one of `mqtt.max_connections`.
+/// Accepts and spawns until the shutdown; the connection bounds are the handshake's
+/// (`mqtt::admission`): a socket waits for its CONNECT in a pending-handshake slot, and only
+/// an authenticated client takes one of `mqtt.max_connections`.
 async fn accept_loop(
     listener: TcpListener,
+    transport: Arc<Transport>,
     app: Arc<App>,
     shutdown: CancellationToken,
-    hurry: CancellationToken,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -314,22 +368,33 @@ async fn accept_loop(
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(listener = transport.kind().as_str(), error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        if !app.limits.allow_accept(peer.ip()) {
+        // Behind a PROXY header the address is the balancer's: the handshake checks the
+        // client's once the header is read.
+        if !transport.proxy_protocol() && !app.limits.allow_accept(peer.ip()) {
             // Over limits.accepts_per_ip: closed before anything is read (counted).
             tracing::debug!(%peer, "connection closed: over limits.accepts_per_ip");
             drop(stream);
             continue;
         }
-        tokio::spawn(session::serve(app.clone(), stream, peer));
+        tokio::spawn(session::serve(app.clone(), stream, peer, transport.clone()));
     }
-    drop(listener);
-    drain(&app, &hurry).await;
+}
+
+/// The MQTT listeners the configuration asks for, TCP first, with their transports.
+fn mqtt_listeners(app: &App) -> Result<Vec<(Kind, String, Transport)>, StartError> {
+    let mqtt = &app.config.mqtt;
+    let timeout = mqtt.handshake_timeout;
+    Ok(vec![(
+        Kind::Tcp,
+        mqtt.listen.clone(),
+        Transport::tcp(mqtt.proxy_protocol, timeout),
+    )])
 }
 
 /// Readiness false, then clients told to close spread over the grace period, then wait for

@@ -6,7 +6,7 @@
 //! session, which handles them right after queueing the CONNACK (§3.1.4 lets a client
 //! send before it sees the CONNACK).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,8 @@ use super::wire::{ReadError, Wire};
 use crate::app::App;
 use crate::limits::Admission as Quota;
 use crate::log::{Bounded, Verdict};
-use crate::metrics::{OutcomeLabels, ReasonLabels};
+use crate::metrics::{OutcomeLabels, ReasonLabels, TransportLabels};
+use crate::transport::{Stream, Transport};
 
 /// Reads and decides the CONNECT; `None` when the connection ends here (refused,
 /// timed out, evicted, closed). An accepted client comes with its connection permit.
@@ -34,25 +35,69 @@ use crate::metrics::{OutcomeLabels, ReasonLabels};
 /// socket may take (see [`super::admission`]); from then on it holds nothing of that bound.
 pub(super) async fn handshake(
     app: Arc<App>,
-    stream: TcpStream,
-    peer: IpAddr,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    transport: Arc<Transport>,
 ) -> Option<(Session, Wire, OwnedSemaphorePermit)> {
     let (slot, _) = app.admission.admit();
-    let _ = stream.set_nodelay(true);
-    let mut conn = Wire::new(stream, app.config.mqtt.max_packet_size);
+    let _ = tcp.set_nodelay(true);
+    let max_packet_size = app.config.mqtt.max_packet_size;
     let connect_timeout = app.config.mqtt.connect_timeout;
     let max_connect = app
         .config
         .mqtt
         .max_connect_size
         .min(app.config.mqtt.max_packet_size);
-    let read = tokio::select! {
-        read = timeout(connect_timeout, conn.read_connect(max_connect)) => read,
+    // The layers below MQTT (PROXY header, TLS, WebSocket) and then the CONNECT, both in
+    // the pending-handshake slot, each under its own timeout.
+    let phases = async {
+        let (stream, peer) = if transport.has_handshake() {
+            match timeout(
+                transport.handshake_timeout(),
+                transport.establish(tcp, peer),
+            )
+            .await
+            {
+                Ok(Ok(established)) => established,
+                Ok(Err(e)) => return Err((e.reason(), e.to_string())),
+                Err(_) => {
+                    let why = format!("not established within {:?}", transport.handshake_timeout());
+                    return Err(("handshake_timeout", why));
+                }
+            }
+        } else {
+            (Stream::Tcp(tcp), peer)
+        };
+        let mut conn = Wire::new(stream, max_packet_size);
+        let read = timeout(connect_timeout, conn.read_connect(max_connect)).await;
+        Ok((conn, peer, read))
+    };
+    let (mut conn, peer, read) = tokio::select! {
+        phases = phases => match phases {
+            Ok(done) => done,
+            Err((reason, why)) => {
+                tracing::debug!(listener = transport.kind().as_str(), error = %Bounded::message(&why), "connection failed below MQTT");
+                app.metrics
+                    .transport_failures
+                    .get_or_create(&TransportLabels { listener: transport.kind().as_str(), reason })
+                    .inc();
+                return count_connect(&app, "transport_failed");
+            }
+        },
         () = slot.evicted() => {
             tracing::debug!("closed without CONNECT: its pending-handshake slot went to a newer socket");
             return count_connect(&app, "handshake_evicted");
         }
     };
+    if transport.proxy_protocol() {
+        // The client's address is the PROXY header's: logs and per-IP limits use it.
+        tracing::Span::current().record("peer", field::display(peer));
+        if !app.limits.allow_accept(peer.ip()) {
+            tracing::debug!("connection closed: over limits.accepts_per_ip");
+            return count_connect(&app, "refused_accepts_per_ip");
+        }
+    }
+    let peer = peer.ip();
     drop(slot);
     let connect = match read {
         Err(_) => {

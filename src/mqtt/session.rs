@@ -33,6 +33,7 @@ use crate::metrics::OutcomeLabels;
 use crate::registry::Connection;
 use crate::router::{Refusal, Refusals};
 use crate::topic::{parse_downlink_topic, Filter};
+use crate::transport::Transport;
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,23 +99,34 @@ impl End {
     }
 }
 
-/// Serves one accepted TCP connection until it closes.
+/// Serves one accepted TCP connection, over the layers of its listener's `transport`,
+/// until it closes.
 ///
 /// Every connection's task holds this future for its whole life, so it is kept small
 /// (a test checks its size): the handshake and the packets that wait on a backend run in
 /// allocations of their own, and no argument is held twice (a plain `fn` returning an
 /// `async` block; an `async fn` would store its arguments both as captures and as locals).
-pub fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> {
+pub fn serve(
+    app: Arc<App>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    transport: Arc<Transport>,
+) -> impl Future<Output = ()> {
     let span = tracing::info_span!(
         "conn",
-        %peer,
+        listener = transport.kind().as_str(),
+        peer = field::Empty,
         tenant = field::Empty,
         app = field::Empty,
         client_id = field::Empty
     );
+    if !transport.proxy_protocol() {
+        // Behind a PROXY header the client's address is known once the header is read.
+        span.record("peer", field::display(peer));
+    }
     // Boxed: the handshake (CONNECT, key lookup) is a large future that the task of an
     // established connection should not keep room for.
-    let handshake = Box::pin(handshake(app, stream, peer.ip()));
+    let handshake = Box::pin(handshake(app, tcp, peer, transport));
     async move {
         let Some((mut session, mut wire, _admitted)) = handshake.await else {
             return;
@@ -565,7 +577,8 @@ mod tests {
             .await
             .unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let size = std::mem::size_of_val(&serve(app, stream, peer));
+        let transport = Arc::new(Transport::tcp(false, Duration::from_secs(10)));
+        let size = std::mem::size_of_val(&serve(app, stream, peer, transport));
         assert!(size <= 768, "the serve future is {size} bytes");
     }
 

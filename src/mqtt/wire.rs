@@ -1,17 +1,16 @@
-//! The socket of one connection: lazily grown reads framed by [`super::codec`], and
-//! batched `writev` writes of queued packets. It knows bytes and packets, not sessions.
+//! The stream of one connection: lazily grown reads framed by [`super::codec`], and
+//! batched `writev` writes of queued packets. It knows bytes and packets, not sessions, and
+//! not which transport ([`crate::transport::Stream`]) carries them.
 
 use std::future::poll_fn;
 use std::io::IoSlice;
-use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use mqttbytes::v4::Packet;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::codec::{decode, DecodeError, Decoded};
+use crate::transport::Stream;
 
 /// Why reading a packet failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,16 +30,16 @@ pub(super) enum ReadError {
 /// Most packets handed to one `writev` (Linux's `UIO_MAXIOV` is 1024).
 const MAX_IOV: usize = 64;
 
-/// The socket with its read buffer. Buffers start empty and are given back when idle, so
+/// The stream with its read buffer. Buffers start empty and are given back when idle, so
 /// a quiet connection holds almost no memory.
 pub(super) struct Wire {
-    stream: TcpStream,
+    stream: Stream,
     read_buf: BytesMut,
     max_packet_size: usize,
 }
 
 impl Wire {
-    pub(super) fn new(stream: TcpStream, max_packet_size: usize) -> Self {
+    pub(super) fn new(stream: Stream, max_packet_size: usize) -> Self {
         Self {
             stream,
             read_buf: BytesMut::new(),
@@ -67,31 +66,26 @@ impl Wire {
     /// Reads whatever the socket has (`Ok(false)` at a clean end of stream), as a poll function, so that waiting for a read holds no future (the
     /// read buffer is only grown once the socket is readable).
     pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ReadError>> {
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            let read = if self.read_buf.is_empty() {
-                // Nothing buffered: read on the stack and keep only what came, so that a
-                // connection holds a buffer only while a packet is incomplete or in hand
-                // (readiness is often stale, and most reads are one small packet).
-                let mut chunk = [0u8; 4096];
-                self.stream.try_read(&mut chunk).inspect(|&n| {
-                    self.read_buf = BytesMut::from(&chunk[..n]);
-                })
-            } else {
-                if self.read_buf.capacity() - self.read_buf.len() < 1024 {
-                    self.read_buf.reserve(4096);
-                }
-                self.stream.try_read_buf(&mut self.read_buf)
-            };
-            return Poll::Ready(match read {
-                Ok(0) if self.read_buf.is_empty() => Ok(false),
-                Ok(0) => Err(ReadError::Truncated),
-                Ok(_) => Ok(true),
-                // Readiness was cleared: poll again to register for the next one.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => Err(e.into()),
-            });
-        }
+        let read = if self.read_buf.is_empty() {
+            // Nothing buffered: read on the stack and keep only what came, so that a
+            // connection holds a buffer only while a packet is incomplete or in hand
+            // (readiness is often stale, and most reads are one small packet).
+            let mut chunk = [0u8; 4096];
+            ready!(self.stream.poll_read_chunk(cx, &mut chunk)).inspect(|&n| {
+                self.read_buf = BytesMut::from(&chunk[..n]);
+            })
+        } else {
+            if self.read_buf.capacity() - self.read_buf.len() < 1024 {
+                self.read_buf.reserve(4096);
+            }
+            ready!(self.stream.poll_read_buf(cx, &mut self.read_buf))
+        };
+        Poll::Ready(match read {
+            Ok(0) if self.read_buf.is_empty() => Ok(false),
+            Ok(0) => Err(ReadError::Truncated),
+            Ok(_) => Ok(true),
+            Err(e) => Err(e.into()),
+        })
     }
 
     /// Reads the CONNECT packet; `None` at a clean end of stream. Anything that does not
@@ -128,23 +122,19 @@ impl Wire {
     /// authentication no room is reserved ahead (readiness is often stale, and a socket
     /// that stops half-way through its CONNECT would keep that room for the connect timeout).
     fn poll_fill_small(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ReadError>> {
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            let mut chunk = [0u8; 4096];
-            return Poll::Ready(match self.stream.try_read(&mut chunk) {
-                Ok(0) if self.read_buf.is_empty() => Ok(false),
-                Ok(0) => Err(ReadError::Truncated),
-                Ok(n) => {
-                    self.read_buf.extend_from_slice(&chunk[..n]);
-                    Ok(true)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => Err(e.into()),
-            });
-        }
+        let mut chunk = [0u8; 4096];
+        Poll::Ready(match ready!(self.stream.poll_read_chunk(cx, &mut chunk)) {
+            Ok(0) if self.read_buf.is_empty() => Ok(false),
+            Ok(0) => Err(ReadError::Truncated),
+            Ok(n) => {
+                self.read_buf.extend_from_slice(&chunk[..n]);
+                Ok(true)
+            }
+            Err(e) => Err(e.into()),
+        })
     }
 
-    /// Shuts the socket's write side down; errors do not matter on the way out.
+    /// Shuts the stream's write side down; errors do not matter on the way out.
     pub(super) async fn shutdown(&mut self) {
         let _ = self.stream.shutdown().await;
     }
@@ -155,8 +145,8 @@ impl Wire {
     }
 
     /// Writes `out[*start..]` with one `writev` per up to [`MAX_IOV`] packets, advancing
-    /// `*start` past what was written. The slice array lives on the stack of one poll,
-    /// not in the connection's future.
+    /// `*start` past what was written, then flushes what a transport layer buffered. The
+    /// slice array lives on the stack of one poll, not in the connection's future.
     pub(super) fn poll_write(
         &mut self,
         cx: &mut Context<'_>,
@@ -169,8 +159,7 @@ impl Wire {
             for (slice, packet) in slices.iter_mut().zip(&out[*start..]) {
                 *slice = IoSlice::new(packet);
             }
-            let mut written =
-                ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]))?;
+            let mut written = ready!(self.stream.poll_write_vectored(cx, &slices[..n]))?;
             if written == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
@@ -185,6 +174,6 @@ impl Wire {
                 }
             }
         }
-        Poll::Ready(Ok(()))
+        self.stream.poll_flush(cx)
     }
 }

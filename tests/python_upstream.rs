@@ -222,7 +222,14 @@ async fn python_upstream_feeds_a_serve_node_and_serves_its_downlinks() {
         tokio::process::Command::new(&python)
             .arg(root().join("examples/python-upstream/upstream.py"))
             .args(["--nats-url", &nats.url, "--redis-url", &redis.url])
-            .args(["--key-prefix", &prefix, "--tenant", &tenant, "--app", "app1"])
+            .args([
+                "--key-prefix",
+                &prefix,
+                "--tenant",
+                &tenant,
+                "--app",
+                "app1",
+            ])
             .args(["--devices", "dev1", "--interval", "0.3"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -238,7 +245,12 @@ async fn python_upstream_feeds_a_serve_node_and_serves_its_downlinks() {
     })
     .await;
     let join = &seen.iter().find(|(t, _)| *t == topic("join")).unwrap().1;
-    let up = &seen.iter().rev().find(|(t, _)| *t == topic("up")).unwrap().1;
+    let up = &seen
+        .iter()
+        .rev()
+        .find(|(t, _)| *t == topic("up"))
+        .unwrap()
+        .1;
     assert_same_shape(
         &event_example("v3.tenant1.app1.devices.dev1.join"),
         join,
@@ -330,7 +342,8 @@ async fn python_upstream_feeds_a_serve_node_and_serves_its_downlinks() {
     let failed = find(&seen, "dev1/down/failed", &other).unwrap();
     // The example's item has a frm_payload; this one has a decoded_payload instead.
     let mut example = event_example("v3.tenant1.app1.devices.dev1.down.failed");
-    example["downlink_failed"]["downlink"] = serde_json::json!({"f_port": 1, "correlation_ids": [""]});
+    example["downlink_failed"]["downlink"] =
+        serde_json::json!({"f_port": 1, "correlation_ids": [""]});
     assert_same_shape(&example, failed, "down/failed");
     assert_eq!(
         failed["downlink_failed"]["downlink"]["decoded_payload"]["on"], true,
@@ -343,9 +356,12 @@ async fn python_upstream_feeds_a_serve_node_and_serves_its_downlinks() {
 
     // The script gave the bytes back: the queue is empty and the tenant's counters gone.
     let scope = format!("{prefix}:{{t:{tenant}}}");
-    let queued: i64 = redis.query(&["LLEN", &format!("{scope}:down:app1:dev1")]).await;
+    let queued: i64 = redis
+        .query(&["LLEN", &format!("{scope}:down:app1:dev1")])
+        .await;
     assert_eq!(queued, 0);
-    let counters: HashMap<String, String> = redis.query(&["HGETALL", &format!("{scope}:quota")]).await;
+    let counters: HashMap<String, String> =
+        redis.query(&["HGETALL", &format!("{scope}:quota")]).await;
     assert!(counters.is_empty(), "counters left: {counters:?}");
     let registered: Vec<String> = redis
         .query(&["SMEMBERS", &format!("{scope}:devices:app1")])

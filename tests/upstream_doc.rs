@@ -87,7 +87,10 @@ fn every_event_has_one_example_with_the_documented_envelope() {
     let examples = event_examples();
     let events: Vec<Event> = examples.iter().map(|(_, _, e)| *e).collect();
     assert_eq!(
-        events.iter().copied().collect::<std::collections::HashSet<_>>(),
+        events
+            .iter()
+            .copied()
+            .collect::<std::collections::HashSet<_>>(),
         Event::ALL.into_iter().collect(),
         "one example per event"
     );
@@ -197,7 +200,9 @@ async fn route_examples(node: &TestNode, nats_url: &str, tenant: &Id, topic_app:
             block.line
         );
     }
-    client.expect_silence(std::time::Duration::from_millis(300)).await;
+    client
+        .expect_silence(std::time::Duration::from_millis(300))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,7 +226,10 @@ async fn examples_published_on_nats_reach_mqtt_unchanged_and_in_order() {
 
 /// A `sh redis` line of the document, for this test's Redis, key prefix and tenant.
 fn redis_cli(line: &str, url: &str, prefix: &str, tenant: &Id) -> String {
-    let line = line.replace("lorabroker:{t:tenant1}", &format!("{prefix}:{{t:{tenant}}}"));
+    let line = line.replace(
+        "lorabroker:{t:tenant1}",
+        &format!("{prefix}:{{t:{tenant}}}"),
+    );
     let line = line.replacen("redis-cli ", &format!("redis-cli -u {url} "), 1);
     assert!(line.starts_with("redis-cli -u "), "{line}");
     line
@@ -360,7 +368,9 @@ async fn racing_workers_each_take_distinct_items_oldest_first() {
         ]
     };
     let queue = node.app.queue.clone();
-    let item = |i: usize| format!(r#"{{"f_port":{i},"frm_payload":"AQ==","correlation_ids":["as:downlink:{i}"]}}"#);
+    let item = |i: usize| {
+        format!(r#"{{"f_port":{i},"frm_payload":"AQ==","correlation_ids":["as:downlink:{i}"]}}"#)
+    };
 
     // 200 items, 8 workers: every item to exactly one, each worker's in queue order.
     let dev1 = DeviceRef::new(app.clone(), Id::parse("dev1").unwrap());

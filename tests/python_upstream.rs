@@ -4,7 +4,10 @@
 //! and `mosquitto_pub` see it work: its uplinks arrive on `v3/app1@{tenant}/devices/dev1/up`
 //! in the shape of the document's examples, and a pushed downlink comes back as
 //! `down/queued` (from the node), then `down/sent` and `down/ack` (from the Python
-//! upstream), carrying the push's correlation ID and the server's.
+//! upstream), carrying the push's correlation ID and the server's (and, for the second
+//! confirmed downlink, `down/nack` under `--nack-every 2`); an item it cannot send gets
+//! `down/failed`; the pop script leaves no bytes in the quota counters; SIGTERM stops it
+//! with status 0.
 //!
 //! Python is `target/pyenv/bin/python` (or `LORABROKER_TEST_PYTHON`); when the pinned
 //! nats-py and redis are not installed there, the test runs `tests/clients/setup` first.
@@ -176,6 +179,77 @@ fn find<'a>(seen: &'a [(String, Value)], suffix: &str, id: &str) -> Option<&'a V
         .map(|(_, v)| v)
 }
 
+/// Publishes a `down/push` of `body` to dev1 with `mosquitto_pub`.
+async fn push(vars: &[(&str, &str)], body: &str) {
+    let published = Spawned::start(
+        shell(&exec(&fill(PUB, vars)).replace("{body}", body))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .output()
+    .await;
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+}
+
+/// The seed's confirmed downlink with a correlation ID of its own: queued by the node,
+/// then `down/sent` and `last` (`down/ack` or `down/nack`) from the Python upstream, each
+/// in the shape of the document's example and carrying the push's and the server's
+/// correlation IDs, in order, at the top and in the body.
+async fn confirmed_round_trip(vars: &[(&str, &str)], lines: &mut OutputLines, last: &str) {
+    let mine = unique("cid");
+    let body = format!(
+        r#"{{"downlinks":[{{"f_port":15,"frm_payload":"vu8=","priority":"HIGH","confirmed":true,"correlation_ids":["{mine}"]}}]}}"#
+    );
+    push(vars, &body).await;
+    let events = ["down/queued", "down/sent", last];
+    let seen = collect(lines, &events.join(", "), |seen| {
+        events
+            .iter()
+            .all(|e| find(seen, &format!("dev1/{e}"), &mine).is_some())
+    })
+    .await;
+    let queued = find(&seen, "dev1/down/queued", &mine).unwrap();
+    let server_id = correlation_ids(&queued["correlation_ids"])
+        .into_iter()
+        .find(|c| c.starts_with("as:downlink:"))
+        .unwrap_or_else(|| panic!("no server correlation ID in {queued}"));
+    let item_ids = vec![mine.clone(), server_id];
+    let other = if last == "down/ack" {
+        "down/nack"
+    } else {
+        "down/ack"
+    };
+    assert!(
+        find(&seen, &format!("dev1/{other}"), &mine).is_none(),
+        "both {last} and {other}"
+    );
+    for event in ["down/sent", last] {
+        let field = format!("downlink_{}", event.trim_start_matches("down/"));
+        let doc = find(&seen, &format!("dev1/{event}"), &mine).unwrap();
+        assert_same_shape(
+            &event_example(&format!(
+                "v3.tenant1.app1.devices.dev1.{}",
+                event.replace('/', ".")
+            )),
+            doc,
+            event,
+        );
+        let top = correlation_ids(&doc["correlation_ids"]);
+        assert_eq!(top[..2], item_ids[..], "{event}: {doc}");
+        assert_eq!(
+            correlation_ids(&doc[&field]["correlation_ids"]),
+            item_ids,
+            "{event}: {doc}"
+        );
+        assert_eq!(doc[&field]["frm_payload"], "vu8=", "{event}: {doc}");
+        assert_eq!(doc[&field]["f_port"], 15, "{event}: {doc}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_upstream_feeds_a_serve_node_and_serves_its_downlinks() {
     require("mosquitto_sub");
@@ -230,7 +304,14 @@ async fn python_upstream_feeds_a_serve_node_and_serves_its_downlinks() {
                 "--app",
                 "app1",
             ])
-            .args(["--devices", "dev1", "--interval", "0.3"])
+            .args([
+                "--devices",
+                "dev1",
+                "--interval",
+                "0.3",
+                "--nack-every",
+                "2",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log.reopen().expect("the log file")),
@@ -273,68 +354,16 @@ async fn python_upstream_feeds_a_serve_node_and_serves_its_downlinks() {
 
     // The seed's confirmed downlink: queued by the node, then sent and acknowledged by
     // the Python upstream, every event carrying the push's and the server's IDs.
-    let mine = unique("cid");
-    let body = format!(
-        r#"{{"downlinks":[{{"f_port":15,"frm_payload":"vu8=","priority":"HIGH","confirmed":true,"correlation_ids":["{mine}"]}}]}}"#
-    );
-    let published = Spawned::start(
-        shell(&exec(&fill(PUB, &vars)).replace("{body}", &body))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    )
-    .output()
-    .await;
-    assert!(
-        published.status.success(),
-        "{}",
-        String::from_utf8_lossy(&published.stderr)
-    );
-    let seen = collect(&mut lines, "down/queued, down/sent and down/ack", |seen| {
-        ["down/queued", "down/sent", "down/ack"]
-            .iter()
-            .all(|e| find(seen, &format!("dev1/{e}"), &mine).is_some())
-    })
-    .await;
-    let queued = find(&seen, "dev1/down/queued", &mine).unwrap();
-    let server_id = correlation_ids(&queued["correlation_ids"])
-        .into_iter()
-        .find(|c| c.starts_with("as:downlink:"))
-        .unwrap_or_else(|| panic!("no server correlation ID in {queued}"));
-    let item_ids = vec![mine.clone(), server_id.clone()];
-    for (event, field) in [("down/sent", "downlink_sent"), ("down/ack", "downlink_ack")] {
-        let doc = find(&seen, &format!("dev1/{event}"), &mine).unwrap();
-        assert_same_shape(
-            &event_example(&format!(
-                "v3.tenant1.app1.devices.dev1.{}",
-                event.replace('/', ".")
-            )),
-            doc,
-            event,
-        );
-        let top = correlation_ids(&doc["correlation_ids"]);
-        assert_eq!(top[..2], item_ids[..], "{event}: {doc}");
-        assert_eq!(
-            correlation_ids(&doc[field]["correlation_ids"]),
-            item_ids,
-            "{event}: {doc}"
-        );
-        assert_eq!(doc[field]["frm_payload"], "vu8=", "{event}: {doc}");
-        assert_eq!(doc[field]["f_port"], 15, "{event}: {doc}");
-    }
+    confirmed_round_trip(&vars, &mut lines, "down/ack").await;
+    // --nack-every 2: the second confirmed downlink is not acknowledged.
+    confirmed_round_trip(&vars, &mut lines, "down/nack").await;
 
     // An item this upstream cannot send (no payload encoder): down/failed, carrying it.
     let other = unique("cid");
     let body = format!(
         r#"{{"downlinks":[{{"f_port":2,"decoded_payload":{{"on":true}},"correlation_ids":["{other}"]}}]}}"#
     );
-    let published = Spawned::start(
-        shell(&exec(&fill(PUB, &vars)).replace("{body}", &body))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    )
-    .output()
-    .await;
-    assert!(published.status.success());
+    push(&vars, &body).await;
     let seen = collect(&mut lines, "down/failed", |seen| {
         find(seen, "dev1/down/failed", &other).is_some()
     })

@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod delay_proxy;
+pub mod doc;
 pub mod http;
 pub mod services;
 pub mod shell;

@@ -858,6 +858,78 @@ mod tests {
     }
 
     #[test]
+    fn redis_url_lists_come_as_lists_or_comma_separated() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "node.toml",
+                "[redis]\nmode = \"cluster\"\ncluster_urls = [\"redis://a:7000\", \"redis://b:7001,redis://c:7002\"]\n",
+            )?;
+            let c =
+                Config::load(Some(Path::new("node.toml")), json!({})).map_err(|e| e.to_string())?;
+            assert_eq!(c.redis.cluster_urls.len(), 3);
+            assert!(c.redis.is_enabled());
+            assert_eq!(
+                c.redis.describe(),
+                "Redis Cluster (seeds redis://a:7000, redis://b:7001, redis://c:7002)"
+            );
+            jail.set_env("LORABROKER_REDIS__MODE", "sentinel");
+            jail.set_env("LORABROKER_REDIS__CLUSTER_URLS", "");
+            jail.set_env(
+                "LORABROKER_REDIS__SENTINEL_URLS",
+                "redis://:pw@s1:26379, redis://s2:26379",
+            );
+            jail.set_env("LORABROKER_REDIS__SENTINEL_MASTER", "mymaster");
+            let c =
+                Config::load(Some(Path::new("node.toml")), json!({})).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.redis.sentinel_urls,
+                ["redis://:pw@s1:26379", "redis://s2:26379"]
+            );
+            let described = c.redis.describe();
+            assert!(!described.contains("pw"), "{described}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redis_settings_that_cannot_work_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LORABROKER_REDIS__SENTINEL_URLS", "7");
+            jail.set_env("LORABROKER_REDIS__CLUSTER_URLS", "redis://a:1");
+            jail.set_env("LORABROKER_REDIS__URL", "redis://:secret@h:6379");
+            jail.set_env("LORABROKER_REDIS__TLS_CA_FILE", "/ca.pem");
+            jail.set_env("LORABROKER_REDIS__TLS_KEY_FILE", "/key.pem");
+            let err = Config::load(None, json!({})).unwrap_err().to_string();
+            for expected in [
+                "redis.sentinel_urls = 7: expected a list of URLs",
+                "redis.cluster_urls: only for redis.mode = \"cluster\"",
+                "redis.tls_ca_file: set, but the Redis URLs are not rediss://",
+                "redis.tls_cert_file and redis.tls_key_file",
+            ] {
+                assert!(err.contains(expected), "{expected:?} not in {err}");
+            }
+            assert!(!err.contains("secret"), "{err}");
+            jail.set_env("LORABROKER_REDIS__MODE", "sentinel");
+            jail.set_env("LORABROKER_REDIS__SENTINEL_URLS", "http://s1:26379");
+            let err = Config::load(None, json!({})).unwrap_err().to_string();
+            for expected in [
+                "redis.sentinel_urls: \"http://s1:26379\" is not a redis://",
+                "redis.sentinel_master and redis.sentinel_urls: the sentinel mode needs both",
+                "redis.url: only for redis.mode = \"standalone\"",
+            ] {
+                assert!(err.contains(expected), "{expected:?} not in {err}");
+            }
+            jail.set_env("LORABROKER_REDIS__MODE", "replicated");
+            let err = Config::load(None, json!({})).unwrap_err().to_string();
+            assert!(
+                err.contains("redis.mode: \"replicated\" is none of"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
     }

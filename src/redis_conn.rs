@@ -331,7 +331,7 @@ fn cluster(config: &RedisConfig, secrets: &Secrets) -> Result<RedisConn, RedisCo
         builder = builder.certs(certs.clone());
     }
     let client = builder.build().map_err(|e| invalid_setting(what, e))?;
-    Ok(Dialled::start(Target::Cluster(client)))
+    Ok(Dialled::start(Target::Cluster(Box::new(client))))
 }
 
 fn invalid_setting(what: &str, e: RedisError) -> RedisConnError {
@@ -346,7 +346,7 @@ enum Target {
     /// The master the sentinels name.
     Sentinel(Box<SentinelClient>),
     /// A cluster from its seeds.
-    Cluster(ClusterClient),
+    Cluster(Box<ClusterClient>),
 }
 
 /// An established dialled connection; clones share it.

@@ -451,26 +451,46 @@ async fn acl_user_with_a_password_file_over_tls_never_shows_the_password() {
 async fn sentinel_failover_keeps_the_node_serving() {
     let dir = tempfile::tempdir().unwrap();
     let (m, r, s) = (free_port(), free_port(), free_port());
-    let mut master = redis_server(dir.path(), m, &strings(&["--port", &m.to_string()])).await;
-    let _replica = redis_server(
-        dir.path(),
-        r,
-        &strings(&[
+    // ACL user "lb" on the data nodes (default off), a password on the sentinel: both
+    // reach the node through password files.
+    let (password, sentinel_password) = (unique("pw"), unique("spw"));
+    let acl = |port: u16| {
+        strings(&[
             "--port",
-            &r.to_string(),
-            "--replicaof",
-            "127.0.0.1",
-            &m.to_string(),
-            "--dbfilename",
-            "replica.rdb",
-        ]),
-    )
-    .await;
+            &port.to_string(),
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "lb",
+            "on",
+            &format!(">{password}"),
+            "~*",
+            "&*",
+            "+@all",
+            "--masteruser",
+            "lb",
+            "--masterauth",
+            &password,
+        ])
+    };
+    let mut master = redis_server(dir.path(), m, &acl(m)).await;
+    let mut replica_args = acl(r);
+    replica_args.extend(strings(&[
+        "--replicaof",
+        "127.0.0.1",
+        &m.to_string(),
+        "--dbfilename",
+        "replica.rdb",
+    ]));
+    let _replica = redis_server(dir.path(), r, &replica_args).await;
     let sentinel_conf = dir.path().join("sentinel.conf");
     std::fs::write(
         &sentinel_conf,
         format!(
-            "port {s}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {m} 1\n\
+            "port {s}\nbind 127.0.0.1\nrequirepass {sentinel_password}\n\
+             sentinel monitor mymaster 127.0.0.1 {m} 1\n\
+             sentinel auth-user mymaster lb\nsentinel auth-pass mymaster {password}\n\
              sentinel down-after-milliseconds mymaster 1000\n\
              sentinel failover-timeout mymaster 5000\n"
         ),
@@ -482,7 +502,11 @@ async fn sentinel_failover_keeps_the_node_serving() {
         &[sentinel_conf.display().to_string(), "--sentinel".into()],
     )
     .await;
-    let sentinel_url = format!("redis://127.0.0.1:{s}");
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, &password).unwrap();
+    let sentinel_password_file = dir.path().join("sentinel-password");
+    std::fs::write(&sentinel_password_file, format!("{sentinel_password}\n")).unwrap();
+    let sentinel_url = format!("redis://:{sentinel_password}@127.0.0.1:{s}");
     eventually("the sentinel sees the replica", START, || async {
         let replicas: Vec<redis::Value> =
             query(&sentinel_url, &["SENTINEL", "REPLICAS", "mymaster"])
@@ -499,11 +523,15 @@ async fn sentinel_failover_keeps_the_node_serving() {
     let mut c = config();
     c.redis.mode = "sentinel".into();
     c.redis.sentinel_master = "mymaster".into();
-    c.redis.sentinel_urls = vec![sentinel_url.clone()];
+    c.redis.sentinel_urls = vec![format!("redis://127.0.0.1:{s}")];
+    c.redis.sentinel_password_file = sentinel_password_file.display().to_string();
+    c.redis.username = "lb".into();
+    c.redis.password_file = password_file.display().to_string();
     let node = node_from_config(c).await;
     let app = app();
     serves(&node, &app, "before-failover").await;
 
+    let killed = std::time::Instant::now();
     master.process.stop().await;
     eventually("the sentinel promotes the replica", FAILOVER, || async {
         let (_, port): (String, String) = query(
@@ -520,14 +548,28 @@ async fn sentinel_failover_keeps_the_node_serving() {
     })
     .await;
 
+    let promoted = killed.elapsed();
     serves(&node, &app, "after-failover").await;
+    let serving = killed.elapsed();
+    eventually("the node is ready again", FAILOVER, || async {
+        match http::get(node.http_addr, "/readyz").await {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eprintln!(
+        "sentinel failover: master killed → replica promoted in {promoted:?}, node serving \
+         (new key stored, login, downlink queued) after {serving:?}, ready after {:?}",
+        killed.elapsed()
+    );
     // Really on the new master: its list holds the downlink.
     let list = lorabroker::downlink::redis::list_key(
         &node.app.config.redis.key_prefix,
         &device(&app, "dev1"),
     );
     let items: Vec<String> = query(
-        &format!("redis://127.0.0.1:{r}"),
+        &format!("redis://lb:{password}@127.0.0.1:{r}"),
         &["LRANGE", &list, "0", "-1"],
     )
     .await
@@ -651,15 +693,16 @@ async fn every_store_works_on_a_redis_cluster() {
         limits,
     );
     let item = "x".repeat(150);
-    assert_eq!(queue.push(&dev, &[item.clone()]).await.unwrap(), 1);
+    let one = std::slice::from_ref(&item);
+    assert_eq!(queue.push(&dev, one).await.unwrap(), 1);
     assert!(matches!(
-        queue.push(&dev, &[item.clone()]).await,
+        queue.push(&dev, one).await,
         Err(QueueError::DeviceBytes { .. })
     ));
     let other = device(app, "dev2");
-    queue.push(&other, &[item.clone()]).await.unwrap();
+    queue.push(&other, one).await.unwrap();
     assert!(matches!(
-        queue.push(&device(app, "dev3"), &[item.clone()]).await,
+        queue.push(&device(app, "dev3"), one).await,
         Err(QueueError::ApplicationQuota { .. })
     ));
     assert_eq!(queue.usage(&dev).await.unwrap().application_bytes, 300);

@@ -22,7 +22,8 @@ const REVOKE_NATS_NOTICE: Duration = Duration::from_millis(500);
 pub(crate) async fn run(config: Config, command: KeysCommand) -> anyhow::Result<()> {
     if !config.redis.is_enabled() {
         usage!(
-            "keys needs the shared key store: pass --redis-url (or set LORABROKER_REDIS__URL); \
+            "keys needs the shared key store: pass --redis-url (or set LORABROKER_REDIS__URL, or \
+             a sentinel or cluster redis.mode); \
              a node without Redis keeps its keys in memory: use its admin API instead"
         );
     }

@@ -282,6 +282,13 @@ fn init_logging(config: &Config, quiet: bool) -> Result<(), UsageError> {
     } else {
         format!("{filter},async_nats=warn")
     };
+    // The redis crate warns on every failed dial of a cluster node (several a second per
+    // connection while Redis is away), which health::watch already reports, backing off.
+    let filter = if filter.split(',').any(|d| d.trim().starts_with("redis")) {
+        filter
+    } else {
+        format!("{filter},redis=error")
+    };
     let filter = tracing_subscriber::EnvFilter::builder()
         .parse(&filter)
         .map_err(|e| UsageError(format!("log filter {filter:?}: {e}")))?;

@@ -312,6 +312,27 @@ def check_promises(objects: list[dict[str, Any]], values: dict[str, Any], scenar
             problems.check(ref.get("name") == v["existingSecret"] and ref.get("key") == v.get("existingSecretKey"),
                            where, f"{name} must come from Secret {v['existingSecret']}/{v.get('existingSecretKey')}")
 
+    # Redis secrets: every *_FILE variable points into a mounted Secret volume, and the
+    # passwords never travel in the environment.
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    secret_volumes = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    redis = values.get("externalRedis", {})
+    for name, secret in (("LORABROKER_REDIS__PASSWORD_FILE", redis.get("passwordSecret", {}).get("name")),
+                         ("LORABROKER_REDIS__TLS_CA_FILE", redis.get("tls", {}).get("caSecret", {}).get("name")),
+                         ("LORABROKER_REDIS__TLS_CERT_FILE",
+                          redis.get("tls", {}).get("clientCertSecret", {}).get("name"))):
+        if not secret:
+            problems.check(name not in env, where, f"{name} set without a Secret")
+            continue
+        path = env.get(name, {}).get("value", "")
+        # The deepest mount that holds the path is the one the file is in.
+        volume = max((v for v, m in mounts.items() if path.startswith(m + "/")),
+                     key=lambda v: len(mounts[v]), default=None)
+        problems.check(volume is not None and secret_volumes.get(volume) == secret, where,
+                       f"{name}={path!r} is not in the mounted Secret {secret}")
+    problems.check(not any("PASSWORD" in n and not n.endswith("_FILE") for n in env), where,
+                   "a password in an environment variable")
+
     # Probes and drain.
     def probe_path(probe: str) -> str | None:
         return container.get(probe, {}).get("httpGet", {}).get("path")
@@ -440,12 +461,32 @@ def check_chart(problems: Problems) -> None:
         "serviceAccount": {"create": False},
         "config": {"tenancy": {"mode": "single", "default_tenant": "acme"}},
     }
+    sentinel = {
+        "externalRedis": {
+            "mode": "sentinel", "username": "lorabroker",
+            "passwordSecret": {"name": "redis-auth", "key": "password"},
+            "tls": {"caSecret": {"name": "redis-ca"}, "clientCertSecret": {"name": "redis-client"}},
+            "sentinel": {"masterName": "mymaster",
+                         "urls": ["rediss://redis-node-0.redis-headless:26379",
+                                  "rediss://redis-node-1.redis-headless:26379"],
+                         "passwordSecret": {"name": "redis-auth", "key": "sentinel-password"}},
+        },
+    }
+    redis_cluster = {
+        "externalRedis": {
+            "mode": "cluster", "passwordSecret": {"name": "redis-cluster", "key": "redis-password"},
+            "cluster": {"urls": ["redis://redis-cluster-0.redis-cluster-headless:6379"]},
+        },
+    }
     scenarios: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
         ("default values", None, defaults),
         ("values-production.yaml", production, deep_merge(defaults, production)),
         ("all optional objects (HPA, ServiceMonitor, Secrets, NodePort, spread)", everything,
          deep_merge(defaults, everything)),
         ("single embedded node", single, deep_merge(defaults, single)),
+        ("Redis Sentinel over TLS, passwords and certificates from Secrets", sentinel,
+         deep_merge(defaults, sentinel)),
+        ("Redis Cluster with a password from a Secret", redis_cluster, deep_merge(defaults, redis_cluster)),
     ]
     must_fail: list[tuple[str, dict[str, Any], str]] = [
         ("three nodes without NATS", {"externalNats": {"url": ""}}, "shared NATS"),
@@ -460,6 +501,11 @@ def check_chart(problems: Problems) -> None:
         ("a misspelled value", {"replicaCont": 3}, "replicaCont"),
         ("an unknown MQTT Service type", {"service": {"mqtt": {"type": "LoadBalancr"}}}, "/service/mqtt/type"),
         ("a NATS URL that is not one", {"externalNats": {"url": "http://nats:4222"}}, "/externalNats/url"),
+        ("sentinel mode without sentinels", {"externalRedis": {"mode": "sentinel"}}, "sentinel.masterName"),
+        ("cluster mode without seeds", {"externalRedis": {"mode": "cluster"}}, "cluster.urls"),
+        ("an unknown Redis mode", {"externalRedis": {"mode": "replicated"}}, "/externalRedis/mode"),
+        ("a Redis password file in the ConfigMap", {"config": {"redis": {"password_file": "/x"}}},
+         "config.redis.password_file"),
         ("a dashboard label that is not one", {"grafanaDashboard": {"label": "not a label"}},
          "/grafanaDashboard/label"),
     ]

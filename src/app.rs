@@ -21,6 +21,7 @@ use crate::limits::{Limits, MemoryQuotaStore, QuotaError, QuotaStore};
 use crate::log::LogLimiter;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::mqtt::admission::Admission;
+use crate::redis_conn::{RedisConn, RedisConnError};
 use crate::registry::Registry;
 use crate::router::Router;
 use crate::topic::Tenancy;
@@ -49,6 +50,9 @@ pub enum BackendError {
     /// Redis (connection quotas).
     #[error(transparent)]
     Quota(#[from] QuotaError),
+    /// Redis settings (a file, a URL) that no connection can be made of.
+    #[error(transparent)]
+    Redis(#[from] RedisConnError),
 }
 
 /// The backends of a node: bus, key store (with the takeover epochs beside it), downlink
@@ -88,7 +92,7 @@ impl Backends {
         }
     }
 
-    /// NATS for the bus if `nats.url` is set, Redis for the stores if `redis.url` is set,
+    /// NATS for the bus if `nats.url` is set, Redis for the stores if `[redis]` names one,
     /// embedded otherwise. A backend that is down at start does not fail this: the node
     /// starts not-ready and connects when it can.
     pub async fn from_config(config: &Config, client_name: &str) -> Result<Self, BackendError> {
@@ -99,23 +103,25 @@ impl Backends {
         } else {
             Arc::new(NatsBus::connect(&config.nats.url, client_name).await?)
         };
-        if config.redis.url.is_empty() {
+        if !config.redis.is_enabled() {
             return Ok(Self { bus, ..embedded });
         }
-        let (url, prefix) = (&config.redis.url, &config.redis.key_prefix);
-        let keys = RedisKeyStore::connect(url, prefix).await?;
+        let prefix = &config.redis.key_prefix;
+        // One connection per store, as before: a long reply for one never queues another's.
+        let open = || RedisConn::open(&config.redis);
+        let keys = RedisKeyStore::new(open()?, prefix);
         Ok(Self {
             bus,
             epochs: Arc::new(keys.epochs(config.redis.takeover_epoch_ttl)),
             keys: Arc::new(keys),
-            queue: Arc::new(RedisDownlinkQueue::connect_with(url, prefix, limits).await?),
-            devices: Arc::new(RedisDeviceRegistry::connect(url, prefix).await?),
-            quota: Arc::new(RedisQuotaStore::connect(
-                url,
+            queue: Arc::new(RedisDownlinkQueue::new(open()?, prefix, limits)),
+            devices: Arc::new(RedisDeviceRegistry::new(open()?, prefix)),
+            quota: Arc::new(RedisQuotaStore::new(
+                open()?,
                 prefix,
                 &format!("{client_name}-{}", ulid::Ulid::new()),
                 config.limits.quota_lease,
-            )?),
+            )),
         })
     }
 }

@@ -253,17 +253,205 @@ pub struct NatsConfig {
     pub url: String,
 }
 
-/// `[redis]`
+/// `[redis]`: where the stores live and how to reach them (see [`crate::redis_conn`]).
+/// Secrets are never in here: passwords are read from files when the node starts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Redis URL; empty keeps keys and queues in memory.
+    /// `standalone` (one Redis at [`RedisConfig::url`]), `sentinel` or `cluster`.
+    pub mode: String,
+    /// Redis URL of the standalone mode; empty keeps keys and queues in memory.
     pub url: String,
+    /// ACL user for the data nodes; empty keeps the URL's (or `default`).
+    pub username: String,
+    /// File holding the data nodes' password (a mounted Secret); empty keeps the URL's.
+    pub password_file: String,
+    /// PEM CA bundle that verifies the servers of `rediss://` URLs; empty: system roots.
+    pub tls_ca_file: String,
+    /// PEM client certificate chain presented to Redis over TLS (with `tls_key_file`).
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
+    /// Sentinel mode: the name of the monitored master.
+    pub sentinel_master: String,
+    /// Sentinel mode: the sentinels' URLs (`redis://` or `rediss://`, a list or one
+    /// comma-separated string).
+    #[serde(deserialize_with = "url_list")]
+    pub sentinel_urls: Vec<String>,
+    /// Sentinel mode: ACL user for the sentinels themselves; empty: the URLs'.
+    pub sentinel_username: String,
+    /// Sentinel mode: file holding the sentinels' password; empty: the URLs'.
+    pub sentinel_password_file: String,
+    /// Cluster mode: seed node URLs (a list or one comma-separated string).
+    #[serde(deserialize_with = "url_list")]
+    pub cluster_urls: Vec<String>,
     /// Prefix of every Redis key.
     pub key_prefix: String,
     /// How long Redis keeps a client ID's takeover epoch counter after its last CONNECT.
     #[serde(with = "humantime_serde")]
     pub takeover_epoch_ttl: Duration,
+}
+
+/// The Redis modes `redis.mode` accepts.
+pub const REDIS_MODES: [&str; 3] = ["standalone", "sentinel", "cluster"];
+/// URL schemes of a TCP Redis node (standalone also takes Unix sockets).
+const REDIS_TCP_SCHEMES: [&str; 2] = ["redis://", "rediss://"];
+
+impl RedisConfig {
+    /// Whether the stores live in Redis (else in memory): a URL for the mode is set.
+    pub fn is_enabled(&self) -> bool {
+        match self.mode.as_str() {
+            "sentinel" => !self.sentinel_urls.is_empty(),
+            "cluster" => !self.cluster_urls.is_empty(),
+            _ => !self.url.is_empty(),
+        }
+    }
+
+    /// What the node talks to, for logs and errors, credentials masked: `Redis at
+    /// redis://***@h:6379`, `Redis master mymaster via sentinels …`, `Redis Cluster
+    /// (seeds …)`.
+    pub fn describe(&self) -> String {
+        let list = |urls: &[String]| {
+            urls.iter()
+                .map(|u| redact_url(u))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self.mode.as_str() {
+            "sentinel" => format!(
+                "Redis master {:?} via sentinels {}",
+                self.sentinel_master,
+                list(&self.sentinel_urls)
+            ),
+            "cluster" => format!("Redis Cluster (seeds {})", list(&self.cluster_urls)),
+            _ => format!("Redis at {}", redact_url(&self.url)),
+        }
+    }
+
+    /// The problems of the connection settings, for [`Config::validate`].
+    fn validate(&self, errors: &mut Vec<String>) {
+        if !REDIS_MODES.contains(&self.mode.as_str()) {
+            errors.push(format!(
+                "redis.mode: {:?} is none of \"standalone\", \"sentinel\", \"cluster\"",
+                self.mode
+            ));
+            return;
+        }
+        if !(self.url.is_empty()
+            || ["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|s| self.url.starts_with(s)))
+        {
+            errors.push(format!(
+                "redis.url: {:?} is not a redis:// URL",
+                redact_url(&self.url)
+            ));
+        }
+        for (key, urls) in [
+            ("redis.sentinel_urls", &self.sentinel_urls),
+            ("redis.cluster_urls", &self.cluster_urls),
+        ] {
+            for url in urls {
+                if !REDIS_TCP_SCHEMES.iter().any(|s| url.starts_with(s)) {
+                    errors.push(format!(
+                        "{key}: {:?} is not a redis:// or rediss:// URL",
+                        redact_url(url)
+                    ));
+                }
+            }
+            let schemes: std::collections::BTreeSet<bool> =
+                urls.iter().map(|u| u.starts_with("rediss://")).collect();
+            if schemes.len() > 1 {
+                errors.push(format!(
+                    "{key}: mixes redis:// and rediss:// URLs; use one scheme for all"
+                ));
+            }
+        }
+        match self.mode.as_str() {
+            "sentinel" if self.sentinel_urls.is_empty() != self.sentinel_master.is_empty() => {
+                errors.push(
+                    "redis.sentinel_master and redis.sentinel_urls: the sentinel mode needs both"
+                        .into(),
+                )
+            }
+            "standalone" | "cluster" if !self.sentinel_master.is_empty() || !self.sentinel_urls.is_empty() => errors.push(format!(
+                "redis.sentinel_master, redis.sentinel_urls: only for redis.mode = \"sentinel\" (it is {:?})",
+                self.mode
+            )),
+            _ => {}
+        }
+        if self.mode != "cluster" && !self.cluster_urls.is_empty() {
+            errors.push(format!(
+                "redis.cluster_urls: only for redis.mode = \"cluster\" (it is {:?})",
+                self.mode
+            ));
+        }
+        if self.mode != "standalone" && !self.url.is_empty() {
+            errors.push(format!(
+                "redis.url: only for redis.mode = \"standalone\" (it is {:?}); use redis.{}",
+                self.mode,
+                if self.mode == "sentinel" {
+                    "sentinel_urls"
+                } else {
+                    "cluster_urls"
+                }
+            ));
+        }
+        let tls_urls = match self.mode.as_str() {
+            "sentinel" => self
+                .sentinel_urls
+                .iter()
+                .all(|u| u.starts_with("rediss://")),
+            "cluster" => self.cluster_urls.iter().all(|u| u.starts_with("rediss://")),
+            _ => self.url.starts_with("rediss://"),
+        };
+        for (key, file) in [
+            ("redis.tls_ca_file", &self.tls_ca_file),
+            ("redis.tls_cert_file", &self.tls_cert_file),
+        ] {
+            if !file.is_empty() && self.is_enabled() && !tls_urls {
+                errors.push(format!(
+                    "{key}: set, but the Redis URLs are not rediss:// (TLS) URLs"
+                ));
+            }
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            errors.push(
+                "redis.tls_cert_file and redis.tls_key_file: a client certificate needs both"
+                    .into(),
+            );
+        }
+    }
+}
+
+/// A list of URLs given either as a list or as one comma-separated string (as an
+/// environment variable such as `LORABROKER_REDIS__SENTINEL_URLS` gives it).
+fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Urls;
+    impl<'de> serde::de::Visitor<'de> for Urls {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of URLs or one comma-separated string of URLs")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut urls = Vec::new();
+            while let Some(url) = seq.next_element::<String>()? {
+                urls.extend(serde::de::Visitor::visit_str::<A::Error>(Urls, &url)?);
+            }
+            Ok(urls)
+        }
+    }
+    d.deserialize_any(Urls)
 }
 
 /// `[shutdown]`
@@ -380,7 +568,18 @@ impl Default for DownlinkConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
+            mode: "standalone".into(),
             url: String::new(),
+            username: String::new(),
+            password_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            sentinel_master: String::new(),
+            sentinel_urls: Vec::new(),
+            sentinel_username: String::new(),
+            sentinel_password_file: String::new(),
+            cluster_urls: Vec::new(),
             key_prefix: "lorabroker".into(),
             takeover_epoch_ttl: Duration::from_secs(3600),
         }
@@ -631,13 +830,6 @@ impl Config {
             format!("nats.url: {:?} is not a nats:// URL", self.nats.url),
         );
         check(
-            self.redis.url.is_empty()
-                || ["redis://", "rediss://", "redis+unix://", "unix://"]
-                    .iter()
-                    .any(|s| self.redis.url.starts_with(s)),
-            format!("redis.url: {:?} is not a redis:// URL", self.redis.url),
-        );
-        check(
             !self.redis.key_prefix.is_empty()
                 && !self
                     .redis
@@ -682,6 +874,7 @@ impl Config {
             ),
         );
         self.limits.validate(&mut errors);
+        self.redis.validate(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -761,6 +954,78 @@ mod tests {
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://***@h:6379/0");
         assert_eq!(redact_url("nats://u:p@h:4222"), "nats://***@h:4222");
         assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+    }
+
+    #[test]
+    fn redis_url_lists_come_as_lists_or_comma_separated() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "node.toml",
+                "[redis]\nmode = \"cluster\"\ncluster_urls = [\"redis://a:7000\", \"redis://b:7001,redis://c:7002\"]\n",
+            )?;
+            let c =
+                Config::load(Some(Path::new("node.toml")), json!({})).map_err(|e| e.to_string())?;
+            assert_eq!(c.redis.cluster_urls.len(), 3);
+            assert!(c.redis.is_enabled());
+            assert_eq!(
+                c.redis.describe(),
+                "Redis Cluster (seeds redis://a:7000, redis://b:7001, redis://c:7002)"
+            );
+            jail.set_env("LORABROKER_REDIS__MODE", "sentinel");
+            jail.set_env("LORABROKER_REDIS__CLUSTER_URLS", "");
+            jail.set_env(
+                "LORABROKER_REDIS__SENTINEL_URLS",
+                "redis://:pw@s1:26379, redis://s2:26379",
+            );
+            jail.set_env("LORABROKER_REDIS__SENTINEL_MASTER", "mymaster");
+            let c =
+                Config::load(Some(Path::new("node.toml")), json!({})).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.redis.sentinel_urls,
+                ["redis://:pw@s1:26379", "redis://s2:26379"]
+            );
+            let described = c.redis.describe();
+            assert!(!described.contains("pw"), "{described}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redis_settings_that_cannot_work_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LORABROKER_REDIS__SENTINEL_URLS", "7");
+            jail.set_env("LORABROKER_REDIS__CLUSTER_URLS", "redis://a:1");
+            jail.set_env("LORABROKER_REDIS__URL", "redis://:secret@h:6379");
+            jail.set_env("LORABROKER_REDIS__TLS_CA_FILE", "/ca.pem");
+            jail.set_env("LORABROKER_REDIS__TLS_KEY_FILE", "/key.pem");
+            let err = Config::load(None, json!({})).unwrap_err().to_string();
+            for expected in [
+                "redis.sentinel_urls = 7: expected a list of URLs",
+                "redis.cluster_urls: only for redis.mode = \"cluster\"",
+                "redis.tls_ca_file: set, but the Redis URLs are not rediss://",
+                "redis.tls_cert_file and redis.tls_key_file",
+            ] {
+                assert!(err.contains(expected), "{expected:?} not in {err}");
+            }
+            assert!(!err.contains("secret"), "{err}");
+            jail.set_env("LORABROKER_REDIS__MODE", "sentinel");
+            jail.set_env("LORABROKER_REDIS__SENTINEL_URLS", "http://s1:26379");
+            let err = Config::load(None, json!({})).unwrap_err().to_string();
+            for expected in [
+                "redis.sentinel_urls: \"http://s1:26379\" is not a redis://",
+                "redis.sentinel_master and redis.sentinel_urls: the sentinel mode needs both",
+                "redis.url: only for redis.mode = \"standalone\"",
+            ] {
+                assert!(err.contains(expected), "{expected:?} not in {err}");
+            }
+            jail.set_env("LORABROKER_REDIS__MODE", "replicated");
+            let err = Config::load(None, json!({})).unwrap_err().to_string();
+            assert!(
+                err.contains("redis.mode: \"replicated\" is none of"),
+                "{err}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::config::redact_url;
 use crate::metrics::BackendLabels;
 
 /// Time between two probes of the stores by [`watch`].
@@ -137,8 +136,11 @@ fn round(d: Duration) -> Duration {
 /// Probes the stores every [`PROBE_INTERVAL`] until `stop`: logs outages of Redis and
 /// keeps `lorabroker_backend_up` current for the bus and the stores.
 pub async fn watch(app: Arc<App>, stop: CancellationToken) {
-    let redis = (!app.config.redis.url.is_empty())
-        .then(|| format!("Redis at {}", redact_url(&app.config.redis.url)));
+    let redis = app
+        .config
+        .redis
+        .is_enabled()
+        .then(|| app.config.redis.describe());
     let mut outage = Outage::changes_only();
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -32,6 +32,7 @@ pub mod log;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;
+pub mod redis_conn;
 pub mod registry;
 pub mod router;
 pub mod server;

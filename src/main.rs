@@ -282,6 +282,13 @@ fn init_logging(config: &Config, quiet: bool) -> Result<(), UsageError> {
     } else {
         format!("{filter},async_nats=warn")
     };
+    // The redis crate warns on every failed dial of a cluster node (several a second per
+    // connection while Redis is away), which health::watch already reports, backing off.
+    let filter = if filter.split(',').any(|d| d.trim().starts_with("redis")) {
+        filter
+    } else {
+        format!("{filter},redis=error")
+    };
     let filter = tracing_subscriber::EnvFilter::builder()
         .parse(&filter)
         .map_err(|e| UsageError(format!("log filter {filter:?}: {e}")))?;
@@ -346,6 +353,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             set(&mut o, "http.listen", Some(a.http_listen.clone()));
             set(&mut o, "nats.url", Some(""));
             set(&mut o, "redis.url", Some(""));
+            // `dev` keeps everything in memory whatever a config file says.
+            set(&mut o, "redis.mode", Some("standalone"));
+            set(&mut o, "redis.sentinel_master", Some(""));
+            set(
+                &mut o,
+                "redis.sentinel_urls",
+                Some(Value::Array(Vec::new())),
+            );
+            set(&mut o, "redis.cluster_urls", Some(Value::Array(Vec::new())));
             let mode = if a.fleet.tenant.is_some() {
                 "multi"
             } else {
@@ -393,7 +409,7 @@ fn print_serve_banner(node: &Node) {
     } else {
         "NATS bus"
     };
-    let stores = if config.redis.url.is_empty() {
+    let stores = if !config.redis.is_enabled() {
         "in-memory stores"
     } else {
         "Redis stores"
@@ -407,7 +423,7 @@ fn print_serve_banner(node: &Node) {
         mqtt = node.mqtt_addr,
         http = node.http_addr,
     );
-    if config.redis.url.is_empty() {
+    if !config.redis.is_enabled() {
         print_in_memory_keys_hint(node);
     }
 }
@@ -502,7 +518,7 @@ Schedule a confirmed downlink with your own correlation ID:
 }
 
 async fn simulate(config: Config, fleet: FleetArgs) -> anyhow::Result<()> {
-    if config.nats.url.is_empty() || config.redis.url.is_empty() {
+    if config.nats.url.is_empty() || !config.redis.is_enabled() {
         usage!("simulate is an upstream of a cluster: pass --nats-url and --redis-url");
     }
     let application = application(&config, &fleet.app, fleet.tenant.as_deref())?;
@@ -531,7 +547,7 @@ async fn simulate(config: Config, fleet: FleetArgs) -> anyhow::Result<()> {
 }
 
 async fn devices(config: Config, command: DevicesCommand) -> anyhow::Result<()> {
-    if config.redis.url.is_empty() {
+    if !config.redis.is_enabled() {
         bail!("devices needs the shared registry: pass --redis-url (or set LORABROKER_REDIS__URL)");
     }
     let backends = Backends::from_config(&config, "lorabroker-devices").await?;

@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use data_encoding::HEXLOWER;
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 
 use super::redis::run;
 use super::store::StoreError;
+use crate::redis_conn::RedisConn;
 use crate::topic::AppRef;
 
 /// Hands out takeover epochs. Implementations: [`MemoryEpochs`], [`RedisEpochs`].
@@ -80,7 +80,7 @@ const BACKOFF: Duration = Duration::from_secs(1);
 
 /// Takeover epochs in Redis (see the module documentation).
 pub struct RedisEpochs {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     ttl_ms: u64,
     /// Until when epochs fail without asking Redis, after a failure.
@@ -89,7 +89,7 @@ pub struct RedisEpochs {
 
 impl RedisEpochs {
     /// Epochs on the connection `conn`, under `prefix`, expiring `ttl` after their last use.
-    pub(crate) fn new(conn: ConnectionManager, prefix: &str, ttl: Duration) -> Self {
+    pub(crate) fn new(conn: RedisConn, prefix: &str, ttl: Duration) -> Self {
         Self {
             conn,
             prefix: prefix.to_owned(),

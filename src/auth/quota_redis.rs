@@ -17,11 +17,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::Script;
 
 use super::redis::{connection, run};
 use crate::limits::{QuotaError, QuotaStore, Scope, ScopeKind};
+use crate::redis_conn::RedisConn;
 
 /// `KEYS`: scope hashes; `ARGV[1]` node, `ARGV[2]` lease ms, `ARGV[2+i]` the limit of
 /// `KEYS[i]`. Returns 0 when taken, else the (1-based) index of the full scope.
@@ -87,7 +87,7 @@ return 0
 
 /// Connection counts in Redis, as one node sees them.
 pub struct RedisQuotaStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     node: String,
     lease: Duration,
@@ -107,8 +107,18 @@ impl RedisQuotaStore {
         node: &str,
         lease: Duration,
     ) -> Result<Self, QuotaError> {
-        Ok(Self {
-            conn: connection(url).map_err(QuotaError::Unavailable)?,
+        Ok(Self::new(
+            connection(url).map_err(QuotaError::Unavailable)?,
+            key_prefix,
+            node,
+            lease,
+        ))
+    }
+
+    /// A store on `conn` (any [`RedisConn`] mode); see [`RedisQuotaStore::connect`].
+    pub fn new(conn: RedisConn, key_prefix: &str, node: &str, lease: Duration) -> Self {
+        Self {
+            conn,
             prefix: key_prefix.to_owned(),
             node: node.to_owned(),
             lease,
@@ -116,7 +126,7 @@ impl RedisQuotaStore {
             acquire: Script::new(ACQUIRE),
             release: Script::new(RELEASE),
             refresh: Script::new(REFRESH),
-        })
+        }
     }
 
     fn key(&self, s: &Scope) -> String {

@@ -1,68 +1,36 @@
-//! The Redis [`KeyStore`] of a cluster (DESIGN §3, §7), and the Redis connection that the
-//! downlink queue shares ([`connection`], [`run`]).
+//! The Redis [`KeyStore`] of a cluster (DESIGN §3, §7), and what every Redis store shares:
+//! the standalone [`connection`] of a URL and the bounded [`run`].
 //!
 //! Layout, under the configured prefix (`lorabroker` by default):
 //! - `{prefix}:apikey:{id}`: the [`StoredKey`] as a JSON string (never the secret);
 //! - `{prefix}:apikeys:{tenant}:{app}`: a set of the application's key IDs, for `list`.
 //!
-//! Both are written and deleted together atomically. The connection is a redis
-//! `ConnectionManager` created lazily: nothing is dialled until the first operation, so a
-//! node starts while Redis is down; every operation is bounded by [`OP_TIMEOUT`] and fails
-//! with [`StoreError::Unavailable`] while Redis is away; the manager keeps reconnecting in
-//! the background and operations succeed again as soon as Redis is back.
+//! The two keys hash to different Redis Cluster slots, so no command or script touches
+//! both: an insert adds the ID to the index first and then writes the record, a removal
+//! deletes the record (only if it is still the one read) and then the index entry. In
+//! between, and after a failure between the two steps, the index may name an ID without a
+//! record, which `list` skips; a record is never left out of its index. The connection is
+//! a [`RedisConn`] in any mode, created without dialling, so a node starts while Redis is
+//! down; every operation is bounded by [`OP_TIMEOUT`] and fails with
+//! [`StoreError::Unavailable`] while Redis is away, and succeeds again once it is back.
 
 use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, ProtocolVersion, RedisResult, Script};
+use redis::{RedisResult, Script};
 
 use super::store::{KeyStore, StoreError, StoredKey, LATEST_EXPIRY};
+use crate::redis_conn::RedisConn;
 use crate::topic::AppRef;
 
 /// Upper bound of one store or queue operation, waiting for a connection included: what
 /// a caller waits at most while Redis is down.
 pub(crate) const OP_TIMEOUT: Duration = Duration::from_millis(1500);
-/// One connection attempt (TCP connect and handshake).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// One command's reply on an established connection.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// First reconnection delay; doubles per attempt up to [`RECONNECT_MAX_DELAY`].
-const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(50);
-/// Longest reconnection delay before jitter (the manager adds up to 100 % jitter, so
-/// attempts are at most ~1 s apart).
-const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
-
-/// A self-healing connection to the Redis at `url`, created without dialling. RESP3 is used
-/// unless the URL asks otherwise (`?protocol=resp2`), so that the manager notices a dropped
-/// connection at once and reconnects before the next command needs it. Fails only for a
-/// URL that cannot be parsed.
-pub(crate) fn connection(url: &str) -> Result<ConnectionManager, String> {
-    let invalid = |e: redis::RedisError| {
-        format!(
-            "invalid Redis URL {:?}: {e}",
-            crate::config::redact_url(url)
-        )
-    };
-    let mut info = url.into_connection_info().map_err(invalid)?;
-    if !url.contains("protocol=") {
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        info = info.set_redis_settings(settings);
-    }
-    let client = redis::Client::open(info).map_err(invalid)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_min_delay(RECONNECT_MIN_DELAY)
-        .set_max_delay(RECONNECT_MAX_DELAY)
-        .set_exponent_base(2.0)
-        // Never give up: a failed reconnection would only be retried on the next I/O error.
-        .set_number_of_retries(usize::MAX);
-    ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)
+/// A standalone connection to `url`, created without dialling (see [`RedisConn`]); fails
+/// only for a URL that cannot be parsed.
+pub(crate) fn connection(url: &str) -> Result<RedisConn, String> {
+    RedisConn::from_url(url).map_err(|e| e.to_string())
 }
 
 /// Runs one Redis operation within [`OP_TIMEOUT`]; the error says what failed and why.
@@ -77,15 +45,14 @@ pub(crate) async fn run<T>(
     }
 }
 
-/// Deletes the record `KEYS[1]` and its index entry (`KEYS[2]`, member `ARGV[2]`) only if the
-/// record still holds `ARGV[1]`, the value that was read and decoded: 1 if deleted, 0 if the
-/// record changed or vanished meanwhile.
+/// Deletes the record `KEYS[1]` only if it still holds `ARGV[1]`, the value that was read
+/// and decoded: 1 if deleted, 0 if the record changed or vanished meanwhile. One key, so
+/// that it runs on Redis Cluster; the index entry goes right after.
 const REMOVE_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 ";
 
@@ -95,7 +62,7 @@ const REMOVE_ATTEMPTS: usize = 5;
 /// API key records in Redis. Clones share one connection.
 #[derive(Clone)]
 pub struct RedisKeyStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     remove_script: Script,
 }
@@ -105,11 +72,19 @@ impl RedisKeyStore {
     /// Does not dial and does not fail when Redis is down (operations return
     /// [`StoreError::Unavailable`] until it is up); fails only for an unparsable URL.
     pub async fn connect(url: &str, key_prefix: &str) -> Result<RedisKeyStore, StoreError> {
-        Ok(RedisKeyStore {
-            conn: connection(url).map_err(StoreError::Unavailable)?,
+        Ok(Self::new(
+            connection(url).map_err(StoreError::Unavailable)?,
+            key_prefix,
+        ))
+    }
+
+    /// A store on `conn` (any [`RedisConn`] mode) with keys under `key_prefix`.
+    pub fn new(conn: RedisConn, key_prefix: &str) -> RedisKeyStore {
+        RedisKeyStore {
+            conn,
             prefix: key_prefix.to_owned(),
             remove_script: Script::new(REMOVE_SCRIPT),
-        })
+        }
     }
 
     /// Takeover epochs on this store's connection, under its prefix.
@@ -180,19 +155,22 @@ impl KeyStore for RedisKeyStore {
             reason: e.to_string(),
         })?;
         let mut conn = self.conn.clone();
-        run(
-            "insert api key",
-            redis::pipe()
-                .atomic()
-                .cmd("SET")
-                .arg(self.record_key(&key.id))
-                .arg(json)
-                .ignore()
-                .cmd("SADD")
+        // Index first: a failure before the record leaves only an ID that `list` skips.
+        run::<()>(
+            "index api key",
+            redis::cmd("SADD")
                 .arg(self.index_key(key.tenant.as_str(), key.application.as_str()))
                 .arg(&key.id)
-                .ignore()
-                .query_async::<()>(&mut conn),
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(StoreError::Unavailable)?;
+        run::<()>(
+            "insert api key",
+            redis::cmd("SET")
+                .arg(self.record_key(&key.id))
+                .arg(json)
+                .query_async(&mut conn),
         )
         .await
         .map_err(StoreError::Unavailable)
@@ -255,14 +233,24 @@ impl KeyStore for RedisKeyStore {
                 "remove api key",
                 self.remove_script
                     .key(self.record_key(id))
-                    .key(self.index_key(key.tenant.as_str(), key.application.as_str()))
                     .arg(&raw)
-                    .arg(id)
                     .invoke_async(&mut conn),
             )
             .await
             .map_err(StoreError::Unavailable)?;
             if deleted == 1 {
+                // The key is revoked now; a failure here leaves an ID that `list` skips.
+                let unindexed = run::<()>(
+                    "unindex api key",
+                    redis::cmd("SREM")
+                        .arg(self.index_key(key.tenant.as_str(), key.application.as_str()))
+                        .arg(id)
+                        .query_async(&mut conn),
+                )
+                .await;
+                if let Err(e) = unindexed {
+                    tracing::warn!(key_id = id, error = %e, "API key removed but still listed in its index");
+                }
                 return Ok(Some(key));
             }
         }

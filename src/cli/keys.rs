@@ -20,9 +20,10 @@ const REVOKE_NATS_WAIT: Duration = Duration::from_secs(3);
 const REVOKE_NATS_NOTICE: Duration = Duration::from_millis(500);
 
 pub(crate) async fn run(config: Config, command: KeysCommand) -> anyhow::Result<()> {
-    if config.redis.url.is_empty() {
+    if !config.redis.is_enabled() {
         usage!(
-            "keys needs the shared key store: pass --redis-url (or set LORABROKER_REDIS__URL); \
+            "keys needs the shared key store: pass --redis-url (or set LORABROKER_REDIS__URL, or \
+             a sentinel or cluster redis.mode); \
              a node without Redis keeps its keys in memory: use its admin API instead"
         );
     }

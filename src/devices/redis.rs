@@ -4,11 +4,11 @@
 //! Cluster hash tag, like the downlink queues.
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 
 use super::{DeviceRegistry, RegistryError};
 use crate::auth::redis::{connection, run};
 use crate::downlink::redis::tenant_scope;
+use crate::redis_conn::RedisConn;
 use crate::topic::{AppRef, DeviceRef, Id};
 
 /// Members read per SSCAN call when listing, so that a large application never blocks
@@ -23,7 +23,7 @@ pub fn devices_key(prefix: &str, app: &AppRef) -> String {
 /// Registered devices in Redis. Clones share one connection.
 #[derive(Clone)]
 pub struct RedisDeviceRegistry {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
 }
 
@@ -32,10 +32,18 @@ impl RedisDeviceRegistry {
     /// fail when Redis is down (operations fail until it is up); fails only for an
     /// unparsable URL.
     pub async fn connect(url: &str, key_prefix: &str) -> Result<Self, RegistryError> {
-        Ok(Self {
-            conn: connection(url).map_err(RegistryError::Unavailable)?,
+        Ok(Self::new(
+            connection(url).map_err(RegistryError::Unavailable)?,
+            key_prefix,
+        ))
+    }
+
+    /// The registry on `conn` (any [`RedisConn`] mode) under `key_prefix`.
+    pub fn new(conn: RedisConn, key_prefix: &str) -> Self {
+        Self {
+            conn,
             prefix: key_prefix.to_owned(),
-        })
+        }
     }
 
     async fn query<T: redis::FromRedisValue>(

@@ -20,15 +20,15 @@
 //! more keep the bytes of its expired queues until its quota hash expires too, a minute
 //! after its last queue: they never stay inflated for a tenant that is still writing.
 //!
-//! The connection is the one of the key store ([`crate::auth::redis::connection`]):
-//! created without dialling, bounded per operation, reconnecting in the background.
+//! The connection is a [`RedisConn`] in any mode (standalone, Sentinel, Cluster): created
+//! without dialling, bounded per operation, reconnecting in the background.
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::Script;
 
 use super::queue::{DownlinkQueue, QueueError, QueueLimits, QueueUsage};
 use crate::auth::redis::{connection, run};
+use crate::redis_conn::RedisConn;
 use crate::topic::{DeviceRef, Id};
 
 const PRELUDE: &str = include_str!("lua/prelude.lua");
@@ -56,7 +56,7 @@ fn script(body: &str) -> Script {
 /// Per-device downlink queues in Redis. Clones share one connection.
 #[derive(Clone)]
 pub struct RedisDownlinkQueue {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     limits: QueueLimits,
     push: Script,
@@ -85,15 +85,24 @@ impl RedisDownlinkQueue {
         key_prefix: &str,
         limits: QueueLimits,
     ) -> Result<RedisDownlinkQueue, QueueError> {
-        Ok(RedisDownlinkQueue {
-            conn: connection(url).map_err(QueueError::Unavailable)?,
+        Ok(Self::new(
+            connection(url).map_err(QueueError::Unavailable)?,
+            key_prefix,
+            limits,
+        ))
+    }
+
+    /// Queues on `conn` (any [`RedisConn`] mode) under `key_prefix`, enforcing `limits`.
+    pub fn new(conn: RedisConn, key_prefix: &str, limits: QueueLimits) -> RedisDownlinkQueue {
+        RedisDownlinkQueue {
+            conn,
             prefix: key_prefix.to_owned(),
             limits,
             push: script(include_str!("lua/push.lua")),
             replace: script(include_str!("lua/replace.lua")),
             pop: script(include_str!("lua/pop.lua")),
             usage: script(include_str!("lua/usage.lua")),
-        })
+        }
     }
 
     /// The name of `device`'s list: `{prefix}:{t:<tenant>}:down:<app>:<dev>`.

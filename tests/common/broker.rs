@@ -111,15 +111,29 @@ impl TestEnv {
                 .await
                 .expect("cluster backends"),
         };
-        let app = App::new(config, backends);
-        let node = Node::start(app).await.expect("node starts");
-        TestNode {
-            mqtt_addr: node.mqtt_addr,
-            http_addr: node.http_addr,
-            metrics_addr: node.metrics_addr,
-            app: node.app.clone(),
-            node: Some(node),
-        }
+        start(config, backends).await
+    }
+}
+
+/// Starts a node with the backends that `config` names (`[nats]`, `[redis]` in any mode),
+/// as `lorabroker serve` does.
+pub async fn node_from_config(config: Config) -> TestNode {
+    config.validate().expect("test config is valid");
+    let backends = Backends::from_config(&config, "test-node")
+        .await
+        .expect("backends");
+    start(config, backends).await
+}
+
+async fn start(config: Config, backends: Backends) -> TestNode {
+    let app = App::new(config, backends);
+    let node = Node::start(app).await.expect("node starts");
+    TestNode {
+        mqtt_addr: node.mqtt_addr,
+        http_addr: node.http_addr,
+        metrics_addr: node.metrics_addr,
+        app: node.app.clone(),
+        node: Some(node),
     }
 }
 

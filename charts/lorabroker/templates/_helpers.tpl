@@ -68,8 +68,16 @@ Checks of values that would otherwise give a cluster that renders but can't work
 {{- if and $clustered (not (or .Values.externalNats.url .Values.externalNats.existingSecret)) }}
 {{- fail "more than one node needs a shared NATS: set externalNats.url or externalNats.existingSecret" }}
 {{- end }}
-{{- if and $clustered (not (or .Values.externalRedis.url .Values.externalRedis.existingSecret)) }}
-{{- fail "more than one node needs a shared Redis: set externalRedis.url or externalRedis.existingSecret" }}
+{{- with .Values.externalRedis }}
+{{- if and $clustered (eq .mode "standalone") (not (or .url .existingSecret)) }}
+{{- fail "more than one node needs a shared Redis: set externalRedis.url or externalRedis.existingSecret (or a sentinel or cluster mode)" }}
+{{- end }}
+{{- if and (eq .mode "sentinel") (not (and .sentinel.masterName .sentinel.urls)) }}
+{{- fail "externalRedis.mode sentinel needs externalRedis.sentinel.masterName and externalRedis.sentinel.urls" }}
+{{- end }}
+{{- if and (eq .mode "cluster") (not .cluster.urls) }}
+{{- fail "externalRedis.mode cluster needs externalRedis.cluster.urls" }}
+{{- end }}
 {{- end }}
 {{- if lt (int .Values.shutdown.gracePeriodSeconds) 1 }}
 {{- fail "shutdown.gracePeriodSeconds must be at least 1" }}
@@ -77,6 +85,11 @@ Checks of values that would otherwise give a cluster that renders but can't work
 {{- range $key := list "node_name" "shutdown" "nats" }}
 {{- if hasKey $.Values.config $key }}
 {{- fail (printf "config.%s is set by the chart (see the comments above config in values.yaml); remove it from config" $key) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "mode" "username" "password_file" "tls_ca_file" "tls_cert_file" "tls_key_file" "sentinel_master" "sentinel_urls" "sentinel_username" "sentinel_password_file" "cluster_urls" }}
+{{- if and (hasKey $.Values.config "redis") (hasKey $.Values.config.redis $key) }}
+{{- fail (printf "config.redis.%s is set by the chart from externalRedis (see values.yaml); remove it from config" $key) }}
 {{- end }}
 {{- end }}
 {{- range $section, $key := dict "mqtt" "listen" "http" "listen" "redis" "url" }}
@@ -139,4 +152,29 @@ lorabroker.toml: .Values.config plus what the chart owns (listen addresses, drai
 
 {{- define "lorabroker.tenancyMode" -}}
 {{- dig "tenancy" "mode" "multi" .Values.config }}
+{{- end }}
+
+{{/*
+The Secrets mounted for Redis (a YAML list of name, secret, mountPath): the password,
+the sentinels' password, the CA and the client certificate, each in a directory of its
+own under /etc/lorabroker-redis/.
+*/}}
+{{- define "lorabroker.redisSecretVolumes" -}}
+{{- $r := .Values.externalRedis }}
+{{- $volumes := list }}
+{{- with $r.passwordSecret.name }}
+{{- $volumes = append $volumes (dict "name" "redis-password" "secret" . "mountPath" "/etc/lorabroker-redis/password") }}
+{{- end }}
+{{- if eq $r.mode "sentinel" }}
+{{- with $r.sentinel.passwordSecret.name }}
+{{- $volumes = append $volumes (dict "name" "redis-sentinel-password" "secret" . "mountPath" "/etc/lorabroker-redis/sentinel-password") }}
+{{- end }}
+{{- end }}
+{{- with $r.tls.caSecret.name }}
+{{- $volumes = append $volumes (dict "name" "redis-ca" "secret" . "mountPath" "/etc/lorabroker-redis/ca") }}
+{{- end }}
+{{- with $r.tls.clientCertSecret.name }}
+{{- $volumes = append $volumes (dict "name" "redis-client-cert" "secret" . "mountPath" "/etc/lorabroker-redis/client") }}
+{{- end }}
+{{- toYaml $volumes }}
 {{- end }}

@@ -152,8 +152,9 @@ async fn register_devices(target: &Target, devices: usize) -> anyhow::Result<()>
 /// Sum of the lengths of the devices' downlink queues in Redis.
 async fn queue_lengths(target: &Target, devices: usize) -> anyhow::Result<u64> {
     let url = target.redis_url.as_deref().context("no Redis URL")?;
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    // The library's connection: rediss:// and credentials in the URL work as for a node.
+    let mut conn = lorabroker::redis_conn::RedisConn::from_url(url)?;
+    // One tenant, hence one hash tag: the pipeline stays on one Redis Cluster slot.
     let mut pipe = redis::pipe();
     for i in 0..devices {
         pipe.cmd("LLEN")

@@ -97,7 +97,7 @@ impl Backends {
         let bus: Arc<dyn Bus> = if config.nats.url.is_empty() {
             embedded.bus
         } else {
-            Arc::new(NatsBus::connect(&config.nats.url, client_name).await?)
+            Arc::new(NatsBus::connect_with(&config.nats, client_name).await?)
         };
         if config.redis.url.is_empty() {
             return Ok(Self { bus, ..embedded });

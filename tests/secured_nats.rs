@@ -103,6 +103,12 @@ async fn token() {
     };
     let secrets = [token.as_str(), &read(&bad.token_file)];
     serves(&good, &secrets).await;
+    // A token as the URL's user (nats://TOKEN@host), as other NATS clients take it.
+    let in_url = NatsConfig {
+        url: format!("nats://{token}@127.0.0.1:{}", server.port),
+        ..NatsConfig::default()
+    };
+    serves(&in_url, &secrets).await;
     refused(
         &bad,
         &format!(

@@ -444,10 +444,12 @@ async fn bad_files_stop_the_start_naming_the_key_and_the_file() {
     ];
     let secrets = [not_a_seed.as_str(), &account_seed, &garbage];
     for (nats, expected) in cases {
-        let mut config = Config::default();
-        config.nats = NatsConfig {
-            url: url.clone(),
-            ..nats
+        let config = Config {
+            nats: NatsConfig {
+                url: url.clone(),
+                ..nats
+            },
+            ..Config::default()
         };
         config.validate().expect("valid apart from the files");
         let error = match Backends::from_config(&config, "test").await {
@@ -460,12 +462,14 @@ async fn bad_files_stop_the_start_naming_the_key_and_the_file() {
         }
     }
     // Two bad files at once: both are reported.
-    let mut config = Config::default();
-    config.nats = NatsConfig {
-        url,
-        token_file: empty.clone(),
-        tls_ca_file: garbage_file.clone(),
-        ..NatsConfig::default()
+    let config = Config {
+        nats: NatsConfig {
+            url,
+            token_file: empty.clone(),
+            tls_ca_file: garbage_file.clone(),
+            ..NatsConfig::default()
+        },
+        ..Config::default()
     };
     let error = Backends::from_config(&config, "test")
         .await
@@ -638,8 +642,10 @@ async fn ready(node: &TestNode) {
 
 /// The upstream side, on a NATS connection of its own with the same settings.
 async fn upstream(nats: &NatsConfig) -> (Upstream, Backends) {
-    let mut config = Config::default();
-    config.nats = nats.clone();
+    let config = Config {
+        nats: nats.clone(),
+        ..Config::default()
+    };
     let backends = Backends::from_config(&config, "test-upstream")
         .await
         .expect("upstream backends");

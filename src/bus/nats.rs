@@ -102,12 +102,11 @@ impl NatsBus {
             .subscription_capacity(SUBSCRIPTION_CAPACITY);
         let prepared = settings::prepare(config, base)
             .map_err(|problems| BusError::Settings(problems.join("; ")))?;
-        let tls_hint = if prepared.tls {
-            Some(prepared.tls_hint)
-        } else {
-            None
-        };
-        let events = Arc::new(EventLog::new(server, prepared.auth_hint, tls_hint));
+        let events = Arc::new(EventLog::new(
+            server,
+            prepared.auth_hint,
+            (prepared.tls_hint, prepared.tls),
+        ));
         let log = events.clone();
         let client = prepared
             .options
@@ -290,7 +289,9 @@ struct EventLog {
     auth_hint: String,
     /// Added to "TLS error", and to "IO error" when this node asks for TLS: what the
     /// handshake needs.
-    tls_hint: Option<String>,
+    tls_hint: String,
+    /// Whether this node asks for TLS.
+    tls: bool,
     /// Connections made so far (see [`Bus::connections`]).
     connections: watch::Sender<u64>,
     dropped: AtomicU64,
@@ -306,11 +307,12 @@ struct EventLog {
 }
 
 impl EventLog {
-    fn new(server: String, auth_hint: String, tls_hint: Option<String>) -> Self {
+    fn new(server: String, auth_hint: String, (tls_hint, tls): (String, bool)) -> Self {
         Self {
             server,
             auth_hint,
             tls_hint,
+            tls,
             connections: watch::Sender::new(0),
             dropped: AtomicU64::new(0),
             drop_counter: OnceLock::new(),
@@ -322,17 +324,16 @@ impl EventLog {
     /// A connection error with what the operator should check: async-nats reports only
     /// the kind of error (`nats: authorization violation`, `nats: TLS error`).
     fn explain(&self, error: &str) -> String {
-        match &self.tls_hint {
-            _ if error.contains("authorization violation") => {
-                format!("{error}: {}", self.auth_hint)
-            }
-            Some(hint) if error.contains("TLS error") => format!("{error}: {hint}"),
+        if error.contains("authorization violation") {
+            format!("{error}: {}", self.auth_hint)
+        } else if error.contains("TLS error") {
+            format!("{error}: {}", self.tls_hint)
+        } else if self.tls && error.contains("IO error") {
             // A failed handshake (unknown CA, refused client certificate) comes as an IO
             // error, like a server that is down.
-            Some(hint) if error.contains("IO error") => {
-                format!("{error}: the server is unreachable, or {hint}")
-            }
-            _ => error.to_owned(),
+            format!("{error}: the server is unreachable, or {}", self.tls_hint)
+        } else {
+            error.to_owned()
         }
     }
 

@@ -105,6 +105,7 @@ pub(super) fn prepare(
                         problems.push(format!(
                             "nats.creds_file: {path} is not a NATS credentials file ({e})"
                         ));
+                        // `credentials` took the options; the start fails anyway.
                         options = ConnectOptions::new();
                     }
                 }
@@ -112,18 +113,17 @@ pub(super) fn prepare(
             format!("the server refused the credentials in nats.creds_file ({path})")
         }
     };
-    if !config.tls_ca_file.is_empty() {
-        if read_ca(&config.tls_ca_file, &mut problems).is_some() {
-            options = options.add_root_certificates(PathBuf::from(&config.tls_ca_file));
-        }
+    if !config.tls_ca_file.is_empty() && read_ca(&config.tls_ca_file, &mut problems).is_some() {
+        options = options.add_root_certificates(PathBuf::from(&config.tls_ca_file));
     }
-    if !config.tls_cert_file.is_empty() && !config.tls_key_file.is_empty() {
-        if check_client_certificate(&config.tls_cert_file, &config.tls_key_file, &mut problems) {
-            options = options.add_client_certificate(
-                PathBuf::from(&config.tls_cert_file),
-                PathBuf::from(&config.tls_key_file),
-            );
-        }
+    if !config.tls_cert_file.is_empty()
+        && !config.tls_key_file.is_empty()
+        && check_client_certificate(&config.tls_cert_file, &config.tls_key_file, &mut problems)
+    {
+        options = options.add_client_certificate(
+            PathBuf::from(&config.tls_cert_file),
+            PathBuf::from(&config.tls_key_file),
+        );
     }
     if config.requires_tls() {
         options = options.require_tls(true);

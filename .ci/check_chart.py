@@ -332,6 +332,45 @@ def check_promises(objects: list[dict[str, Any]], values: dict[str, Any], scenar
                        f"{name}={path!r} is not in the mounted Secret {secret}")
     problems.check(not any("PASSWORD" in n and not n.endswith("_FILE") for n in env), where,
                    "a password in an environment variable")
+    # Secured NATS: each secret is a file from its Secret (or the CA's ConfigMap), mounted
+    # where the nats.*_file setting points; no secret is ever an environment variable.
+    nats = values.get("externalNats", {})
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+
+    def mounted_from(env_name: str, source: str, name: str, key: str) -> None:
+        path = env.get(env_name, {}).get("value")
+        if path is None:
+            problems.add(where, f"{env_name} is not set although {source} {name} is given")
+            return
+        directory, _, file = path.rpartition("/")
+        volume = volumes.get(mounts.get(directory, ""), {})
+        ref = volume.get("secret", {}).get("secretName") if source == "Secret" else \
+            volume.get("configMap", {}).get("name")
+        items = {i["key"]: i["path"] for i in (volume.get("secret") or volume.get("configMap") or {}).get("items", [])}
+        problems.check(ref == name and items.get(key) == file, where,
+                       f"{env_name}={path} is not key {key} of {source} {name} mounted at {directory}")
+
+    auth = nats.get("auth", {})
+    method_env = {"password": "LORABROKER_NATS__PASSWORD_FILE", "token": "LORABROKER_NATS__TOKEN_FILE",
+                  "nkey": "LORABROKER_NATS__NKEY_SEED_FILE", "creds": "LORABROKER_NATS__CREDS_FILE"}
+    if auth.get("type"):
+        mounted_from(method_env[auth["type"]], "Secret", auth["existingSecret"], auth["existingSecretKey"])
+    for other_type, name in method_env.items():
+        if other_type != auth.get("type"):
+            problems.check(name not in env, where, f"{name} set, but externalNats.auth.type is {auth.get('type')!r}")
+    ca = nats.get("tls", {}).get("ca", {})
+    if ca.get("existingSecret"):
+        mounted_from("LORABROKER_NATS__TLS_CA_FILE", "Secret", ca["existingSecret"], ca["key"])
+    elif ca.get("existingConfigMap"):
+        mounted_from("LORABROKER_NATS__TLS_CA_FILE", "ConfigMap", ca["existingConfigMap"], ca["key"])
+    client = nats.get("tls", {}).get("clientCertificate", {})
+    if client.get("existingSecret"):
+        mounted_from("LORABROKER_NATS__TLS_CERT_FILE", "Secret", client["existingSecret"], "tls.crt")
+        mounted_from("LORABROKER_NATS__TLS_KEY_FILE", "Secret", client["existingSecret"], "tls.key")
+    for e in container.get("env", []):
+        if e["name"].startswith("LORABROKER_NATS__") and e["name"] != "LORABROKER_NATS__URL":
+            problems.check("valueFrom" not in e, where, f"{e['name']} must be a path, not a secret's value")
 
     # Probes and drain.
     def probe_path(probe: str) -> str | None:
@@ -437,7 +476,10 @@ def check_chart(problems: Problems) -> None:
     everything = {
         "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
-        "externalNats": {"existingSecret": "backends", "existingSecretKey": "nats"},
+        "externalNats": {"existingSecret": "backends", "existingSecretKey": "nats",
+                         "auth": {"type": "creds", "existingSecret": "nats-user", "existingSecretKey": "user.creds"},
+                         "tls": {"ca": {"existingSecret": "nats-ca", "key": "ca.crt"},
+                                 "clientCertificate": {"existingSecret": "nats-client-tls"}}},
         "externalRedis": {"existingSecret": "backends", "existingSecretKey": "redis"},
         "adminToken": {"existingSecret": "backends", "existingSecretKey": "admin"},
         "service": {"mqtt": {"type": "NodePort", "nodePort": 31883}},
@@ -478,6 +520,12 @@ def check_chart(problems: Problems) -> None:
             "cluster": {"urls": ["redis://redis-cluster-0.redis-cluster-headless:6379"]},
         },
     }
+    secured_nats = {
+        "externalNats": {"url": "tls://nats-0.nats:4222, tls://nats-1.nats:4222",
+                         "auth": {"type": "password", "user": "lorabroker", "existingSecret": "nats-auth",
+                                  "existingSecretKey": "password"},
+                         "tls": {"required": True, "ca": {"existingConfigMap": "nats-ca", "key": "ca.pem"}}},
+    }
     scenarios: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
         ("default values", None, defaults),
         ("values-production.yaml", production, deep_merge(defaults, production)),
@@ -487,6 +535,8 @@ def check_chart(problems: Problems) -> None:
         ("Redis Sentinel over TLS, passwords and certificates from Secrets", sentinel,
          deep_merge(defaults, sentinel)),
         ("Redis Cluster with a password from a Secret", redis_cluster, deep_merge(defaults, redis_cluster)),
+        ("secured NATS (password from a Secret, CA from a ConfigMap, two seeds)", secured_nats,
+         deep_merge(defaults, secured_nats)),
     ]
     must_fail: list[tuple[str, dict[str, Any], str]] = [
         ("three nodes without NATS", {"externalNats": {"url": ""}}, "shared NATS"),
@@ -506,6 +556,14 @@ def check_chart(problems: Problems) -> None:
         ("an unknown Redis mode", {"externalRedis": {"mode": "replicated"}}, "/externalRedis/mode"),
         ("a Redis password file in the ConfigMap", {"config": {"redis": {"password_file": "/x"}}},
          "config.redis.password_file"),
+        ("a second NATS URL that is not one", {"externalNats": {"url": "nats://a:4222,http://b"}},
+         "/externalNats/url"),
+        ("an unknown NATS auth type", {"externalNats": {"auth": {"type": "kerberos"}}}, "/externalNats/auth/type"),
+        ("NATS auth without its Secret", {"externalNats": {"auth": {"type": "token"}}},
+         "externalNats.auth.existingSecret"),
+        ("NATS password without a user", {"externalNats": {"auth": {"type": "password", "existingSecret": "s",
+                                                                     "existingSecretKey": "password"}}},
+         "externalNats.auth.user"),
         ("a dashboard label that is not one", {"grafanaDashboard": {"label": "not a label"}},
          "/grafanaDashboard/label"),
     ]

@@ -101,7 +101,7 @@ impl Backends {
         let bus: Arc<dyn Bus> = if config.nats.url.is_empty() {
             embedded.bus
         } else {
-            Arc::new(NatsBus::connect(&config.nats.url, client_name).await?)
+            Arc::new(NatsBus::connect_with(&config.nats, client_name).await?)
         };
         if !config.redis.is_enabled() {
             return Ok(Self { bus, ..embedded });

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::topic::{Id, Tenancy, MAX_TRAFFIC_TOPIC_LEN};
 
 mod load;
+mod nats;
+
+pub use nats::{NatsAuth, NatsConfig};
 
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config/lorabroker.toml";
@@ -243,14 +246,6 @@ pub struct DownlinkConfig {
     pub queue_idle_expiry: Duration,
     /// Refuse downlinks to devices the upstream has not registered.
     pub require_known_device: bool,
-}
-
-/// `[nats]`
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NatsConfig {
-    /// NATS server URL; empty runs the embedded in-process bus.
-    pub url: String,
 }
 
 /// `[redis]`: where the stores live and how to reach them (see [`crate::redis_conn`]).
@@ -823,11 +818,6 @@ impl Config {
             ),
         );
         check(
-            self.nats.url.is_empty()
-                || ["nats://", "tls://", "ws://", "wss://"]
-                    .iter()
-                    .any(|s| self.nats.url.starts_with(s)),
-            format!("nats.url: {:?} is not a nats:// URL", self.nats.url),
         );
         check(
             !self.redis.key_prefix.is_empty()
@@ -873,6 +863,7 @@ impl Config {
                 self.mqtt.max_keepalive
             ),
         );
+        self.nats.validate(&mut errors);
         self.limits.validate(&mut errors);
         self.redis.validate(&mut errors);
         if errors.is_empty() {
@@ -927,6 +918,14 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Comma-separated URLs (`nats.url`) with each one's credentials masked.
+pub fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(redact_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
@@ -954,6 +953,10 @@ mod tests {
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://***@h:6379/0");
         assert_eq!(redact_url("nats://u:p@h:4222"), "nats://***@h:4222");
         assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(
+            redact_urls("nats://u:p@a:4222,nats://b,tls://t@c"),
+            "nats://***@a:4222,nats://b,tls://***@c"
+        );
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum BusError {
     /// The bus could not be reached.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// The bus settings are unusable (a bad URL, a missing or malformed credentials or
+    /// certificate file); each problem names its key.
+    #[error("{0}")]
+    Settings(String),
     /// The subject or filter is not valid NATS syntax.
     #[error("invalid subject {0:?}")]
     InvalidSubject(String),

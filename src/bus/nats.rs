@@ -31,6 +31,9 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use super::{is_valid_subject, Bus, BusError, BusMessage, Subscription};
+use crate::config::NatsConfig;
+
+mod settings;
 
 /// Messages one subscription may buffer before the node is a slow consumer and NATS
 /// messages for it are dropped (and counted, see [`NatsBus::dropped_messages`]). A node has
@@ -70,34 +73,53 @@ pub struct NatsBus {
 }
 
 impl NatsBus {
-    /// Creates a client for the NATS server(s) at `url` (comma-separated for several)
-    /// named `client_name` (shown by the NATS server's monitoring). Never waits for the
-    /// server and never fails because it is down: the connection is made, and re-made after
-    /// every loss, in the background. Fails only for a URL that cannot be parsed.
+    /// [`NatsBus::connect_with`] the server(s) at `url` (comma-separated for several),
+    /// without other credentials than the URL's own and with TLS only as the URL or the
+    /// server asks.
     pub async fn connect(url: &str, client_name: &str) -> Result<NatsBus, BusError> {
-        let events = Arc::new(EventLog::new(format!(
-            "NATS at {}",
-            crate::config::redact_url(url)
-        )));
-        let log = events.clone();
-        let client = ConnectOptions::new()
+        let config = NatsConfig {
+            url: url.to_owned(),
+            ..NatsConfig::default()
+        };
+        Self::connect_with(&config, client_name).await
+    }
+
+    /// Creates a client for the NATS server(s) of `config` (several URLs are a cluster's
+    /// seeds), authenticating and using TLS as configured, named `client_name` (shown by
+    /// the NATS server's monitoring). Never waits for the server and never fails because
+    /// it is down: the connection is made, and re-made after every loss, in the background.
+    /// Fails, naming every bad key and file at once, for a URL that cannot be parsed or a
+    /// credentials or certificate file that is missing, unreadable or malformed.
+    pub async fn connect_with(config: &NatsConfig, client_name: &str) -> Result<NatsBus, BusError> {
+        let server = format!("NATS at {}", crate::config::redact_urls(&config.url));
+        let base = ConnectOptions::new()
             .name(client_name)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(reconnect_delay)
             .connection_timeout(CONNECT_TIMEOUT)
             .ping_interval(PING_INTERVAL)
-            .subscription_capacity(SUBSCRIPTION_CAPACITY)
+            .subscription_capacity(SUBSCRIPTION_CAPACITY);
+        let prepared = settings::prepare(config, base)
+            .map_err(|problems| BusError::Settings(problems.join("; ")))?;
+        let events = Arc::new(EventLog::new(
+            server,
+            prepared.auth_hint,
+            (prepared.tls_hint, prepared.tls),
+        ));
+        let log = events.clone();
+        let client = prepared
+            .options
             .event_callback(move |event| {
                 let log = log.clone();
                 async move { log.record(event) }
             })
-            .connect(url)
+            .connect(prepared.servers)
             .await
             .map_err(|e| {
                 BusError::Unavailable(format!(
                     "cannot use NATS URL {:?}: {e}",
-                    crate::config::redact_url(url)
+                    crate::config::redact_urls(&config.url)
                 ))
             })?;
         Ok(NatsBus {
@@ -261,8 +283,15 @@ fn reconnect_delay(attempts: usize) -> Duration {
 
 /// Turns client events into log lines and counters.
 struct EventLog {
-    /// `NATS at {redacted URL}`, for log lines.
+    /// `NATS at {redacted URLs}`, for log lines.
     server: String,
+    /// Added to "authorization violation": which credentials were refused.
+    auth_hint: String,
+    /// Added to "TLS error", and to "IO error" when this node asks for TLS: what the
+    /// handshake needs.
+    tls_hint: String,
+    /// Whether this node asks for TLS.
+    tls: bool,
     /// Connections made so far (see [`Bus::connections`]).
     connections: watch::Sender<u64>,
     dropped: AtomicU64,
@@ -278,14 +307,33 @@ struct EventLog {
 }
 
 impl EventLog {
-    fn new(server: String) -> Self {
+    fn new(server: String, auth_hint: String, (tls_hint, tls): (String, bool)) -> Self {
         Self {
             server,
+            auth_hint,
+            tls_hint,
+            tls,
             connections: watch::Sender::new(0),
             dropped: AtomicU64::new(0),
             drop_counter: OnceLock::new(),
             slow: Mutex::default(),
             outage: Mutex::new(crate::health::Outage::with_reminders()),
+        }
+    }
+
+    /// A connection error with what the operator should check: async-nats reports only
+    /// the kind of error (`nats: authorization violation`, `nats: TLS error`).
+    fn explain(&self, error: &str) -> String {
+        if error.contains("authorization violation") {
+            format!("{error}: {}", self.auth_hint)
+        } else if error.contains("TLS error") {
+            format!("{error}: {}", self.tls_hint)
+        } else if self.tls && error.contains("IO error") {
+            // A failed handshake (unknown CA, refused client certificate) comes as an IO
+            // error, like a server that is down.
+            format!("{error}: the server is unreachable, or {}", self.tls_hint)
+        } else {
+            error.to_owned()
         }
     }
 
@@ -306,7 +354,7 @@ impl EventLog {
             Event::ClientError(e) => {
                 let report = self.outage.lock().failed(Instant::now());
                 if let Some(r) = report {
-                    crate::health::log(&self.server, &r, Some(&e.to_string()));
+                    crate::health::log(&self.server, &r, Some(&self.explain(&e.to_string())));
                 }
             }
             Event::SlowConsumer(sid) => {

@@ -9,7 +9,7 @@ use lorabroker::app::Backends;
 use lorabroker::auth::{create_key, CreateKeyError, KeyView, PresentedKey, Rights};
 use lorabroker::bus::Bus;
 use lorabroker::cluster::{self, Signal};
-use lorabroker::config::{redact_url, Config};
+use lorabroker::config::{redact_urls, Config};
 use lorabroker::topic::{AppRef, Tenancy};
 
 use crate::{application, KeysCommand, UsageError};
@@ -99,7 +99,7 @@ fn username(tenancy: &Tenancy, app: &AppRef, tenant_given: bool) -> String {
 
 /// Deletes the key and tells every node, saying exactly which of the two happened.
 async fn revoke(config: &Config, backends: &Backends, id: &str) -> anyhow::Result<()> {
-    let nats = redact_url(&config.nats.url);
+    let nats = redact_urls(&config.nats.url);
     let (removed, nats_up) = tokio::join!(
         backends.keys.remove(id),
         wait_for_bus(backends.bus.as_ref(), &nats)

@@ -443,6 +443,43 @@ mod tests {
     }
 
     #[test]
+    fn nats_settings_are_loaded_and_checked_like_every_other_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "node.toml",
+                "[nats]\nurl = [\"nats://a:4222\", \"tls://b:4222\"]\ntoken_file = \"/run/t\"\n",
+            )?;
+            let c =
+                Config::load(Some(Path::new("node.toml")), json!({})).map_err(|e| e.to_string())?;
+            assert_eq!(c.nats.url, "nats://a:4222,tls://b:4222");
+            assert_eq!(c.nats.urls(), ["nats://a:4222", "tls://b:4222"]);
+            jail.set_env("LORABROKER_NATS__URL", "nats://a:4222,nats://b:4222");
+            jail.set_env("LORABROKER_NATS__USER", "12345");
+            jail.set_env("LORABROKER_NATS__TOKN_FILE", "/x");
+            jail.set_env("LORABROKER_NATS__TLS_REQUIRED", "maybe");
+            let p = problems(Config::load(Some(Path::new("node.toml")), json!({})).unwrap_err());
+            assert_eq!(
+                p,
+                [
+                    "nats.tls_required = \"maybe\": expected true or false (LORABROKER_NATS__TLS_REQUIRED)",
+                    "nats.tokn_file: unknown key; did you mean nats.token_file? (LORABROKER_NATS__TOKN_FILE)",
+                    "nats.user: only one NATS authentication method at a time, but \
+                     nats.user + nats.password_file and nats.token_file are set (LORABROKER_NATS__USER)",
+                    "nats.password_file: must be set together with nats.user",
+                ]
+            );
+            jail.clear_env();
+            jail.create_file("bad.toml", "[nats]\nurl = 5\n")?;
+            let p = problems(Config::load(Some(Path::new("bad.toml")), json!({})).unwrap_err());
+            assert_eq!(
+                p,
+                ["nats.url = 5: expected a URL, comma-separated URLs or a list of URLs (in bad.toml)"]
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn one_problem_reads_as_one_line() {
         let one = ConfigError::Invalid(vec!["a: b".into()]).to_string();
         assert_eq!(one, "invalid configuration: a: b");

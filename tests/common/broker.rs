@@ -98,6 +98,26 @@ impl TestEnv {
         self.node_with(|_| {}).await
     }
 
+    /// Starts a node on the backends `config` names (`Backends::from_config`, whatever
+    /// this environment's backend), as `lorabroker serve` does: e.g. a NATS bus with
+    /// in-memory stores.
+    pub async fn node_from_config(&self, config: Config) -> TestNode {
+        config.validate().expect("test config is valid");
+        let backends = Backends::from_config(&config, "test-node")
+            .await
+            .expect("backends from the config");
+        let node = Node::start(App::new(config, backends))
+            .await
+            .expect("node starts");
+        TestNode {
+            mqtt_addr: node.mqtt_addr,
+            http_addr: node.http_addr,
+            metrics_addr: node.metrics_addr,
+            app: node.app.clone(),
+            node: Some(node),
+        }
+    }
+
     /// Starts a node after adjusting its configuration.
     pub async fn node_with(&self, tweak: impl FnOnce(&mut Config)) -> TestNode {
         let mut config = self.config();

@@ -524,7 +524,7 @@ impl ServerProcess {
 }
 
 /// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
         Ok(addr) => addr.port(),
         Err(e) => panic!("cannot find a free loopback port: {e}"),
@@ -533,7 +533,7 @@ fn free_port() -> u16 {
 
 /// Finds `binary` on PATH, then in the sbin directories Debian's packages install servers
 /// into (`nats-server` lands in /usr/sbin, which a normal user's PATH often lacks).
-fn find_on_path(binary: &str) -> Option<PathBuf> {
+pub fn find_on_path(binary: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))

@@ -6,4 +6,5 @@ pub mod delay_proxy;
 pub mod http;
 pub mod services;
 pub mod shell;
+pub mod tls;
 pub mod wait;

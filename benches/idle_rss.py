@@ -91,6 +91,12 @@ def measure(name, pid, port, ctx, user, key):
 port = free(); hport = free(); tport = free()
 key = 'NNSXS.' + base64.b32encode(os.urandom(24)).decode().rstrip('=') + '.' + base64.b32encode(os.urandom(32)).decode().rstrip('=')
 env = dict(os.environ, RUST_LOG=os.environ.get('RUST_LOG', 'warn'))
+# All N connections come from one address with one key: rate limits and connection quotas
+# off, as benches/compare.sh does (Mosquitto runs without any).
+for limit in ['ACCEPTS_PER_IP__PER_SECOND', 'CONNECTS_PER_KEY__PER_SECOND',
+              'SUBSCRIBES_PER_CONNECTION__PER_SECOND', 'MAX_CONNECTIONS_PER_APPLICATION',
+              'MAX_CONNECTIONS_PER_KEY', 'MAX_CONNECTIONS_PER_TENANT']:
+    env.setdefault('LORABROKER_LIMITS__' + limit, '0')
 pre = os.environ.get('PRE','').split()
 cmd = pre + [binary, 'dev', '--mqtt-listen', f'127.0.0.1:{port}', '--http-listen', f'127.0.0.1:{hport}',
              '--devices', '1', '--uplink-interval', '1h', '--api-key', key]

@@ -357,8 +357,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(a) => {
             set(&mut o, "mqtt.listen", Some(a.mqtt_listen.clone()));
             if a.tls {
-                let dir = std::env::temp_dir()
-                    .join(format!("lorabroker-dev-tls-{}", std::process::id()));
+                let dir =
+                    std::env::temp_dir().join(format!("lorabroker-dev-tls-{}", std::process::id()));
                 let certs = lorabroker::transport::dev_ca::write(&dir)?;
                 set(&mut o, "mqtt.tls.listen", Some(a.mqtt_tls_listen.clone()));
                 let path = |p: &std::path::Path| Some(p.display().to_string());
@@ -460,11 +460,7 @@ fn print_in_memory_keys_hint(node: &Node) {
     }
 }
 
-async fn dev(
-    config: Config,
-    args: DevArgs,
-    tls: Option<DevCertificates>,
-) -> anyhow::Result<()> {
+async fn dev(config: Config, args: DevArgs, tls: Option<DevCertificates>) -> anyhow::Result<()> {
     let tenancy = config.tenancy();
     let application = application(&config, &args.fleet.app, args.fleet.tenant.as_deref())?;
     let backends = Backends::embedded_with(QueueLimits::from_config(&config.downlink));

@@ -134,8 +134,11 @@ async fn behaviour_suite(transport: &str, env: &TestEnv, node: &TestNode, connec
     let up = sub.next_on("/devices/dev1/up").await;
     assert_eq!(up.topic, format!("v3/{user}/devices/dev1/up"));
     assert_eq!(&up.payload[..], payload.as_bytes(), "{transport}");
-    sub.publish(&format!("v3/{user}/devices/dev1/down/push"), PUSH.as_bytes())
-        .await;
+    sub.publish(
+        &format!("v3/{user}/devices/dev1/down/push"),
+        PUSH.as_bytes(),
+    )
+    .await;
     let queued = sub.next_on("/devices/dev1/down/queued").await;
     let queued: serde_json::Value = serde_json::from_slice(&queued.payload).unwrap();
     assert_eq!(queued["downlink_queued"]["f_port"], 15, "{transport}");
@@ -175,7 +178,9 @@ async fn mqtt_behaves_the_same_over_tcp_and_tls() {
         "tcp",
         &env,
         &node,
-        Box::new(move || Box::pin(async move { RawMqtt::new(TcpStream::connect(tcp).await.unwrap()) })),
+        Box::new(move || {
+            Box::pin(async move { RawMqtt::new(TcpStream::connect(tcp).await.unwrap()) })
+        }),
     )
     .await;
 
@@ -241,12 +246,18 @@ async fn mosquitto_clients_with_cafile() {
 
     let topic = format!("v3/{user}/devices/dev1/down/push");
     let out = Spawned::start(
-        mosquitto("mosquitto_pub", port, &certs.ca_file, &user, &key).args(["-t", &topic, "-m", PUSH]),
+        mosquitto("mosquitto_pub", port, &certs.ca_file, &user, &key)
+            .args(["-t", &topic, "-m", PUSH]),
     )
     .output()
     .await;
     assert!(out.status.success(), "mosquitto_pub: {out:?}");
-    let (_, queued) = until(&mut lines, "/devices/dev1/down/queued", Duration::from_secs(5)).await;
+    let (_, queued) = until(
+        &mut lines,
+        "/devices/dev1/down/queued",
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(queued["downlink_queued"]["f_port"], 15);
     let stored = node
         .upstream()
@@ -316,8 +327,14 @@ async fn client_certificates_when_client_ca_file_is_set() {
         .await
         .expect("mosquitto_sub without a certificate ends");
     publisher.abort();
-    assert!(!out.status.success(), "mosquitto_sub without --cert: {out:?}");
-    assert!(out.stdout.is_empty(), "received without a certificate: {out:?}");
+    assert!(
+        !out.status.success(),
+        "mosquitto_sub without --cert: {out:?}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "received without a certificate: {out:?}"
+    );
     node.shutdown().await;
 }
 
@@ -345,20 +362,35 @@ async fn wrong_ca_and_plaintext_are_refused_and_counted() {
         .await
         .expect("the plaintext connection is closed");
     // At most a TLS alert record (0x15), never a CONNACK (0x20).
-    assert!(answer.is_empty() || answer[0] == 0x15, "answered {answer:02x?}");
-    common::wait::eventually("the plaintext CONNECT counted", Duration::from_secs(2), || async {
-        match metric(&node, failures) {
-            1.0 => Ok(()),
-            n => Err(n),
-        }
-    })
+    assert!(
+        answer.is_empty() || answer[0] == 0x15,
+        "answered {answer:02x?}"
+    );
+    common::wait::eventually(
+        "the plaintext CONNECT counted",
+        Duration::from_secs(2),
+        || async {
+            match metric(&node, failures) {
+                1.0 => Ok(()),
+                n => Err(n),
+            }
+        },
+    )
     .await;
-    assert_eq!(metric(&node, r#"lorabroker_connects_total{outcome="transport_failed"}"#), 1.0);
+    assert_eq!(
+        metric(
+            &node,
+            r#"lorabroker_connects_total{outcome="transport_failed"}"#
+        ),
+        1.0
+    );
 
     // A client that trusts another CA refuses the server's certificate.
     let other = TestCa::new("another CA").pem();
     let refused = tls_connect(tls, &[other], None).await;
-    let error = refused.err().expect("a client with the wrong CA refuses the server");
+    let error = refused
+        .err()
+        .expect("a client with the wrong CA refuses the server");
     assert!(
         error.to_string().contains("UnknownIssuer") || error.to_string().contains("issuer"),
         "{error}"
@@ -381,20 +413,28 @@ async fn a_client_that_never_sends_a_client_hello_is_closed_and_counted() {
         .await;
     let started = Instant::now();
     let mut silent = TcpStream::connect(node.addr(Kind::Tls)).await.unwrap();
-    common::wait::eventually("the socket holds a pending-handshake slot", Duration::from_secs(1), || async {
-        match metric(&node, "lorabroker_pending_handshakes") {
-            1.0 => Ok(()),
-            n => Err(n),
-        }
-    })
+    common::wait::eventually(
+        "the socket holds a pending-handshake slot",
+        Duration::from_secs(1),
+        || async {
+            match metric(&node, "lorabroker_pending_handshakes") {
+                1.0 => Ok(()),
+                n => Err(n),
+            }
+        },
+    )
     .await;
     let mut byte = [0u8; 1];
     let read = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut byte))
         .await
         .expect("closed within mqtt.handshake_timeout");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    assert!(started.elapsed() >= Duration::from_millis(250), "closed too early");
-    let series = r#"lorabroker_transport_failures_total{listener="tls",reason="handshake_timeout"}"#;
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early"
+    );
+    let series =
+        r#"lorabroker_transport_failures_total{listener="tls",reason="handshake_timeout"}"#;
     assert_eq!(metric(&node, series), 1.0);
     assert_eq!(metric(&node, "lorabroker_pending_handshakes"), 0.0);
     // The write side is gone too.
@@ -475,55 +515,95 @@ async fn certificates_rotate_without_dropping_connections() {
 
     mount.update(&cert_b.cert, &cert_b.key);
     let seen_b = Instant::now();
-    common::wait::eventually("a new client sees certificate B", Duration::from_secs(3), || async {
-        let s = tls_connect(tls, &roots, None).await.map_err(|e| e.to_string())?;
-        if peer_certificate(&s) == cert_b.der() {
-            Ok(())
-        } else {
-            Err("still certificate A".to_owned())
-        }
-    })
+    common::wait::eventually(
+        "a new client sees certificate B",
+        Duration::from_secs(3),
+        || async {
+            let s = tls_connect(tls, &roots, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            if peer_certificate(&s) == cert_b.der() {
+                Ok(())
+            } else {
+                Err("still certificate A".to_owned())
+            }
+        },
+    )
     .await;
-    assert!(seen_b.elapsed() < Duration::from_secs(2), "took {:?}", seen_b.elapsed());
-    assert_eq!(metric(&node, r#"lorabroker_tls_reloads_total{result="loaded"}"#), 1.0);
+    assert!(
+        seen_b.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        seen_b.elapsed()
+    );
+    assert_eq!(
+        metric(&node, r#"lorabroker_tls_reloads_total{result="loaded"}"#),
+        1.0
+    );
     // Client 1, connected with certificate A, still receives uplinks.
     node.upstream()
         .publish(&device(&env, "dev1"), Event::Up, r#"{"after":"B"}"#.into())
         .await
         .unwrap();
-    assert_eq!(&client1.next_on("/devices/dev1/up").await.payload[..], br#"{"after":"B"}"#);
+    assert_eq!(
+        &client1.next_on("/devices/dev1/up").await.payload[..],
+        br#"{"after":"B"}"#
+    );
     let mut client2 = RawMqtt::new(tls_connect(tls, &roots, None).await.unwrap());
     assert_eq!(client2.connect(&user, &key, 30).await, 0);
 
     // A broken certificate file: B stays, a warning names the file, the failure counts.
-    mount.update("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n", &cert_b.key);
+    mount.update(
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+        &cert_b.key,
+    );
     let failed = r#"lorabroker_tls_reloads_total{result="failed"}"#;
-    common::wait::eventually("the broken file counted", Duration::from_secs(3), || async {
-        match metric(&node, failed) {
-            1.0 => Ok(()),
-            n => Err(n),
-        }
-    })
+    common::wait::eventually(
+        "the broken file counted",
+        Duration::from_secs(3),
+        || async {
+            match metric(&node, failed) {
+                1.0 => Ok(()),
+                n => Err(n),
+            }
+        },
+    )
     .await;
     let s = tls_connect(tls, &roots, None).await.unwrap();
-    assert_eq!(peer_certificate(&s), cert_b.der(), "the broken file replaced B");
+    assert_eq!(
+        peer_certificate(&s),
+        cert_b.der(),
+        "the broken file replaced B"
+    );
     let logged = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
     let warning = logged
         .lines()
         .find(|l| l.contains("TLS certificate not reloaded"))
         .unwrap_or_else(|| panic!("no warning logged:\n{logged}"));
     assert!(warning.contains("WARN"), "{warning}");
-    assert!(warning.contains(&mount.cert().display().to_string()), "{warning}");
+    assert!(
+        warning.contains(&mount.cert().display().to_string()),
+        "{warning}"
+    );
     assert!(warning.contains("mqtt.tls.cert_file"), "{warning}");
     // Warned once, not every reload_interval.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(metric(&node, failed), 1.0);
-    assert_eq!(metric(&node, r#"lorabroker_tls_reloads_total{result="loaded"}"#), 1.0);
+    assert_eq!(
+        metric(&node, r#"lorabroker_tls_reloads_total{result="loaded"}"#),
+        1.0
+    );
     node.upstream()
-        .publish(&device(&env, "dev1"), Event::Up, r#"{"after":"broken"}"#.into())
+        .publish(
+            &device(&env, "dev1"),
+            Event::Up,
+            r#"{"after":"broken"}"#.into(),
+        )
         .await
         .unwrap();
-    assert_eq!(&client1.next_on("/devices/dev1/up").await.payload[..], br#"{"after":"broken"}"#);
+    assert_eq!(
+        &client1.next_on("/devices/dev1/up").await.payload[..],
+        br#"{"after":"broken"}"#
+    );
     node.shutdown().await;
 }
 
@@ -537,8 +617,16 @@ async fn a_bad_certificate_file_stops_the_start_naming_it() {
     let not_a_ca = certs.dir.path().join("empty-ca.pem");
     std::fs::write(&not_a_ca, "").unwrap();
     let cases: [(&str, Box<dyn Fn(&mut Config)>, &Path); 4] = [
-        ("mqtt.tls.cert_file", Box::new(|c| use_tls(c, &garbage, &certs.key_file)), &garbage),
-        ("mqtt.tls.key_file", Box::new(|c| use_tls(c, &certs.cert_file, &missing)), &missing),
+        (
+            "mqtt.tls.cert_file",
+            Box::new(|c| use_tls(c, &garbage, &certs.key_file)),
+            &garbage,
+        ),
+        (
+            "mqtt.tls.key_file",
+            Box::new(|c| use_tls(c, &certs.cert_file, &missing)),
+            &missing,
+        ),
         // The CA's certificate with the server's key: they do not go together.
         (
             "mqtt.tls.key_file",
@@ -564,7 +652,10 @@ async fn a_bad_certificate_file_stops_the_start_naming_it() {
             Err(e) => e.to_string(),
         };
         assert!(error.starts_with(key), "{key}: {error}");
-        assert!(error.contains(&file.display().to_string()), "{key}: {error}");
+        assert!(
+            error.contains(&file.display().to_string()),
+            "{key}: {error}"
+        );
     }
     // Without a certificate file, the configuration says which key is missing.
     let mut config = env.config();

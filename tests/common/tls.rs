@@ -142,7 +142,12 @@ pub async fn tls_connect(
 
 /// The certificate the server presented on `stream`.
 pub fn peer_certificate(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    stream.get_ref().1.peer_certificates().expect("a server certificate")[0].clone()
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("a server certificate")[0]
+        .clone()
 }
 
 /// How long a raw client waits for something that should happen.

@@ -125,7 +125,7 @@ pub struct MqttConfig {
 }
 
 /// `[mqtt.tls]`
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttTlsConfig {
     /// Address of the MQTT over TLS listener (e.g. `0.0.0.0:8883`); empty: none.
@@ -138,6 +138,22 @@ pub struct MqttTlsConfig {
     pub client_ca_file: String,
     /// Whether this listener requires a PROXY protocol header first.
     pub proxy_protocol: bool,
+    /// How often the three files are read again; a change is loaded for new connections.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for MqttTlsConfig {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+            client_ca_file: String::new(),
+            proxy_protocol: false,
+            reload_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// `[mqtt.ws]`
@@ -708,10 +724,25 @@ impl Config {
                 format!("{key}: {addr:?} is neither empty nor an address like 0.0.0.0:8883"),
             );
         }
+        let tls = &self.mqtt.tls;
+        if !tls.listen.is_empty() || !self.mqtt.wss.listen.is_empty() {
+            for (key, file) in [
+                ("mqtt.tls.cert_file", &tls.cert_file),
+                ("mqtt.tls.key_file", &tls.key_file),
+            ] {
+                check(
+                    !file.is_empty(),
+                    format!("{key}: must name a PEM file when mqtt.tls.listen or mqtt.wss.listen is set"),
+                );
+            }
+        }
+        check(
+            !tls.reload_interval.is_zero(),
+            "mqtt.tls.reload_interval: must be more than 0s".into(),
+        );
         // The transports below are being built (src/transport); until each lands, a
         // setting that needs it stops the start instead of silently doing nothing.
         for (key, set) in [
-            ("mqtt.tls.listen", !self.mqtt.tls.listen.is_empty()),
             ("mqtt.ws.listen", !self.mqtt.ws.listen.is_empty()),
             ("mqtt.wss.listen", !self.mqtt.wss.listen.is_empty()),
             (

@@ -18,6 +18,8 @@ use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
 use lorabroker::signals::{run_until_signalled, OnSignal, Signals};
 use lorabroker::topic::{AppRef, DeviceRef, Id, Tenancy};
+use lorabroker::transport::dev_ca::DevCertificates;
+use lorabroker::transport::Kind;
 use lorabroker::upstream::{run_fleet, FleetConfig, Upstream};
 
 /// Exit status of a usage or configuration error (sysexits' EX_USAGE), so that scripts
@@ -85,6 +87,12 @@ struct DevArgs {
     /// MQTT listen address.
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt_listen: String,
+    /// Also serve MQTT over TLS, with a throw-away CA and certificate for localhost.
+    #[arg(long)]
+    tls: bool,
+    /// MQTT over TLS listen address (with --tls).
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    mqtt_tls_listen: String,
     /// HTTP listen address (health, readiness, metrics).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_listen: String,
@@ -127,6 +135,10 @@ struct ServeArgs {
     /// MQTT listen address.
     #[arg(long)]
     mqtt_listen: Option<String>,
+    /// MQTT over TLS listen address (also LORABROKER_MQTT__TLS__LISTEN; needs
+    /// mqtt.tls.cert_file and mqtt.tls.key_file).
+    #[arg(long)]
+    mqtt_tls_listen: Option<String>,
     /// HTTP listen address.
     #[arg(long)]
     http_listen: Option<String>,
@@ -347,9 +359,20 @@ fn report(error: &anyhow::Error) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut o = Map::new();
+    let mut dev_tls = None;
     match &cli.command {
         Command::Dev(a) => {
             set(&mut o, "mqtt.listen", Some(a.mqtt_listen.clone()));
+            if a.tls {
+                let dir =
+                    std::env::temp_dir().join(format!("lorabroker-dev-tls-{}", std::process::id()));
+                let certs = lorabroker::transport::dev_ca::write(&dir)?;
+                set(&mut o, "mqtt.tls.listen", Some(a.mqtt_tls_listen.clone()));
+                let path = |p: &std::path::Path| Some(p.display().to_string());
+                set(&mut o, "mqtt.tls.cert_file", path(&certs.cert_file));
+                set(&mut o, "mqtt.tls.key_file", path(&certs.key_file));
+                dev_tls = Some(certs);
+            }
             set(&mut o, "http.listen", Some(a.http_listen.clone()));
             set(&mut o, "nats.url", Some(""));
             set(&mut o, "redis.url", Some(""));
@@ -371,6 +394,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve(a) => {
             set(&mut o, "mqtt.listen", a.mqtt_listen.clone());
+            set(&mut o, "mqtt.tls.listen", a.mqtt_tls_listen.clone());
             set(&mut o, "http.listen", a.http_listen.clone());
             set(&mut o, "node_name", a.node_name.clone());
             backend_overrides(&a.backends, &mut o);
@@ -382,7 +406,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), Value::Object(o))?;
     init_logging(&config, matches!(cli.command, Command::Keys(_)))?;
     match cli.command {
-        Command::Dev(a) => dev(config, a).await,
+        Command::Dev(a) => dev(config, a, dev_tls).await,
         Command::Serve(_) => serve(config).await,
         Command::Keys(a) => cli::keys::run(config, a.command).await,
         Command::Simulate(a) => simulate(config, a.fleet).await,
@@ -423,6 +447,9 @@ fn print_serve_banner(node: &Node) {
         mqtt = node.mqtt_addr,
         http = node.http_addr,
     );
+    if let Some(tls) = node.addr(Kind::Tls) {
+        println!("  MQTT/TLS  {tls}");
+    }
     if !config.redis.is_enabled() {
         print_in_memory_keys_hint(node);
     }
@@ -449,7 +476,7 @@ fn print_in_memory_keys_hint(node: &Node) {
     }
 }
 
-async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
+async fn dev(config: Config, args: DevArgs, tls: Option<DevCertificates>) -> anyhow::Result<()> {
     let tenancy = config.tenancy();
     let application = application(&config, &args.fleet.app, args.fleet.tenant.as_deref())?;
     let backends = Backends::embedded_with(QueueLimits::from_config(&config.downlink));
@@ -488,6 +515,9 @@ async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
         fleet_stop.clone(),
     ));
     print_dev_banner(&node, &tenancy, &application, &key, &args);
+    if let Some(certs) = &tls {
+        print_dev_tls(&node, &tenancy.app_uid(&application), &key, certs);
+    }
     run_until_signalled(node, signals, fleet_stop, OnSignal::Stop).await;
     Ok(())
 }
@@ -514,6 +544,21 @@ Schedule a confirmed downlink with your own correlation ID:
         mqtt = node.mqtt_addr,
         http = node.http_addr,
         interval = humantime::format_duration(args.fleet.uplink_interval),
+    );
+}
+
+/// The TLS listener of `dev --tls`: where the CA is and a command that trusts it.
+fn print_dev_tls(node: &Node, uid: &str, key: &str, certs: &DevCertificates) {
+    let Some(tls) = node.addr(Kind::Tls) else {
+        return;
+    };
+    println!(
+        r#"MQTT over TLS on {tls}, certificate for localhost, 127.0.0.1 and ::1 signed by a throw-away CA:
+  CA        {ca}
+  mosquitto_sub --cafile '{ca}' -h localhost -p {port} -u '{uid}' -P '{key}' -t '#' -v
+"#,
+        ca = certs.ca_file.display(),
+        port = tls.port(),
     );
 }
 

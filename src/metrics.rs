@@ -23,6 +23,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// A single `result` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// What happened.
+    pub result: &'static str,
+}
+
 /// A single `reason` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -120,6 +127,11 @@ pub struct Metrics {
     /// Connections that failed below MQTT (PROXY header, TLS handshake, WebSocket
     /// upgrade, or their timeout), by listener and reason.
     pub transport_failures: Family<TransportLabels, Counter>,
+    /// Certificate reloads of the TLS listeners (`loaded`, or `failed`: the files did not
+    /// load and the certificate in use stays).
+    pub tls_reloads: Family<ResultLabels, Counter>,
+    /// When the TLS certificate in use expires (Unix seconds; 0 without TLS).
+    pub tls_certificate_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -147,6 +159,8 @@ impl Default for Metrics {
             subscriptions: Gauge::default(),
             subscriptions_refused: Family::default(),
             transport_failures: Family::default(),
+            tls_reloads: Family::default(),
+            tls_certificate_expiry: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -253,6 +267,16 @@ impl Default for Metrics {
             "transport_failures",
             "Connections that failed below MQTT (PROXY header, TLS handshake, WebSocket upgrade, or mqtt.handshake_timeout), by listener and reason",
             m.transport_failures.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "TLS certificate reloads by result (failed: the files did not load, the certificate in use stays)",
+            m.tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_seconds",
+            "When the TLS certificate in use expires, in Unix seconds",
+            m.tls_certificate_expiry.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -18,6 +18,7 @@ use crate::bus::BusError;
 use crate::cluster::{SignalHandler, SIGNAL_FILTER};
 use crate::mqtt::outbox::CloseReason;
 use crate::mqtt::session;
+use crate::transport::tls::TlsAcceptor;
 use crate::transport::{Kind, Transport};
 
 /// Why a node could not start.
@@ -26,6 +27,9 @@ pub enum StartError {
     /// One or both listeners could not be bound (each is reported).
     #[error("{}", listen_problems(.0))]
     Listen(Vec<ListenError>),
+    /// A TLS certificate setting cannot be used (the key and the file are named).
+    #[error("{0}")]
+    Tls(#[from] crate::transport::tls::TlsConfigError),
     /// The cluster signal subscription failed.
     #[error("cannot subscribe to cluster signals: {0}")]
     Signals(#[from] BusError),
@@ -50,6 +54,7 @@ impl Listener {
     pub fn flag(self) -> &'static str {
         match self {
             Listener::Mqtt(Kind::Tcp) => "--mqtt-listen",
+            Listener::Mqtt(Kind::Tls) => "--mqtt-tls-listen",
             Listener::Mqtt(kind) => kind.listen_key(),
             Listener::Http => "--http-listen",
         }
@@ -310,6 +315,14 @@ impl Node {
         })
     }
 
+    /// Where the MQTT listener of `kind` is served, if the node has one.
+    pub fn addr(&self, kind: Kind) -> Option<SocketAddr> {
+        self.mqtt_listeners
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, a)| *a)
+    }
+
     /// A token that starts the drain when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -390,11 +403,20 @@ async fn accept_loop(
 fn mqtt_listeners(app: &App) -> Result<Vec<(Kind, String, Transport)>, StartError> {
     let mqtt = &app.config.mqtt;
     let timeout = mqtt.handshake_timeout;
-    Ok(vec![(
+    let mut listeners = vec![(
         Kind::Tcp,
         mqtt.listen.clone(),
         Transport::tcp(mqtt.proxy_protocol, timeout),
-    )])
+    )];
+    if !mqtt.tls.listen.is_empty() {
+        let acceptor = TlsAcceptor::new(&mqtt.tls, &[b"mqtt"], &app.metrics)?;
+        listeners.push((
+            Kind::Tls,
+            mqtt.tls.listen.clone(),
+            Transport::tls(Arc::new(acceptor), mqtt.tls.proxy_protocol, timeout),
+        ));
+    }
+    Ok(listeners)
 }
 
 /// Readiness false, then clients told to close spread over the grace period, then wait for

@@ -6,6 +6,7 @@
 //! Plain TCP stays a variant of its own so that its fast path (wait for readiness, then
 //! `try_read` into a stack buffer) holds no buffer and no boxed stream while idle.
 
+pub mod dev_ca;
 pub mod proxy;
 pub mod tls;
 pub mod ws;

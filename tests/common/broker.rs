@@ -219,6 +219,14 @@ impl TestNode {
             .expect("client connects")
     }
 
+    /// Where the node's MQTT listener of `kind` is served; panics when it has none.
+    pub fn addr(&self, kind: lorabroker::transport::Kind) -> SocketAddr {
+        self.node
+            .as_ref()
+            .and_then(|n| n.addr(kind))
+            .unwrap_or_else(|| panic!("the node has no {} listener", kind.as_str()))
+    }
+
     /// Drains and stops the node.
     pub async fn shutdown(mut self) {
         if let Some(n) = self.node.take() {

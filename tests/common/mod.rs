@@ -7,4 +7,5 @@ pub mod doc;
 pub mod http;
 pub mod services;
 pub mod shell;
+pub mod tls;
 pub mod wait;

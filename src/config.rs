@@ -520,13 +520,6 @@ impl Config {
             ("mqtt.tls.listen", !self.mqtt.tls.listen.is_empty()),
             ("mqtt.ws.listen", !self.mqtt.ws.listen.is_empty()),
             ("mqtt.wss.listen", !self.mqtt.wss.listen.is_empty()),
-            (
-                "mqtt.proxy_protocol",
-                self.mqtt.proxy_protocol
-                    || self.mqtt.tls.proxy_protocol
-                    || self.mqtt.ws.proxy_protocol
-                    || self.mqtt.wss.proxy_protocol,
-            ),
         ] {
             check(!set, format!("{key}: not available in this build"));
         }

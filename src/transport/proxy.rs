@@ -114,7 +114,9 @@ async fn read_v2(tcp: &mut TcpStream, start: [u8; 5]) -> Result<Option<SocketAdd
     fixed[..start.len()].copy_from_slice(&start);
     read_exact(tcp, &mut fixed[start.len()..], start.len()).await?;
     if &fixed[..v2::PROTOCOL_PREFIX.len()] != v2::PROTOCOL_PREFIX {
-        return Err(ProxyError::Missing(escape(&fixed[..v2::PROTOCOL_PREFIX.len()])));
+        return Err(ProxyError::Missing(escape(
+            &fixed[..v2::PROTOCOL_PREFIX.len()],
+        )));
     }
     let total = V2_FIXED + usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
     if total > MAX_V2_HEADER {
@@ -123,8 +125,8 @@ async fn read_v2(tcp: &mut TcpStream, start: [u8; 5]) -> Result<Option<SocketAdd
     let mut header = [0u8; MAX_V2_HEADER];
     header[..V2_FIXED].copy_from_slice(&fixed);
     read_exact(tcp, &mut header[V2_FIXED..total], V2_FIXED).await?;
-    let parsed = v2::Header::try_from(&header[..total])
-        .map_err(|e| ProxyError::V2Invalid(e.to_string()))?;
+    let parsed =
+        v2::Header::try_from(&header[..total]).map_err(|e| ProxyError::V2Invalid(e.to_string()))?;
     if parsed.command == Command::Local {
         return Ok(None);
     }
@@ -255,7 +257,11 @@ mod tests {
         let h = v2(Command::Proxy, (src6, dst6).into(), Protocol::Stream);
         assert_eq!(read(&[&h]).await.0.unwrap(), Some(src6));
 
-        let h = v2(Command::Local, v2::Addresses::Unspecified, Protocol::Unspecified);
+        let h = v2(
+            Command::Local,
+            v2::Addresses::Unspecified,
+            Protocol::Unspecified,
+        );
         let (r, rest) = read(&[&h, b"after"]).await;
         assert_eq!(r.unwrap(), None);
         assert_eq!(rest, b"after");
@@ -292,7 +298,10 @@ mod tests {
         .build()
         .unwrap();
         let (r, _) = read(&[&h]).await;
-        assert!(matches!(r, Err(ProxyError::V2TooLong(n)) if n == h.len()), "{r:?}");
+        assert!(
+            matches!(r, Err(ProxyError::V2TooLong(n)) if n == h.len()),
+            "{r:?}"
+        );
 
         let h = v2(Command::Proxy, (src, dst).into(), Protocol::Datagram);
         let (r, _) = read(&[&h]).await;

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod delay_proxy;
 pub mod http;
+pub mod proxy;
 pub mod services;
 pub mod shell;
 pub mod wait;

@@ -49,8 +49,10 @@ COPY --from=build /out/lorabroker /usr/local/bin/lorabroker
 WORKDIR /app
 COPY config/lorabroker.toml /app/config/lorabroker.toml
 USER 10001:10001
-# 1883 MQTT, 8883 MQTT over TLS (once TLS lands), 8080 HTTP (/healthz /readyz /metrics).
-EXPOSE 1883 8883 8080
+# 1883 MQTT, 8883 MQTT over TLS, 8083 MQTT over WebSocket, 8084 MQTT over WebSocket over
+# TLS (each listening when configured: [mqtt.tls], [mqtt.ws], [mqtt.wss]), 8080 HTTP
+# (/healthz /readyz /metrics).
+EXPOSE 1883 8883 8083 8084 8080
 # /healthz answers 200 while the process is alive (also while it drains); readiness
 # (/readyz) is the load balancer's business, not the container runtime's. Assumes the
 # default http.listen port 8080.

@@ -187,11 +187,15 @@ def known_config_keys() -> set[str]:
     with NODE_CONFIG.open("rb") as f:
         doc = tomllib.load(f)
     keys = {"node_name"}
-    for section, table in doc.items():
-        if isinstance(table, dict):
-            keys.update(f"{section}.{k}" for k in table)
-        else:
-            keys.add(section)
+
+    def walk(prefix: str, table: dict[str, Any]) -> None:
+        # Every key and every key of a subsection ([mqtt.tls]) or inline table.
+        for k, v in table.items():
+            keys.add(f"{prefix}{k}")
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+
+    walk("", doc)
     return keys
 
 
@@ -222,6 +226,55 @@ def render(chart: helm.Chart, values: dict[str, Any] | None) -> list[dict[str, A
     return objects
 
 
+# The part of cert-manager's cert-manager.io/v1 Certificate CRD schema that the chart uses
+# (field names and enums as in cert-manager's CRD), unknown fields refused.
+_GO_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
+CERTIFICATE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"const": "Certificate"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "required": ["secretName", "issuerRef"],
+            "additionalProperties": False,
+            "properties": {
+                "secretName": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
+                "commonName": {"type": "string", "maxLength": 64},
+                "dnsNames": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                "duration": {"type": "string", "pattern": _GO_DURATION_PATTERN},
+                "renewBefore": {"type": "string", "pattern": _GO_DURATION_PATTERN},
+                "privateKey": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "size": {"type": "integer"},
+                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                    },
+                },
+                "usages": {"type": "array", "items": {"enum": [
+                    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+                    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+                    "server auth", "client auth", "code signing", "email protection", "s/mime", "ipsec end system",
+                    "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"]}},
+                "issuerRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {"name": {"type": "string", "minLength": 1}, "kind": {"type": "string"},
+                                   "group": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+
 def validate_objects(objects: list[dict[str, Any]], scenario: str, problems: Problems) -> None:
     for obj in objects:
         template = obj.pop("__template__")
@@ -231,6 +284,13 @@ def validate_objects(objects: list[dict[str, Any]], scenario: str, problems: Pro
             errors = sorted(jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA).iter_errors(obj), key=str)
             for e in errors:
                 problems.add(where, f"ServiceMonitor subset schema: {e.json_path}: {e.message}")
+            obj["__template__"] = template
+            continue
+        if obj.get("apiVersion", "").startswith("cert-manager.io/"):
+            # A CRD too (see CERTIFICATE_SCHEMA).
+            errors = sorted(jsonschema.Draft202012Validator(CERTIFICATE_SCHEMA).iter_errors(obj), key=str)
+            for e in errors:
+                problems.add(where, f"Certificate subset schema: {e.json_path}: {e.message}")
             obj["__template__"] = template
             continue
         for version in KUBE_VERSIONS:
@@ -285,12 +345,15 @@ def check_promises(objects: list[dict[str, Any]], values: dict[str, Any], scenar
             config = tomllib.loads(toml_text)
         except tomllib.TOMLDecodeError as e:
             problems.add(where, f"rendered lorabroker.toml is not valid TOML: {e}")
-        for section, table in config.items():
-            items = table.items() if isinstance(table, dict) else [(None, table)]
-            for k, _ in items:
-                key = f"{section}.{k}" if k is not None else section
+        def check_keys(prefix: str, table: dict[str, Any]) -> None:
+            for k, v in table.items():
+                key = f"{prefix}{k}"
                 problems.check(key in known, where, f"lorabroker.toml sets {key}, which the node does not know "
                                f"(not in {NODE_CONFIG.relative_to(ROOT)})")
+                if isinstance(v, dict) and key in known:
+                    check_keys(f"{key}.", v)
+
+        check_keys("", config)
     args = container.get("args", [])
     problems.check(args[-1:] == ["serve"], where, f"container args must end with serve, got {args}")
     if "--config" in args:
@@ -421,6 +484,7 @@ def check_promises(objects: list[dict[str, Any]], values: dict[str, Any], scenar
     if mqtt:
         want = values.get("service", {}).get("mqtt", {}).get("type", "LoadBalancer")
         problems.check(mqtt[0]["spec"].get("type") == want, where, f"MQTT Service type must be {want}")
+    check_edge(objects, values, config, pod, container, mqtt[0] if mqtt else None, where, problems)
     selector = spec["selector"]["matchLabels"]
     labels = spec["template"]["metadata"]["labels"]
     problems.check(all(labels.get(k) == v for k, v in selector.items()), where, "pod labels do not match the selector")
@@ -432,6 +496,67 @@ def check_promises(objects: list[dict[str, Any]], values: dict[str, Any], scenar
         ref = h["spec"]["scaleTargetRef"]
         problems.check(ref["kind"] == "Deployment" and ref["name"] == dep["metadata"]["name"], where,
                        "HPA does not target the Deployment")
+
+
+def check_edge(objects: list[dict[str, Any]], values: dict[str, Any], config: dict[str, Any], pod: dict[str, Any],
+               container: dict[str, Any], mqtt_svc: dict[str, Any] | None, where: str, problems: Problems) -> None:
+    """TLS, WebSocket and PROXY protocol: listeners, ports, certificate files and options
+    agree with the values."""
+    tls_on = values.get("tls", {}).get("enabled", False)
+    ws_on = values.get("websocket", {}).get("enabled", False)
+    cports = values.get("containerPorts", {})
+    proxy = values.get("proxyProtocol", {})
+    mqtt_cfg = config.get("mqtt", {})
+    want_ports = {"mqtt"} | ({"mqtts"} if tls_on else set()) | ({"ws"} if ws_on else set()) \
+        | ({"wss"} if tls_on and ws_on else set())
+    container_ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    problems.check(want_ports <= set(container_ports) and not ({"mqtts", "ws", "wss"} - want_ports) & set(container_ports),
+                   where, f"container MQTT ports must be {sorted(want_ports)}, got {sorted(container_ports)}")
+    if mqtt_svc is not None:
+        svc_ports = {p["name"] for p in mqtt_svc["spec"]["ports"]}
+        problems.check(svc_ports == want_ports, where, f"MQTT Service ports must be {sorted(want_ports)}, got {sorted(svc_ports)}")
+    listeners = {"mqtt": mqtt_cfg.get("listen", ""), "mqtts": mqtt_cfg.get("tls", {}).get("listen", ""),
+                 "ws": mqtt_cfg.get("ws", {}).get("listen", ""), "wss": mqtt_cfg.get("wss", {}).get("listen", "")}
+    for name, listen in listeners.items():
+        if name in want_ports:
+            problems.check(listen == f"0.0.0.0:{cports.get(name)}", where,
+                           f"{name} listener must be 0.0.0.0:{cports.get(name)}, got {listen!r}")
+        else:
+            problems.check(not listen, where, f"{name} listener must be off, got {listen!r}")
+    sections = {"mqtt": mqtt_cfg, "mqtts": mqtt_cfg.get("tls", {}), "ws": mqtt_cfg.get("ws", {}),
+                "wss": mqtt_cfg.get("wss", {})}
+    for name in want_ports:
+        problems.check(sections[name].get("proxy_protocol", False) == proxy.get(name, False), where,
+                       f"proxy_protocol of {name} must be proxyProtocol.{name} = {proxy.get(name, False)}")
+    # Every certificate file the node reads is in a mounted Secret.
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    tls_cfg = mqtt_cfg.get("tls", {})
+    files = {k: tls_cfg[k] for k in ("cert_file", "key_file", "client_ca_file") if tls_cfg.get(k)}
+    problems.check(not tls_on or {"cert_file", "key_file"} <= set(files), where, "tls.enabled must set cert_file and key_file")
+    problems.check(bool(values.get("tls", {}).get("clientCaSecret")) == ("client_ca_file" in files) or not tls_on, where,
+                   "client_ca_file must be set exactly when tls.clientCaSecret is")
+    cm = values.get("tls", {}).get("certManager", {})
+    fullname = by_kind(objects, "Deployment")[0]["metadata"]["name"]
+    want_secret = f"{fullname}-tls" if cm.get("enabled") else values.get("tls", {}).get("existingSecret")
+    for key, path in files.items():
+        directory, name = str(Path(path).parent), Path(path).name
+        vol = volumes.get(mounts.get(directory, ""), {}).get("secret")
+        if vol is None:
+            problems.add(where, f"mqtt.tls.{key} {path}: its directory is not a mounted Secret")
+            continue
+        problems.check(name in {i["path"] for i in vol.get("items", [])}, where, f"mqtt.tls.{key}: {name} not in its Secret volume")
+        if key != "client_ca_file":
+            problems.check(vol["secretName"] == want_secret, where,
+                           f"mqtt.tls.{key} must come from Secret {want_secret}, got {vol['secretName']}")
+    certs = by_kind(objects, "Certificate")
+    problems.check(len(certs) == (1 if tls_on and cm.get("enabled") else 0), where,
+                   f"expected a cert-manager Certificate exactly when tls.certManager.enabled, got {len(certs)}")
+    for c in certs:
+        problems.check(c["spec"]["secretName"] == want_secret, where, f"Certificate writes {c['spec']['secretName']}, "
+                       f"the pod mounts {want_secret}")
+        problems.check(c["spec"]["dnsNames"] == cm.get("dnsNames"), where, "Certificate dnsNames")
+        problems.check(c["spec"]["issuerRef"]["name"] == cm.get("issuerRef", {}).get("name"), where, "Certificate issuer")
 
 
 def check_values_documented(path: Path, problems: Problems) -> None:
@@ -526,6 +651,20 @@ def check_chart(problems: Problems) -> None:
                                   "existingSecretKey": "password"},
                          "tls": {"required": True, "ca": {"existingConfigMap": "nats-ca", "key": "ca.pem"}}},
     }
+    edge = {
+        "tls": {"enabled": True, "existingSecret": "mqtt-example-com", "clientCaSecret": "device-ca"},
+        "websocket": {"enabled": True},
+        "proxyProtocol": {"mqtt": True, "mqtts": True, "ws": False, "wss": True},
+        "config": {"mqtt": {"ws": {"allowed_origins": ["https://console.example.com"]}}},
+        "service": {"mqtt": {"annotations": {
+            "service.beta.kubernetes.io/aws-load-balancer-type": "external",
+            "service.beta.kubernetes.io/aws-load-balancer-proxy-protocol": "*"}}},
+    }
+    cert_manager = {
+        "tls": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "letsencrypt"},
+                                                 "dnsNames": ["mqtt.example.com"]}},
+        "websocket": {"enabled": False},
+    }
     scenarios: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
         ("default values", None, defaults),
         ("values-production.yaml", production, deep_merge(defaults, production)),
@@ -537,6 +676,8 @@ def check_chart(problems: Problems) -> None:
         ("Redis Cluster with a password from a Secret", redis_cluster, deep_merge(defaults, redis_cluster)),
         ("secured NATS (password from a Secret, CA from a ConfigMap, two seeds)", secured_nats,
          deep_merge(defaults, secured_nats)),
+        ("TLS from a Secret, client CA, WebSocket, PROXY protocol", edge, deep_merge(defaults, edge)),
+        ("TLS from cert-manager", cert_manager, deep_merge(defaults, cert_manager)),
     ]
     must_fail: list[tuple[str, dict[str, Any], str]] = [
         ("three nodes without NATS", {"externalNats": {"url": ""}}, "shared NATS"),
@@ -547,7 +688,17 @@ def check_chart(problems: Problems) -> None:
         ("a margin shorter than the node's hard deadline", {"shutdown": {"terminationMarginSeconds": 5}},
          "terminationMarginSeconds"),
         ("unknown anti-affinity preset", {"podAntiAffinity": "sometimes"}, "podAntiAffinity"),
+        ("TLS without a certificate", {"tls": {"enabled": True}}, "tls.existingSecret"),
+        ("cert-manager without an issuer", {"tls": {"enabled": True, "certManager": {
+            "enabled": True, "dnsNames": ["mqtt.example.com"]}}}, "issuerRef.name"),
+        ("cert-manager without host names", {"tls": {"enabled": True, "certManager": {
+            "enabled": True, "issuerRef": {"name": "le"}}}}, "dnsNames"),
+        ("TLS files set in config", {"config": {"mqtt": {"tls": {"cert_file": "/x"}}}}, "config.mqtt.tls"),
+        ("PROXY protocol set in config", {"config": {"mqtt": {"proxy_protocol": True}}}, "config.mqtt.proxy_protocol"),
+        ("WebSocket listener set in config", {"config": {"mqtt": {"ws": {"listen": "0.0.0.0:1"}}}},
+         "config.mqtt.ws.listen"),
         # values.schema.json
+        ("a PROXY option that is not a boolean", {"proxyProtocol": {"mqtt": "yes"}}, "/proxyProtocol/mqtt"),
         ("a misspelled value", {"replicaCont": 3}, "replicaCont"),
         ("an unknown MQTT Service type", {"service": {"mqtt": {"type": "LoadBalancr"}}}, "/service/mqtt/type"),
         ("a NATS URL that is not one", {"externalNats": {"url": "http://nats:4222"}}, "/externalNats/url"),
@@ -757,7 +908,77 @@ def check_compose(problems: Problems) -> None:
     nodes = [n for n, s in services.items() if str(s.get("command", ["serve"])[0]) == "serve"
              and str(s.get("image", "")).startswith("lorabroker")]
     problems.check(len(nodes) >= 3, where, f"expected three lorabroker nodes, found {nodes}")
+    check_haproxy(services, nodes, problems)
     print(f"  {where}: {len(services)} services, nodes {', '.join(nodes)}", flush=True)
+
+
+HAPROXY = ROOT / "config" / "haproxy.cfg"
+
+# Node listener ports and the environment variables of their address and PROXY option.
+_LISTENERS = {
+    1883: ("LORABROKER_MQTT__LISTEN", "LORABROKER_MQTT__PROXY_PROTOCOL"),
+    8883: ("LORABROKER_MQTT__TLS__LISTEN", "LORABROKER_MQTT__TLS__PROXY_PROTOCOL"),
+    8083: ("LORABROKER_MQTT__WS__LISTEN", "LORABROKER_MQTT__WS__PROXY_PROTOCOL"),
+    8084: ("LORABROKER_MQTT__WSS__LISTEN", "LORABROKER_MQTT__WSS__PROXY_PROTOCOL"),
+}
+
+
+def check_haproxy(services: dict[str, Any], nodes: list[str], problems: Problems) -> None:
+    """haproxy.cfg routes each published port to a listener every node has, and sends a
+    PROXY header exactly to the listeners that require one."""
+    where = str(HAPROXY.relative_to(ROOT))
+    backends: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    frontends: dict[str, str] = {}
+    frontend: str | None = None
+    for raw in HAPROXY.read_text().splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        words = line.split()
+        if not raw.startswith((" ", "\t")):
+            current, frontend = None, None
+            if words[0] == "backend":
+                current = backends.setdefault(words[1], {"servers": [], "proxy": False})
+            elif words[0] == "frontend":
+                frontend = words[1]
+            continue
+        if frontend is not None and words[0] == "bind":
+            frontends[frontend] = words[1]
+        if frontend is not None and words[0] == "default_backend":
+            frontends[frontend + "/backend"] = words[1]
+        if current is not None and words[0] == "default-server":
+            current["proxy"] = "send-proxy-v2" in words or "send-proxy" in words
+        if current is not None and words[0] == "server":
+            current["servers"].append((words[1], words[2], "send-proxy-v2" in words or "send-proxy" in words))
+    published = set()
+    for p in services.get("haproxy", {}).get("ports", []):
+        published.add(int(str(p).rsplit(":", 1)[-1]))
+    for name, bind in frontends.items():
+        if name.endswith("/backend") or name == "stats":
+            continue
+        port = int(bind.rsplit(":", 1)[-1])
+        problems.check(port in published, where, f"frontend {name} binds {port}, which compose does not publish")
+        backend = backends.get(frontends.get(name + "/backend", ""))
+        if backend is None:
+            problems.add(where, f"frontend {name} has no backend")
+            continue
+        for server, target, proxy in backend["servers"]:
+            host, tport = target.rsplit(":", 1)
+            problems.check(host in nodes, where, f"server {server} targets {host}, not a lorabroker node")
+            listen_env, proxy_env = _LISTENERS.get(int(tport), (None, None))
+            if listen_env is None:
+                problems.add(where, f"server {server} targets port {tport}, not a node listener")
+                continue
+            env = services.get(host, {}).get("environment", {})
+            listens = int(tport) == 1883 or str(env.get(listen_env, "")).endswith(f":{tport}")
+            problems.check(listens, where, f"{host} does not listen on {tport} ({listen_env})")
+            sends = proxy or backend["proxy"]
+            requires = str(env.get(proxy_env, "false")).lower() == "true"
+            problems.check(sends == requires, where,
+                           f"{server} on {tport}: haproxy {'sends' if sends else 'does not send'} a PROXY header "
+                           f"but {host} has {proxy_env}={str(requires).lower()}")
+    print(f"  {where}: {len(frontends) // 2} MQTT frontends, PROXY headers match the nodes", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -827,7 +1048,8 @@ def check_dockerfile(problems: Problems) -> None:
     problems.check(user is not None and user.value[0].split(":")[0] not in ("root", "0"), where,
                    "the runtime stage must switch to a non-root USER")
     exposed = {p.split("/")[0] for c in final if c.cmd == "EXPOSE" for p in c.value}
-    problems.check({"1883", "8883", "8080"} <= exposed, where, f"EXPOSE 1883 8883 8080, got {sorted(exposed)}")
+    problems.check({"1883", "8883", "8083", "8084", "8080"} <= exposed, where,
+                   f"EXPOSE 1883 8883 8083 8084 8080, got {sorted(exposed)}")
     entry, cmd = last(final, "ENTRYPOINT"), last(final, "CMD")
     problems.check(entry is not None and entry.json and list(entry.value) == ["lorabroker"], where,
                    'ENTRYPOINT ["lorabroker"] (exec form, so SIGTERM reaches the node and starts its drain)')

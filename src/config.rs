@@ -745,13 +745,6 @@ impl Config {
         for (key, set) in [
             ("mqtt.ws.listen", !self.mqtt.ws.listen.is_empty()),
             ("mqtt.wss.listen", !self.mqtt.wss.listen.is_empty()),
-            (
-                "mqtt.proxy_protocol",
-                self.mqtt.proxy_protocol
-                    || self.mqtt.tls.proxy_protocol
-                    || self.mqtt.ws.proxy_protocol
-                    || self.mqtt.wss.proxy_protocol,
-            ),
         ] {
             check(!set, format!("{key}: not available in this build"));
         }

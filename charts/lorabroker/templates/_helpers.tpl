@@ -97,6 +97,29 @@ Checks of values that would otherwise give a cluster that renders but can't work
 {{- fail (printf "config.%s.%s is set by the chart (see the comments above config in values.yaml); remove it from config" $section $key) }}
 {{- end }}
 {{- end }}
+{{- $mqttCfg := get .Values.config "mqtt" | default dict }}
+{{- range $key := list "proxy_protocol" "tls" "wss" }}
+{{- if hasKey $mqttCfg $key }}
+{{- fail (printf "config.mqtt.%s is set by the chart from tls, websocket and proxyProtocol (see values.yaml); remove it from config" $key) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "listen" "proxy_protocol" }}
+{{- if hasKey (get $mqttCfg "ws" | default dict) $key }}
+{{- fail (printf "config.mqtt.ws.%s is set by the chart from websocket and proxyProtocol (see values.yaml); remove it from config" $key) }}
+{{- end }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+{{- if .Values.tls.certManager.enabled }}
+{{- if not .Values.tls.certManager.issuerRef.name }}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name" }}
+{{- end }}
+{{- if not .Values.tls.certManager.dnsNames }}
+{{- fail "tls.certManager.enabled needs tls.certManager.dnsNames (the host names clients connect to)" }}
+{{- end }}
+{{- else if not .Values.tls.existingSecret }}
+{{- fail "tls.enabled needs a certificate: set tls.existingSecret (a kubernetes.io/tls Secret) or tls.certManager.enabled" }}
+{{- end }}
+{{- end }}
 {{- if and (hasKey .Values.config "http") (hasKey .Values.config.http "admin_token") }}
 {{- fail "config.http.admin_token must not be written into a ConfigMap: use adminToken.existingSecret" }}
 {{- end }}
@@ -129,6 +152,23 @@ lorabroker.toml: .Values.config plus what the chart owns (listen addresses, drai
 {{- $cfg := deepCopy .Values.config }}
 {{- $mqtt := get $cfg "mqtt" | default dict }}
 {{- $_ := set $mqtt "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.mqtt)) }}
+{{- $_ := set $mqtt "proxy_protocol" .Values.proxyProtocol.mqtt }}
+{{- if .Values.tls.enabled }}
+{{- $tls := dict "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.mqtts)) "cert_file" "/etc/lorabroker-tls/tls.crt" "key_file" "/etc/lorabroker-tls/tls.key" "proxy_protocol" .Values.proxyProtocol.mqtts }}
+{{- if .Values.tls.clientCaSecret }}
+{{- $_ := set $tls "client_ca_file" "/etc/lorabroker-client-ca/ca.crt" }}
+{{- end }}
+{{- $_ := set $mqtt "tls" $tls }}
+{{- end }}
+{{- if .Values.websocket.enabled }}
+{{- $ws := get $mqtt "ws" | default dict }}
+{{- $_ := set $ws "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.ws)) }}
+{{- $_ := set $ws "proxy_protocol" .Values.proxyProtocol.ws }}
+{{- $_ := set $mqtt "ws" $ws }}
+{{- if .Values.tls.enabled }}
+{{- $_ := set $mqtt "wss" (dict "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.wss)) "proxy_protocol" .Values.proxyProtocol.wss) }}
+{{- end }}
+{{- end }}
 {{- $_ := set $cfg "mqtt" $mqtt }}
 {{- $http := get $cfg "http" | default dict }}
 {{- $_ := set $http "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.http)) }}
@@ -177,4 +217,15 @@ own under /etc/lorabroker-redis/.
 {{- $volumes = append $volumes (dict "name" "redis-client-cert" "secret" . "mountPath" "/etc/lorabroker-redis/client") }}
 {{- end }}
 {{- toYaml $volumes }}
+{{- end }}
+
+{{/*
+The Secret holding the TLS certificate: cert-manager's (named after the release) or the given one.
+*/}}
+{{- define "lorabroker.tlsSecretName" -}}
+{{- if .Values.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "lorabroker.fullname" .) }}
+{{- else }}
+{{- .Values.tls.existingSecret }}
+{{- end }}
 {{- end }}

@@ -7,6 +7,12 @@ prints the growth of the broker's RSS divided by N. Needs `ulimit -n` above N.
 
     cargo build --release && python3 benches/idle_rss.py target/release/lorabroker 10000
     RUST_LOG=info python3 benches/idle_rss.py target/release/lorabroker 10000   # with spans
+    TRANSPORT=ws python3 benches/idle_rss.py target/release/lorabroker 10000    # over ws://…/mqtt
+    TRANSPORT=ws python3 benches/idle_rss.py /usr/sbin/mosquitto 10000          # Mosquitto, same way
+
+TRANSPORT=ws connects over WebSocket (subprotocol mqtt, each packet in one masked binary
+frame). A binary named `mosquitto` is run with a private config (`listener PORT`, plus
+`protocol websockets` for ws, anonymous) on a free port instead of `lorabroker dev`.
 
 PRE="valgrind --tool=massif" WAIT=20 runs the broker under a heap profiler instead.
 (The load generator's `idle` scenario measures the same against any broker.)
@@ -41,6 +47,38 @@ def recvn(s, n):
         d += c
     return d
 
+WS = os.environ.get('TRANSPORT', 'tcp') == 'ws'
+
+def ws_upgrade(s, port):
+    key = base64.b64encode(os.urandom(16))
+    s.sendall(b'GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n'
+              b'Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n'
+              b'Sec-WebSocket-Protocol: mqtt\r\n\r\n' % (port, key))
+    head = b''
+    while b'\r\n\r\n' not in head:
+        c = s.recv(1)
+        if not c: raise Exception('closed during the upgrade')
+        head += c
+    assert head.startswith(b'HTTP/1.1 101'), head
+
+def ws_frame(payload):
+    mask = os.urandom(4)
+    n = len(payload)
+    head = b'\x82' + (bytes([0x80 | n]) if n < 126 else b'\xfe' + struct.pack('>H', n))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+def send(s, packet):
+    s.sendall(ws_frame(packet) if WS else packet)
+
+def recv_packet(s, n):
+    if not WS:
+        return recvn(s, n)
+    b0, b1 = recvn(s, 2)
+    assert b0 == 0x82 and b1 < 126, (b0, b1)
+    data = recvn(s, b1)
+    assert len(data) == n, data
+    return data
+
 def rss(pid):
     for line in open(f'/proc/{pid}/status'):
         if line.startswith('VmRSS'):
@@ -54,9 +92,17 @@ port = free(); hport = free()
 key = 'NNSXS.' + base64.b32encode(os.urandom(24)).decode().rstrip('=') + '.' + base64.b32encode(os.urandom(32)).decode().rstrip('=')
 env = dict(os.environ, RUST_LOG=os.environ.get('RUST_LOG', 'warn'))
 pre = os.environ.get('PRE','').split()
-p = subprocess.Popen(pre + [binary, 'dev', '--mqtt-listen', f'127.0.0.1:{port}', '--http-listen', f'127.0.0.1:{hport}',
-                      '--devices', '1', '--uplink-interval', '1h', '--api-key', key],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+if os.path.basename(binary) == 'mosquitto':
+    import tempfile
+    conf = tempfile.NamedTemporaryFile('w', suffix='.conf', delete=False)
+    conf.write(f'listener {port} 127.0.0.1\nallow_anonymous true\n' + ('protocol websockets\n' if WS else ''))
+    conf.close()
+    cmd = [binary, '-c', conf.name]
+else:
+    cmd = [binary, 'dev', '--mqtt-listen', f'127.0.0.1:{free() if WS else port}', '--http-listen', f'127.0.0.1:{hport}',
+           '--devices', '1', '--uplink-interval', '1h', '--api-key', key]
+    cmd += ['--mqtt-ws-listen', f'127.0.0.1:{port}'] if WS else ['--mqtt-ws-listen', '']
+p = subprocess.Popen(pre + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 try:
     time.sleep(float(os.environ.get('WAIT','1.5')))
     base = rss(p.pid)
@@ -64,17 +110,19 @@ try:
     t0 = time.time()
     for i in range(n):
         s = socket.create_connection(('127.0.0.1', port))
-        s.sendall(connect_pkt(f'idle-{i}'.encode(), b'demo', key.encode()))
-        ack = recvn(s, 4)
+        if WS:
+            ws_upgrade(s, port)
+        send(s, connect_pkt(f'idle-{i}'.encode(), b'demo', key.encode()))
+        ack = recv_packet(s, 4)
         assert ack[3] == 0, ack
-        s.sendall(sub_pkt(1, f'v3/demo/devices/dev{i}/#'.encode()))
-        sa = recvn(s, 5)
+        send(s, sub_pkt(1, f'v3/demo/devices/dev{i}/#'.encode()))
+        sa = recv_packet(s, 5)
         assert sa[4] == 0, sa
         socks.append(s)
     t1 = time.time()
     time.sleep(2)
     after = rss(p.pid)
-    print(f'{binary}: {n} conns in {t1-t0:.1f}s; RSS {base} KiB -> {after} KiB; {(after-base)*1024/n:.0f} bytes/conn')
+    print(f'{binary} ({"ws" if WS else "tcp"}): {n} conns in {t1-t0:.1f}s; RSS {base} KiB -> {after} KiB; {(after-base)*1024/n:.0f} bytes/conn')
 finally:
     p.send_signal(signal.SIGINT if pre else signal.SIGKILL); time.sleep(float(os.environ.get('WAIT','0')))
     p.wait()

@@ -514,11 +514,25 @@ impl Config {
                 format!("{key}: {addr:?} is neither empty nor an address like 0.0.0.0:8883"),
             );
         }
+        check(
+            self.mqtt.ws.path.starts_with('/') && !self.mqtt.ws.path.contains(['?', '#', ' ']),
+            format!(
+                "mqtt.ws.path: {:?} is not a path like /mqtt",
+                self.mqtt.ws.path
+            ),
+        );
+        for origin in &self.mqtt.ws.allowed_origins {
+            check(
+                origin.contains("://"),
+                format!(
+                    "mqtt.ws.allowed_origins: {origin:?} is not an origin like https://console.example.com"
+                ),
+            );
+        }
         // The transports below are being built (src/transport); until each lands, a
         // setting that needs it stops the start instead of silently doing nothing.
         for (key, set) in [
             ("mqtt.tls.listen", !self.mqtt.tls.listen.is_empty()),
-            ("mqtt.ws.listen", !self.mqtt.ws.listen.is_empty()),
             ("mqtt.wss.listen", !self.mqtt.wss.listen.is_empty()),
             (
                 "mqtt.proxy_protocol",

@@ -16,6 +16,7 @@ use lorabroker::auth::{create_key, GeneratedKey, PresentedKey, Rights, StoredKey
 use lorabroker::config::{is_log_filter, Config, ConfigError, LOG_FILTER_WORDS};
 use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
+use lorabroker::transport::Kind;
 use lorabroker::signals::{run_until_signalled, OnSignal, Signals};
 use lorabroker::topic::{AppRef, DeviceRef, Id, Tenancy};
 use lorabroker::upstream::{run_fleet, FleetConfig, Upstream};
@@ -85,6 +86,9 @@ struct DevArgs {
     /// MQTT listen address.
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt_listen: String,
+    /// MQTT over WebSocket listen address (ws://…/mqtt); empty: none.
+    #[arg(long, default_value = "127.0.0.1:9883")]
+    mqtt_ws_listen: String,
     /// HTTP listen address (health, readiness, metrics).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_listen: String,
@@ -127,6 +131,9 @@ struct ServeArgs {
     /// MQTT listen address.
     #[arg(long)]
     mqtt_listen: Option<String>,
+    /// MQTT over WebSocket listen address (`mqtt.ws.listen`).
+    #[arg(long)]
+    mqtt_ws_listen: Option<String>,
     /// HTTP listen address.
     #[arg(long)]
     http_listen: Option<String>,
@@ -343,6 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Dev(a) => {
             set(&mut o, "mqtt.listen", Some(a.mqtt_listen.clone()));
+            set(&mut o, "mqtt.ws.listen", Some(a.mqtt_ws_listen.clone()));
             set(&mut o, "http.listen", Some(a.http_listen.clone()));
             set(&mut o, "nats.url", Some(""));
             set(&mut o, "redis.url", Some(""));
@@ -355,6 +363,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve(a) => {
             set(&mut o, "mqtt.listen", a.mqtt_listen.clone());
+            set(&mut o, "mqtt.ws.listen", a.mqtt_ws_listen.clone());
             set(&mut o, "http.listen", a.http_listen.clone());
             set(&mut o, "node_name", a.node_name.clone());
             backend_overrides(&a.backends, &mut o);
@@ -400,11 +409,12 @@ fn print_serve_banner(node: &Node) {
     };
     println!(
         "lorabroker serve is running (node {node_id}, {bus}, {stores}, {mode}-tenant)
-  MQTT      {mqtt}
+  MQTT      {mqtt}{ws}
   HTTP      http://{http}  (/healthz /readyz /metrics)",
         node_id = node.app.node_id,
         mode = config.tenancy.mode,
         mqtt = node.mqtt_addr,
+        ws = ws_line(node),
         http = node.http_addr,
     );
     if config.redis.url.is_empty() {
@@ -476,13 +486,21 @@ async fn dev(config: Config, args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The banner line of the WebSocket listener (with its leading newline), if there is one.
+fn ws_line(node: &Node) -> String {
+    match node.addr(Kind::Ws) {
+        Some(ws) => format!("\n  WebSocket ws://{ws}{}", node.app.config.mqtt.ws.path),
+        None => String::new(),
+    }
+}
+
 fn print_dev_banner(node: &Node, tenancy: &Tenancy, app: &AppRef, key: &str, args: &DevArgs) {
     let uid = tenancy.app_uid(app);
     let (host, port) = (node.mqtt_addr.ip(), node.mqtt_addr.port());
     let devices = args.fleet.devices;
     println!(
         r#"lorabroker dev is running (embedded bus, in-memory stores)
-  MQTT      {mqtt}
+  MQTT      {mqtt}{ws}
   HTTP      http://{http}  (/healthz /readyz /metrics)
   username  {uid}
   API key   {key}
@@ -494,8 +512,18 @@ Watch joins, uplinks and downlink events:
 
 Schedule a confirmed downlink with your own correlation ID:
   mosquitto_pub -h {host} -p {port} -u '{uid}' -P '{key}' -t 'v3/{uid}/devices/dev1/down/push' -m '{{"downlinks":[{{"f_port":15,"frm_payload":"vu8=","priority":"NORMAL","confirmed":true,"correlation_ids":["my-correlation-id"]}}]}}'
-"#,
+{mqttjs}"#,
         mqtt = node.mqtt_addr,
+        ws = ws_line(node),
+        mqttjs = match node.addr(Kind::Ws) {
+            Some(ws) => format!(
+                "\nThe same from MQTT.js (Node or a browser page) over WebSocket:\n  \
+                 const client = mqtt.connect('ws://{ws}{path}', {{ username: '{uid}', password: '{key}' }});\n  \
+                 client.on('connect', () => client.subscribe('#')); client.on('message', (t, p) => console.log(t, p.toString()));\n",
+                path = node.app.config.mqtt.ws.path
+            ),
+            None => String::new(),
+        },
         http = node.http_addr,
         interval = humantime::format_duration(args.fleet.uplink_interval),
     );

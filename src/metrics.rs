@@ -120,6 +120,9 @@ pub struct Metrics {
     /// Connections that failed below MQTT (PROXY header, TLS handshake, WebSocket
     /// upgrade, or their timeout), by listener and reason.
     pub transport_failures: Family<TransportLabels, Counter>,
+    /// WebSocket connections closed for a frame problem (`text_frame`, `too_large`,
+    /// `protocol`), by reason.
+    pub websocket_errors: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -147,6 +150,7 @@ impl Default for Metrics {
             subscriptions: Gauge::default(),
             subscriptions_refused: Family::default(),
             transport_failures: Family::default(),
+            websocket_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -253,6 +257,11 @@ impl Default for Metrics {
             "transport_failures",
             "Connections that failed below MQTT (PROXY header, TLS handshake, WebSocket upgrade, or mqtt.handshake_timeout), by listener and reason",
             m.transport_failures.clone(),
+        );
+        registry.register(
+            "websocket_errors",
+            "WebSocket connections closed for a frame problem (text_frame, too_large over mqtt.max_packet_size, protocol), by reason",
+            m.websocket_errors.clone(),
         );
         Metrics { registry, ..m }
     }

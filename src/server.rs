@@ -18,6 +18,7 @@ use crate::bus::BusError;
 use crate::cluster::{SignalHandler, SIGNAL_FILTER};
 use crate::mqtt::outbox::CloseReason;
 use crate::mqtt::session;
+use crate::transport::ws::WsSettings;
 use crate::transport::{Kind, Transport};
 
 /// Why a node could not start.
@@ -50,6 +51,7 @@ impl Listener {
     pub fn flag(self) -> &'static str {
         match self {
             Listener::Mqtt(Kind::Tcp) => "--mqtt-listen",
+            Listener::Mqtt(Kind::Ws) => "--mqtt-ws-listen",
             Listener::Mqtt(kind) => kind.listen_key(),
             Listener::Http => "--http-listen",
         }
@@ -190,6 +192,14 @@ const HTTP_STOP_GRACE: Duration = Duration::from_secs(2);
 const HURRIED_EXIT: Duration = Duration::from_millis(500);
 
 impl Node {
+    /// Where the MQTT listener of `kind` is served, when there is one.
+    pub fn addr(&self, kind: Kind) -> Option<SocketAddr> {
+        self.mqtt_listeners
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, addr)| *addr)
+    }
+
     /// Binds the listeners and starts serving. When a listener cannot be bound, both are
     /// tried first so that the error reports every busy address at once.
     pub async fn start(app: Arc<App>) -> Result<Node, StartError> {
@@ -390,11 +400,24 @@ async fn accept_loop(
 fn mqtt_listeners(app: &App) -> Result<Vec<(Kind, String, Transport)>, StartError> {
     let mqtt = &app.config.mqtt;
     let timeout = mqtt.handshake_timeout;
-    Ok(vec![(
+    let mut listeners = vec![(
         Kind::Tcp,
         mqtt.listen.clone(),
         Transport::tcp(mqtt.proxy_protocol, timeout),
-    )])
+    )];
+    if !mqtt.ws.listen.is_empty() {
+        let settings = WsSettings::new(
+            &mqtt.ws,
+            mqtt.max_packet_size,
+            app.metrics.websocket_errors.clone(),
+        );
+        listeners.push((
+            Kind::Ws,
+            mqtt.ws.listen.clone(),
+            Transport::ws(Arc::new(settings), mqtt.ws.proxy_protocol, timeout),
+        ));
+    }
+    Ok(listeners)
 }
 
 /// Readiness false, then clients told to close spread over the grace period, then wait for

@@ -7,3 +7,4 @@ pub mod http;
 pub mod services;
 pub mod shell;
 pub mod wait;
+pub mod ws;

@@ -16,9 +16,9 @@ use lorabroker::auth::{create_key, GeneratedKey, PresentedKey, Rights, StoredKey
 use lorabroker::config::{is_log_filter, Config, ConfigError, LOG_FILTER_WORDS};
 use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
-use lorabroker::transport::Kind;
 use lorabroker::signals::{run_until_signalled, OnSignal, Signals};
 use lorabroker::topic::{AppRef, DeviceRef, Id, Tenancy};
+use lorabroker::transport::Kind;
 use lorabroker::upstream::{run_fleet, FleetConfig, Upstream};
 
 /// Exit status of a usage or configuration error (sysexits' EX_USAGE), so that scripts
@@ -506,18 +506,18 @@ fn print_dev_banner(node: &Node, tenancy: &Tenancy, app: &AppRef, key: &str, arg
   API key   {key}
             rights: RIGHT_APPLICATION_TRAFFIC_READ, RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE
   devices   dev1..dev{devices}, one uplink each every {interval}
-
+{mqttjs}
 Watch joins, uplinks and downlink events:
   mosquitto_sub -h {host} -p {port} -u '{uid}' -P '{key}' -t '#' -v
 
 Schedule a confirmed downlink with your own correlation ID:
   mosquitto_pub -h {host} -p {port} -u '{uid}' -P '{key}' -t 'v3/{uid}/devices/dev1/down/push' -m '{{"downlinks":[{{"f_port":15,"frm_payload":"vu8=","priority":"NORMAL","confirmed":true,"correlation_ids":["my-correlation-id"]}}]}}'
-{mqttjs}"#,
+"#,
         mqtt = node.mqtt_addr,
         ws = ws_line(node),
         mqttjs = match node.addr(Kind::Ws) {
             Some(ws) => format!(
-                "\nThe same from MQTT.js (Node or a browser page) over WebSocket:\n  \
+                "\nFrom MQTT.js (Node or a browser page) over WebSocket:\n  \
                  const client = mqtt.connect('ws://{ws}{path}', {{ username: '{uid}', password: '{key}' }});\n  \
                  client.on('connect', () => client.subscribe('#')); client.on('message', (t, p) => console.log(t, p.toString()));\n",
                 path = node.app.config.mqtt.ws.path

@@ -18,8 +18,7 @@ use common::broker::{Backend, TestEnv, TestNode};
 use common::http;
 use common::services::unique;
 use common::ws::{
-    connect_packet, publish_packet, subscribe_packet, ws_handshake, ws_url, Connector, Ended,
-    Raw,
+    connect_packet, publish_packet, subscribe_packet, ws_handshake, ws_url, Connector, Ended, Raw,
 };
 use lorabroker::auth::Rights;
 use lorabroker::config::Config;
@@ -138,7 +137,11 @@ async fn a_text_frame_closes_the_connection() {
         "closed with 1003 (unsupported data)"
     );
     assert_eq!(
-        metric(&f.node, r#"lorabroker_websocket_errors_total{reason="text_frame"}"#).await,
+        metric(
+            &f.node,
+            r#"lorabroker_websocket_errors_total{reason="text_frame"}"#
+        )
+        .await,
         1
     );
 }
@@ -156,7 +159,11 @@ async fn a_frame_over_the_bound_closes_the_connection_and_is_counted() {
     raw.send(&vec![0u8; 1030]).await;
     assert_eq!(raw.closed(Duration::from_secs(5)).await, Ended::Close(1009));
     assert_eq!(
-        metric(&f.node, r#"lorabroker_websocket_errors_total{reason="too_large"}"#).await,
+        metric(
+            &f.node,
+            r#"lorabroker_websocket_errors_total{reason="too_large"}"#
+        )
+        .await,
         1
     );
 }
@@ -196,7 +203,10 @@ async fn the_upgrade_checks_path_and_subprotocol() {
         Some(404)
     );
     assert_eq!(ws_handshake(&url, None, None).await.err(), Some(400));
-    assert_eq!(ws_handshake(&url, Some("xmpp"), None).await.err(), Some(400));
+    assert_eq!(
+        ws_handshake(&url, Some("xmpp"), None).await.err(),
+        Some(400)
+    );
     for (offered, chosen) in [
         ("mqtt", "mqtt"),
         ("mqttv3.1", "mqttv3.1"),
@@ -302,7 +312,11 @@ async fn mqtt_behaviour(kind: Kind) {
     assert!(matches!(quiet.next().await, Ok(Packet::ConnAck(_))));
     let since = std::time::Instant::now();
     quiet.closed(Duration::from_secs(5)).await;
-    assert!(since.elapsed() >= Duration::from_millis(1400), "{:?}", since.elapsed());
+    assert!(
+        since.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        since.elapsed()
+    );
 
     // A malformed packet (SUBSCRIBE with flags 0) closes the connection.
     let mut bad = connector.open().await;

@@ -29,7 +29,9 @@ use futures::{Sink, Stream};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_tungstenite::tungstenite::handshake::server::{Callback, ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request, Response,
+};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -166,7 +168,10 @@ impl WsSettings {
             .map(str::trim);
         let mut chosen = None;
         for protocol in offered {
-            if let Some(p) = SUBPROTOCOLS.iter().find(|p| p.eq_ignore_ascii_case(protocol)) {
+            if let Some(p) = SUBPROTOCOLS
+                .iter()
+                .find(|p| p.eq_ignore_ascii_case(protocol))
+            {
                 // The first one the client offers that we speak.
                 chosen = Some(*p);
                 break;
@@ -187,7 +192,11 @@ struct Upgrade<'a> {
 }
 
 impl Callback for Upgrade<'_> {
-    fn on_request(self, request: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
+    fn on_request(
+        self,
+        request: &Request,
+        mut response: Response,
+    ) -> Result<Response, ErrorResponse> {
         match self.settings.check(request) {
             Ok(protocol) => {
                 response.headers_mut().insert(
@@ -235,17 +244,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
 
     /// Counts `reason`, sends a close frame with `code` as far as the socket takes it
     /// without waiting, and gives the error the session sees.
-    fn fail(&mut self, cx: &mut Context<'_>, reason: &'static str, code: CloseCode, why: String) -> io::Error {
-        self.errors
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
+    fn fail(
+        &mut self,
+        cx: &mut Context<'_>,
+        reason: &'static str,
+        code: CloseCode,
+        why: String,
+    ) -> io::Error {
+        self.errors.get_or_create(&ReasonLabels { reason }).inc();
         self.ended = true;
         let frame = CloseFrame {
             code,
             reason: why.clone().into(),
         };
         if let Poll::Ready(Ok(())) = Pin::new(&mut self.ws).poll_ready(cx) {
-            if Pin::new(&mut self.ws).start_send(Message::Close(Some(frame))).is_ok() {
+            if Pin::new(&mut self.ws)
+                .start_send(Message::Close(Some(frame)))
+                .is_ok()
+            {
                 let _ = Pin::new(&mut self.ws).poll_flush(cx);
             }
         }
@@ -286,7 +302,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                 Some(Ok(Message::Binary(bytes))) => this.unread = bytes,
                 Some(Ok(Message::Text(_))) => {
                     let why = "text frame: MQTT goes in binary frames".to_owned();
-                    return Poll::Ready(Err(this.fail(cx, "text_frame", CloseCode::Unsupported, why)));
+                    return Poll::Ready(Err(this.fail(
+                        cx,
+                        "text_frame",
+                        CloseCode::Unsupported,
+                        why,
+                    )));
                 }
                 // Answered by tungstenite (a pong is queued and written by the next poll).
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}

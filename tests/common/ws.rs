@@ -55,8 +55,15 @@ pub async fn ws_handshake(
             .headers_mut()
             .insert("Origin", HeaderValue::from_str(o).expect("a header value"));
     }
-    let host = request.uri().authority().expect("a host").as_str().to_owned();
-    let tcp = TcpStream::connect(&host).await.expect("the ws port accepts");
+    let host = request
+        .uri()
+        .authority()
+        .expect("a host")
+        .as_str()
+        .to_owned();
+    let tcp = TcpStream::connect(&host)
+        .await
+        .expect("the ws port accepts");
     match tokio_tungstenite::client_async(request, tcp).await {
         Ok((ws, response)) => {
             let chosen = response

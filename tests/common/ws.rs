@@ -82,7 +82,7 @@ pub enum Raw {
     /// Plain TCP.
     Tcp(TcpStream, BytesMut),
     /// A WebSocket client.
-    Ws(WebSocketStream<TcpStream>, BytesMut),
+    Ws(Box<WebSocketStream<TcpStream>>, BytesMut),
 }
 
 /// How a connection ended.
@@ -125,7 +125,7 @@ impl Connector {
                     .await
                     .expect("the upgrade succeeds");
                 assert_eq!(chosen.as_deref(), Some("mqtt"));
-                Raw::Ws(ws, BytesMut::new())
+                Raw::Ws(Box::new(ws), BytesMut::new())
             }
         }
     }

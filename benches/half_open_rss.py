@@ -44,7 +44,7 @@ port, hport = free(), free()
 env = dict(os.environ, RUST_LOG=os.environ.get('RUST_LOG', 'warn'),
            LORABROKER_MQTT__CONNECT_TIMEOUT='60s',
            LORABROKER_MQTT__MAX_PENDING_HANDSHAKES=os.environ.get('PENDING', str(n + 100)))
-p = subprocess.Popen([binary, 'dev', '--mqtt-listen', f'127.0.0.1:{port}', '--http-listen',
+p = subprocess.Popen([binary, 'dev', '--mqtt-ws-listen', '', '--mqtt-listen', f'127.0.0.1:{port}', '--http-listen',
                       f'127.0.0.1:{hport}', '--devices', '1', '--uplink-interval', '1h'],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 try:

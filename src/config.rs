@@ -740,13 +740,20 @@ impl Config {
             !tls.reload_interval.is_zero(),
             "mqtt.tls.reload_interval: must be more than 0s".into(),
         );
-        // The transports below are being built (src/transport); until each lands, a
-        // setting that needs it stops the start instead of silently doing nothing.
-        for (key, set) in [
-            ("mqtt.ws.listen", !self.mqtt.ws.listen.is_empty()),
-            ("mqtt.wss.listen", !self.mqtt.wss.listen.is_empty()),
-        ] {
-            check(!set, format!("{key}: not available in this build"));
+        check(
+            self.mqtt.ws.path.starts_with('/') && !self.mqtt.ws.path.contains(['?', '#', ' ']),
+            format!(
+                "mqtt.ws.path: {:?} is not a path like /mqtt",
+                self.mqtt.ws.path
+            ),
+        );
+        for origin in &self.mqtt.ws.allowed_origins {
+            check(
+                origin.contains("://"),
+                format!(
+                    "mqtt.ws.allowed_origins: {origin:?} is not an origin like https://console.example.com"
+                ),
+            );
         }
         check(
             self.http.metrics_listen.is_empty()

@@ -93,6 +93,9 @@ struct DevArgs {
     /// MQTT over TLS listen address (with --tls).
     #[arg(long, default_value = "127.0.0.1:8883")]
     mqtt_tls_listen: String,
+    /// MQTT over WebSocket listen address (ws://…/mqtt); empty: none.
+    #[arg(long, default_value = "127.0.0.1:9883")]
+    mqtt_ws_listen: String,
     /// HTTP listen address (health, readiness, metrics).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_listen: String,
@@ -139,6 +142,9 @@ struct ServeArgs {
     /// mqtt.tls.cert_file and mqtt.tls.key_file).
     #[arg(long)]
     mqtt_tls_listen: Option<String>,
+    /// MQTT over WebSocket listen address (`mqtt.ws.listen`).
+    #[arg(long)]
+    mqtt_ws_listen: Option<String>,
     /// HTTP listen address.
     #[arg(long)]
     http_listen: Option<String>,
@@ -373,6 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 set(&mut o, "mqtt.tls.key_file", path(&certs.key_file));
                 dev_tls = Some(certs);
             }
+            set(&mut o, "mqtt.ws.listen", Some(a.mqtt_ws_listen.clone()));
             set(&mut o, "http.listen", Some(a.http_listen.clone()));
             set(&mut o, "nats.url", Some(""));
             set(&mut o, "redis.url", Some(""));
@@ -395,6 +402,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => {
             set(&mut o, "mqtt.listen", a.mqtt_listen.clone());
             set(&mut o, "mqtt.tls.listen", a.mqtt_tls_listen.clone());
+            set(&mut o, "mqtt.ws.listen", a.mqtt_ws_listen.clone());
             set(&mut o, "http.listen", a.http_listen.clone());
             set(&mut o, "node_name", a.node_name.clone());
             backend_overrides(&a.backends, &mut o);
@@ -440,11 +448,12 @@ fn print_serve_banner(node: &Node) {
     };
     println!(
         "lorabroker serve is running (node {node_id}, {bus}, {stores}, {mode}-tenant)
-  MQTT      {mqtt}
+  MQTT      {mqtt}{ws}
   HTTP      http://{http}  (/healthz /readyz /metrics)",
         node_id = node.app.node_id,
         mode = config.tenancy.mode,
         mqtt = node.mqtt_addr,
+        ws = ws_line(node),
         http = node.http_addr,
     );
     if let Some(tls) = node.addr(Kind::Tls) {
@@ -522,19 +531,27 @@ async fn dev(config: Config, args: DevArgs, tls: Option<DevCertificates>) -> any
     Ok(())
 }
 
+/// The banner line of the WebSocket listener (with its leading newline), if there is one.
+fn ws_line(node: &Node) -> String {
+    match node.addr(Kind::Ws) {
+        Some(ws) => format!("\n  WebSocket ws://{ws}{}", node.app.config.mqtt.ws.path),
+        None => String::new(),
+    }
+}
+
 fn print_dev_banner(node: &Node, tenancy: &Tenancy, app: &AppRef, key: &str, args: &DevArgs) {
     let uid = tenancy.app_uid(app);
     let (host, port) = (node.mqtt_addr.ip(), node.mqtt_addr.port());
     let devices = args.fleet.devices;
     println!(
         r#"lorabroker dev is running (embedded bus, in-memory stores)
-  MQTT      {mqtt}
+  MQTT      {mqtt}{ws}
   HTTP      http://{http}  (/healthz /readyz /metrics)
   username  {uid}
   API key   {key}
             rights: RIGHT_APPLICATION_TRAFFIC_READ, RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE
   devices   dev1..dev{devices}, one uplink each every {interval}
-
+{mqttjs}
 Watch joins, uplinks and downlink events:
   mosquitto_sub -h {host} -p {port} -u '{uid}' -P '{key}' -t '#' -v
 
@@ -542,6 +559,16 @@ Schedule a confirmed downlink with your own correlation ID:
   mosquitto_pub -h {host} -p {port} -u '{uid}' -P '{key}' -t 'v3/{uid}/devices/dev1/down/push' -m '{{"downlinks":[{{"f_port":15,"frm_payload":"vu8=","priority":"NORMAL","confirmed":true,"correlation_ids":["my-correlation-id"]}}]}}'
 "#,
         mqtt = node.mqtt_addr,
+        ws = ws_line(node),
+        mqttjs = match node.addr(Kind::Ws) {
+            Some(ws) => format!(
+                "\nFrom MQTT.js (Node or a browser page) over WebSocket:\n  \
+                 const client = mqtt.connect('ws://{ws}{path}', {{ username: '{uid}', password: '{key}' }});\n  \
+                 client.on('connect', () => client.subscribe('#')); client.on('message', (t, p) => console.log(t, p.toString()));\n",
+                path = node.app.config.mqtt.ws.path
+            ),
+            None => String::new(),
+        },
         http = node.http_addr,
         interval = humantime::format_duration(args.fleet.uplink_interval),
     );

@@ -132,6 +132,9 @@ pub struct Metrics {
     pub tls_reloads: Family<ResultLabels, Counter>,
     /// When the TLS certificate in use expires (Unix seconds; 0 without TLS).
     pub tls_certificate_expiry: Gauge,
+    /// WebSocket connections closed for a frame problem (`text_frame`, `too_large`,
+    /// `protocol`), by reason.
+    pub websocket_errors: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -161,6 +164,7 @@ impl Default for Metrics {
             transport_failures: Family::default(),
             tls_reloads: Family::default(),
             tls_certificate_expiry: Gauge::default(),
+            websocket_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -277,6 +281,11 @@ impl Default for Metrics {
             "tls_certificate_expiry_seconds",
             "When the TLS certificate in use expires, in Unix seconds",
             m.tls_certificate_expiry.clone(),
+        );
+        registry.register(
+            "websocket_errors",
+            "WebSocket connections closed for a frame problem (text_frame, too_large over mqtt.max_packet_size, protocol), by reason",
+            m.websocket_errors.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -19,6 +19,7 @@ use crate::cluster::{SignalHandler, SIGNAL_FILTER};
 use crate::mqtt::outbox::CloseReason;
 use crate::mqtt::session;
 use crate::transport::tls::TlsAcceptor;
+use crate::transport::ws::WsSettings;
 use crate::transport::{Kind, Transport};
 
 /// Why a node could not start.
@@ -55,6 +56,7 @@ impl Listener {
         match self {
             Listener::Mqtt(Kind::Tcp) => "--mqtt-listen",
             Listener::Mqtt(Kind::Tls) => "--mqtt-tls-listen",
+            Listener::Mqtt(Kind::Ws) => "--mqtt-ws-listen",
             Listener::Mqtt(kind) => kind.listen_key(),
             Listener::Http => "--http-listen",
         }
@@ -195,6 +197,14 @@ const HTTP_STOP_GRACE: Duration = Duration::from_secs(2);
 const HURRIED_EXIT: Duration = Duration::from_millis(500);
 
 impl Node {
+    /// Where the MQTT listener of `kind` is served, when there is one.
+    pub fn addr(&self, kind: Kind) -> Option<SocketAddr> {
+        self.mqtt_listeners
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, addr)| *addr)
+    }
+
     /// Binds the listeners and starts serving. When a listener cannot be bound, both are
     /// tried first so that the error reports every busy address at once.
     pub async fn start(app: Arc<App>) -> Result<Node, StartError> {
@@ -414,6 +424,35 @@ fn mqtt_listeners(app: &App) -> Result<Vec<(Kind, String, Transport)>, StartErro
             Kind::Tls,
             mqtt.tls.listen.clone(),
             Transport::tls(Arc::new(acceptor), mqtt.tls.proxy_protocol, timeout),
+        ));
+    }
+    let ws_settings = || {
+        Arc::new(WsSettings::new(
+            &mqtt.ws,
+            mqtt.max_packet_size,
+            app.metrics.websocket_errors.clone(),
+        ))
+    };
+    if !mqtt.ws.listen.is_empty() {
+        listeners.push((
+            Kind::Ws,
+            mqtt.ws.listen.clone(),
+            Transport::ws(ws_settings(), mqtt.ws.proxy_protocol, timeout),
+        ));
+    }
+    if !mqtt.wss.listen.is_empty() {
+        // WebSocket over TLS: the certificate of [mqtt.tls], offered with ALPN http/1.1
+        // (browsers ask for it; the WebSocket upgrade is HTTP/1.1).
+        let acceptor = TlsAcceptor::new(&mqtt.tls, &[b"http/1.1"], &app.metrics)?;
+        listeners.push((
+            Kind::Wss,
+            mqtt.wss.listen.clone(),
+            Transport::wss(
+                Arc::new(acceptor),
+                ws_settings(),
+                mqtt.wss.proxy_protocol,
+                timeout,
+            ),
         ));
     }
     Ok(listeners)

@@ -168,6 +168,8 @@ async fn a_busy_mqtt_port_says_which_flag_to_use_and_a_free_port() {
     let proc = Proc::start(
         &[
             "dev",
+            "--mqtt-ws-listen",
+            "127.0.0.1:0",
             "--mqtt-listen",
             &addr.to_string(),
             "--http-listen",
@@ -264,6 +266,8 @@ async fn an_invalid_rust_log_stops_the_start() {
     let out = cmd
         .args([
             "dev",
+            "--mqtt-ws-listen",
+            "127.0.0.1:0",
             "--mqtt-listen",
             "127.0.0.1:0",
             "--http-listen",
@@ -291,6 +295,8 @@ async fn dev() -> (Proc, SocketAddr, String, String) {
     let proc = Proc::start(
         &[
             "dev",
+            "--mqtt-ws-listen",
+            "127.0.0.1:0",
             "--mqtt-listen",
             "127.0.0.1:0",
             "--http-listen",

@@ -29,6 +29,8 @@ async fn start_dev(extra: &[&str]) -> Dev {
         Command::new(env!("CARGO_BIN_EXE_lorabroker"))
             .args([
                 "dev",
+                "--mqtt-ws-listen",
+                "127.0.0.1:0",
                 "--mqtt-listen",
                 "127.0.0.1:0",
                 "--http-listen",

@@ -152,6 +152,7 @@ async fn start(config: Config, backends: Backends) -> TestNode {
         mqtt_addr: node.mqtt_addr,
         http_addr: node.http_addr,
         metrics_addr: node.metrics_addr,
+        mqtt_listeners: node.mqtt_listeners.clone(),
         app: node.app.clone(),
         node: Some(node),
     }
@@ -165,6 +166,8 @@ pub struct TestNode {
     pub http_addr: SocketAddr,
     /// The probes-only HTTP listener, when `http.metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
+    /// Every MQTT listener (TCP first) with its address.
+    pub mqtt_listeners: Vec<(lorabroker::transport::Kind, SocketAddr)>,
     /// The node's handles.
     pub app: Arc<App>,
     node: Option<Node>,

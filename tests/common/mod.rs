@@ -10,3 +10,4 @@ pub mod services;
 pub mod shell;
 pub mod tls;
 pub mod wait;
+pub mod ws;

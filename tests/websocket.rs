@@ -1,0 +1,431 @@
+//! MQTT over WebSocket (`mqtt.ws.listen`): the upgrade's checks (path, subprotocol,
+//! origin), MQTT bytes in binary frames however a client cuts them, ping/pong, text
+//! frames, the frame bound and the close handshake, with a real WebSocket client
+//! (tokio-tungstenite); then the same MQTT behaviour suite over TCP and over WebSocket;
+//! then MQTT.js over ws:// in Node and in headless Chromium.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqttbytes::v4::Packet;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use common::broker::{Backend, TestEnv, TestNode};
+use common::http;
+use common::services::unique;
+use common::ws::{
+    connect_packet, publish_packet, subscribe_packet, ws_handshake, ws_url, Connector, Ended, Raw,
+};
+use lorabroker::auth::Rights;
+use lorabroker::config::Config;
+use lorabroker::topic::{AppRef, DeviceRef, Event, Id};
+use lorabroker::transport::Kind;
+
+/// A node on the embedded backend with a WebSocket listener on a free port.
+async fn ws_node(env: &TestEnv, tweak: impl FnOnce(&mut Config)) -> TestNode {
+    env.node_with(|c| {
+        c.mqtt.ws.listen = "127.0.0.1:0".into();
+        tweak(c);
+    })
+    .await
+}
+
+/// The value of one sample of `/metrics` (0 when absent).
+async fn metric(node: &TestNode, sample: &str) -> u64 {
+    let (_, body) = http::get(node.http_addr, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+struct Fixture {
+    _env: TestEnv,
+    node: TestNode,
+    app: AppRef,
+    key: String,
+}
+
+impl Fixture {
+    async fn new(tweak: impl FnOnce(&mut Config)) -> Fixture {
+        let env = TestEnv::new(Backend::Embedded).await;
+        let node = ws_node(&env, tweak).await;
+        let app = env.app("app1");
+        let key = node.key(&app, Rights::DEFAULT).await;
+        Fixture {
+            _env: env,
+            node,
+            app,
+            key,
+        }
+    }
+
+    fn username(&self) -> String {
+        self.node.username(&self.app)
+    }
+
+    /// A WebSocket connection after CONNACK 0.
+    async fn connected(&self) -> Raw {
+        let mut raw = Connector::of(&self.node, Kind::Ws).open().await;
+        assert_eq!(raw.connect(&self.username(), &self.key).await, 0);
+        raw
+    }
+
+    fn device(&self, id: &str) -> DeviceRef {
+        DeviceRef::new(self.app.clone(), Id::parse(id).unwrap())
+    }
+}
+
+#[tokio::test]
+async fn connect_split_over_three_frames_is_accepted() {
+    let f = Fixture::new(|_| {}).await;
+    let mut raw = Connector::of(&f.node, Kind::Ws).open().await;
+    let connect = connect_packet(&f.username(), &f.key, 60);
+    // Cut inside the fixed header and inside the payload.
+    let (a, rest) = connect.split_at(1);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    raw.send_frames(&[a, b, c]).await;
+    match raw.next().await {
+        Ok(Packet::ConnAck(ack)) => assert_eq!(ack.code as u8, 0),
+        other => panic!("CONNACK expected: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn packets_sharing_one_frame_are_all_read() {
+    let f = Fixture::new(|_| {}).await;
+    let mut raw = Connector::of(&f.node, Kind::Ws).open().await;
+    // CONNECT, SUBSCRIBE and PINGREQ in one binary frame.
+    let frame = [
+        connect_packet(&f.username(), &f.key, 60),
+        subscribe_packet("#"),
+        vec![0xc0, 0x00],
+    ]
+    .concat();
+    raw.send(&frame).await;
+    assert!(matches!(raw.next().await, Ok(Packet::ConnAck(a)) if a.code as u8 == 0));
+    assert!(matches!(raw.next().await, Ok(Packet::SubAck(s)) if s.pkid == 1));
+    assert!(matches!(raw.next().await, Ok(Packet::PingResp)));
+}
+
+#[tokio::test]
+async fn a_ping_frame_gets_its_pong() {
+    let f = Fixture::new(|_| {}).await;
+    let mut raw = f.connected().await;
+    raw.send_message(Message::Ping(Bytes::from_static(b"are you there")))
+        .await;
+    match raw.next_message().await {
+        Some(Message::Pong(p)) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("pong expected: {other:?}"),
+    }
+    // Still an MQTT connection.
+    raw.send(&[0xc0, 0x00]).await;
+    assert!(matches!(raw.next().await, Ok(Packet::PingResp)));
+}
+
+#[tokio::test]
+async fn a_text_frame_closes_the_connection() {
+    let f = Fixture::new(|_| {}).await;
+    let mut raw = f.connected().await;
+    raw.send_message(Message::Text("hello".into())).await;
+    assert_eq!(
+        raw.closed(Duration::from_secs(5)).await,
+        Ended::Close(1003),
+        "closed with 1003 (unsupported data)"
+    );
+    assert_eq!(
+        metric(
+            &f.node,
+            r#"lorabroker_websocket_errors_total{reason="text_frame"}"#
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_frame_over_the_bound_closes_the_connection_and_is_counted() {
+    let f = Fixture::new(|c| c.mqtt.max_packet_size = 1024).await;
+    let mut raw = f.connected().await;
+    // A PUBLISH that fits is fine.
+    raw.send(&publish_packet("v3/x/devices/d/down/push", &[b'a'; 900]))
+        .await;
+    raw.send(&[0xc0, 0x00]).await;
+    assert!(matches!(raw.next().await, Ok(Packet::PingResp)));
+    // One frame of 1024 + 5 + 1 bytes: refused before it is buffered.
+    raw.send(&vec![0u8; 1030]).await;
+    assert_eq!(raw.closed(Duration::from_secs(5)).await, Ended::Close(1009));
+    assert_eq!(
+        metric(
+            &f.node,
+            r#"lorabroker_websocket_errors_total{reason="too_large"}"#
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_clients_close_frame_ends_the_connection_cleanly() {
+    let f = Fixture::new(|_| {}).await;
+    let mut raw = f.connected().await;
+    assert_eq!(metric(&f.node, "lorabroker_connections").await, 1);
+    raw.send_message(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await;
+    // The server answers the close frame, then the stream ends.
+    match raw.next_message().await {
+        Some(Message::Close(Some(frame))) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("the close answer expected: {other:?}"),
+    }
+    common::wait::eventually("the connection is gone", Duration::from_secs(5), || async {
+        match metric(&f.node, "lorabroker_connections").await {
+            0 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_upgrade_checks_path_and_subprotocol() {
+    let f = Fixture::new(|_| {}).await;
+    let url = ws_url(&f.node, "/mqtt");
+    assert_eq!(
+        ws_handshake(&ws_url(&f.node, "/other"), Some("mqtt"), None)
+            .await
+            .err(),
+        Some(404)
+    );
+    assert_eq!(ws_handshake(&url, None, None).await.err(), Some(400));
+    assert_eq!(
+        ws_handshake(&url, Some("xmpp"), None).await.err(),
+        Some(400)
+    );
+    for (offered, chosen) in [
+        ("mqtt", "mqtt"),
+        ("mqttv3.1", "mqttv3.1"),
+        ("xmpp, mqtt", "mqtt"),
+        ("mqttv3.1, mqtt", "mqttv3.1"),
+    ] {
+        let (ws, got) = ws_handshake(&url, Some(offered), None)
+            .await
+            .unwrap_or_else(|status| panic!("{offered}: refused with {status}"));
+        assert_eq!(got.as_deref(), Some(chosen), "offered {offered}");
+        drop(ws);
+    }
+    // A query string does not change the path.
+    assert!(ws_handshake(&format!("{url}?x=1"), Some("mqtt"), None)
+        .await
+        .is_ok());
+    assert_eq!(
+        metric(
+            &f.node,
+            r#"lorabroker_transport_failures_total{listener="ws",reason="websocket_upgrade"}"#
+        )
+        .await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn origins_are_checked_when_configured() {
+    let f = Fixture::new(|c| {
+        c.mqtt.ws.allowed_origins = vec!["https://console.example.com".into()];
+        c.mqtt.ws.path = "/ws".into();
+    })
+    .await;
+    let url = ws_url(&f.node, "/ws");
+    assert_eq!(
+        ws_handshake(&url, Some("mqtt"), Some("https://evil.example.com"))
+            .await
+            .err(),
+        Some(403)
+    );
+    let (ws, _) = ws_handshake(&url, Some("mqtt"), Some("https://Console.example.com"))
+        .await
+        .expect("an allowed origin (case does not matter)");
+    drop(ws);
+    // Not a browser: no Origin header.
+    assert!(ws_handshake(&url, Some("mqtt"), None).await.is_ok());
+}
+
+#[tokio::test]
+async fn our_close_is_a_close_frame() {
+    // A keepalive timeout closes from the server side: with a close frame (1000).
+    let f = Fixture::new(|_| {}).await;
+    let mut raw = Connector::of(&f.node, Kind::Ws).open().await;
+    raw.send(&connect_packet(&f.username(), &f.key, 1)).await;
+    assert!(matches!(raw.next().await, Ok(Packet::ConnAck(a)) if a.code as u8 == 0));
+    assert_eq!(raw.closed(Duration::from_secs(5)).await, Ended::Close(1000));
+}
+
+/// The MQTT behaviours every transport shares, over the listener of `kind`.
+async fn mqtt_behaviour(kind: Kind) {
+    let f = Fixture::new(|_| {}).await;
+    let connector = Connector::of(&f.node, kind);
+    let user = f.username();
+
+    // CONNACK codes.
+    assert_eq!(connector.open().await.connect(&user, &f.key).await, 0);
+    let unknown = f.node.key(&f._env.app("other"), Rights::DEFAULT).await;
+    assert_eq!(connector.open().await.connect(&user, &unknown).await, 5);
+    assert_eq!(connector.open().await.connect(&user, "not-a-key").await, 4);
+    let mut old = connector.open().await;
+    // CONNECT at protocol level 5: CONNACK 1 in 3.1.1 format, then closed.
+    old.send(&[
+        0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x01, b'x',
+    ])
+    .await;
+    assert!(matches!(old.next().await, Ok(Packet::ConnAck(a)) if a.code as u8 == 1));
+    old.closed(Duration::from_secs(5)).await;
+
+    // Subscribe, receive an uplink; push a downlink, see down/queued.
+    let mut client = connector.open().await;
+    assert_eq!(client.connect(&user, &f.key).await, 0);
+    client.send(&subscribe_packet("#")).await;
+    assert!(matches!(client.next().await, Ok(Packet::SubAck(_))));
+    let uplink = unique("uplink");
+    f.node
+        .upstream()
+        .publish(&f.device("dev1"), Event::Up, uplink.clone().into())
+        .await
+        .unwrap();
+    let (topic, payload) = client.next_publish_on("/up").await;
+    assert_eq!(topic, format!("v3/{user}/devices/dev1/up"));
+    assert_eq!(payload, uplink.as_bytes());
+    let push = format!("v3/{user}/devices/dev1/down/push");
+    let body = br#"{"downlinks":[{"f_port":15,"frm_payload":"vu8=","priority":"NORMAL"}]}"#;
+    client.send(&publish_packet(&push, body)).await;
+    let (_, queued) = client.next_publish_on("/down/queued").await;
+    let queued: serde_json::Value = serde_json::from_slice(&queued).unwrap();
+    assert_eq!(queued["downlink_queued"]["f_port"], 15, "{queued}");
+
+    // Keepalive: 1 s, enforced at 1.5 s.
+    let mut quiet = connector.open().await;
+    quiet.send(&connect_packet(&user, &f.key, 1)).await;
+    assert!(matches!(quiet.next().await, Ok(Packet::ConnAck(_))));
+    let since = std::time::Instant::now();
+    quiet.closed(Duration::from_secs(5)).await;
+    assert!(
+        since.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        since.elapsed()
+    );
+
+    // A malformed packet (SUBSCRIBE with flags 0) closes the connection.
+    let mut bad = connector.open().await;
+    assert_eq!(bad.connect(&user, &f.key).await, 0);
+    let mut subscribe = subscribe_packet("#");
+    subscribe[0] = 0x80;
+    bad.send(&subscribe).await;
+    bad.closed(Duration::from_secs(5)).await;
+    let (_, metrics) = http::get(f.node.http_addr, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("lorabroker_malformed_packets_total{") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn mqtt_behaviour_over_tcp() {
+    mqtt_behaviour(Kind::Tcp).await;
+}
+
+#[tokio::test]
+async fn mqtt_behaviour_over_websocket() {
+    mqtt_behaviour(Kind::Ws).await;
+}
+
+/// `tests/clients/node`, with the pinned MQTT.js and playwright-core installed (`npm ci`
+/// when either is missing, as tests/client_libraries does for its programs).
+fn node_clients() -> std::path::PathBuf {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
+    INSTALLED.get_or_init(|| {
+        let modules = dir.join("node_modules");
+        if modules.join("mqtt").exists() && modules.join("playwright-core").exists() {
+            return;
+        }
+        let out = std::process::Command::new("npm")
+            .arg("ci")
+            .current_dir(&dir)
+            .output()
+            .expect("npm runs (Debian/Ubuntu: apt-get install -y nodejs npm)");
+        assert!(
+            out.status.success(),
+            "npm ci in tests/clients/node failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    dir
+}
+
+/// Runs `mqttjs_ws.mjs MODE` against a node with a WebSocket listener whose upstream sends
+/// an uplink of dev1 every 200 ms; its output, after asserting that it succeeded.
+async fn run_mqttjs(mode: &str) -> String {
+    let dir = node_clients();
+    let f = Fixture::new(|_| {}).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let fleet = lorabroker::upstream::FleetConfig {
+        app: f.app.clone(),
+        devices: 1,
+        uplink_interval: Duration::from_millis(200),
+    };
+    tokio::spawn(lorabroker::upstream::run_fleet(
+        f.node.upstream(),
+        fleet,
+        stop.clone(),
+    ));
+    let _stop = stop.drop_guard();
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("mqttjs_ws.mjs")
+        .arg(mode)
+        .current_dir(&dir)
+        .env("LB_URL", ws_url(&f.node, "/mqtt"))
+        .env("LB_USERNAME", f.username())
+        .env("LB_KEY", &f.key)
+        .env("LB_APP", f.username())
+        .env("LB_DEVICE", "dev1")
+        .env("LB_TIMEOUT", "15")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        common::shell::Spawned::start(&mut cmd).output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("mqttjs_ws.mjs {mode} overran 90 s"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "mqttjs_ws.mjs {mode} failed:\n{text}");
+    text
+}
+
+#[tokio::test]
+async fn mqttjs_in_node_over_ws() {
+    let out = run_mqttjs("node").await;
+    assert!(out.contains("uplink on v3/"), "{out}");
+    assert!(out.contains("down/queued seen"), "{out}");
+}
+
+#[tokio::test]
+async fn mqttjs_in_headless_chromium_over_ws() {
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists(),
+        "headless Chromium is missing (Debian/Ubuntu: apt-get install -y chromium; .ci/run installs it)"
+    );
+    let out = run_mqttjs("browser").await;
+    assert!(out.contains("received an uplink on v3/"), "{out}");
+}

@@ -849,8 +849,6 @@ impl Config {
             ),
         );
         check(
-        );
-        check(
             !self.redis.key_prefix.is_empty()
                 && !self
                     .redis

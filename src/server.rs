@@ -325,14 +325,6 @@ impl Node {
         })
     }
 
-    /// Where the MQTT listener of `kind` is served, if the node has one.
-    pub fn addr(&self, kind: Kind) -> Option<SocketAddr> {
-        self.mqtt_listeners
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map(|(_, a)| *a)
-    }
-
     /// A token that starts the drain when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

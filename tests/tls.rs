@@ -18,7 +18,7 @@ use tokio::process::Command;
 
 use common::broker::{Backend, TestEnv, TestNode};
 use common::shell::{require, until, Spawned};
-use common::tls::{peer_certificate, tls_connect, Pem, RawMqtt, TestCa};
+use common::tls::{peer_certificate, tls_connect, RawMqtt, TestCa};
 use lorabroker::app::{App, Backends};
 use lorabroker::auth::Rights;
 use lorabroker::config::Config;

@@ -269,6 +269,11 @@ async fn our_close_is_a_close_frame() {
 async fn mqtt_behaviour(kind: Kind) {
     let f = Fixture::new(|_| {}).await;
     let connector = Connector::of(&f.node, kind);
+    behaviour(&f, connector).await;
+}
+
+/// The MQTT behaviours every transport shares, over `connector`.
+async fn behaviour(f: &Fixture, connector: Connector) {
     let user = f.username();
 
     // CONNACK codes.
@@ -342,6 +347,43 @@ async fn mqtt_behaviour_over_tcp() {
 #[tokio::test]
 async fn mqtt_behaviour_over_websocket() {
     mqtt_behaviour(Kind::Ws).await;
+}
+
+/// WebSocket over TLS (`mqtt.wss.listen`): the certificate of `[mqtt.tls]` (a CA made in
+/// the test), a rustls client offering ALPN `http/1.1` as browsers do, then the upgrade and
+/// the same behaviours.
+#[tokio::test]
+async fn mqtt_behaviour_over_websocket_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::TestCa::new("wss test CA");
+    let (cert, key) = ca.server().write(dir.path(), "server");
+    let f = Fixture::new(|c| {
+        c.mqtt.wss.listen = "127.0.0.1:0".into();
+        c.mqtt.tls.cert_file = cert.display().to_string();
+        c.mqtt.tls.key_file = key.display().to_string();
+    })
+    .await;
+    let addr = f.node.addr(Kind::Wss);
+    // Plain WebSocket on the TLS port fails below MQTT and is counted.
+    let before = metric(
+        &f.node,
+        r#"lorabroker_transport_failures_total{listener="wss",reason="tls_handshake"}"#,
+    )
+    .await;
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut plain, b"GET /mqtt HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut sink),
+    )
+    .await
+    .expect("closed");
+    let sample = r#"lorabroker_transport_failures_total{listener="wss",reason="tls_handshake"}"#;
+    assert_eq!(metric(&f.node, sample).await, before + 1);
+    behaviour(&f, Connector::Wss(addr, vec![ca.pem()])).await;
 }
 
 /// `tests/clients/node`, with the pinned MQTT.js and playwright-core installed (`npm ci`

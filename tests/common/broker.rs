@@ -106,16 +106,7 @@ impl TestEnv {
         let backends = Backends::from_config(&config, "test-node")
             .await
             .expect("backends from the config");
-        let node = Node::start(App::new(config, backends))
-            .await
-            .expect("node starts");
-        TestNode {
-            mqtt_addr: node.mqtt_addr,
-            http_addr: node.http_addr,
-            metrics_addr: node.metrics_addr,
-            app: node.app.clone(),
-            node: Some(node),
-        }
+        start(config, backends).await
     }
 
     /// Starts a node after adjusting its configuration.

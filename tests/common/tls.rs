@@ -112,6 +112,17 @@ pub async fn tls_connect(
     roots: &[String],
     client: Option<&Pem>,
 ) -> io::Result<TlsStream<TcpStream>> {
+    tls_connect_alpn(addr, roots, client, b"mqtt").await
+}
+
+/// [`tls_connect`] offering the ALPN protocol `alpn` (`http/1.1` for WebSocket over TLS,
+/// as browsers offer it).
+pub async fn tls_connect_alpn(
+    addr: SocketAddr,
+    roots: &[String],
+    client: Option<&Pem>,
+    alpn: &[u8],
+) -> io::Result<TlsStream<TcpStream>> {
     let mut store = rustls::RootCertStore::empty();
     for pem in roots {
         for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
@@ -132,7 +143,7 @@ pub async fn tls_connect(
             )
             .unwrap(),
     };
-    config.alpn_protocols = vec![b"mqtt".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let tcp = TcpStream::connect(addr).await?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     connector

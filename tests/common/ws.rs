@@ -1,6 +1,6 @@
 //! MQTT over WebSocket for tests: a raw MQTT client over plain TCP or over a real
-//! WebSocket client (tokio-tungstenite), which sends the bytes it is given in the binary
-//! frames the test asks for, and reads MQTT packets back.
+//! WebSocket client (tokio-tungstenite, over TCP or over TLS for `wss://`), which sends the
+//! bytes it is given in the binary frames the test asks for, and reads MQTT packets back.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use lorabroker::transport::Kind;
+use lorabroker::transport::{Duplex, Kind};
 
 use super::broker::TestNode;
 
@@ -42,7 +42,7 @@ pub async fn ws_handshake(
     url: &str,
     protocols: Option<&str>,
     origin: Option<&str>,
-) -> Result<(WebSocketStream<TcpStream>, Option<String>), u16> {
+) -> Result<(WebSocketStream<Box<dyn Duplex>>, Option<String>), u16> {
     let mut request = url.into_client_request().expect("a valid ws:// URL");
     if let Some(p) = protocols {
         request.headers_mut().insert(
@@ -64,7 +64,27 @@ pub async fn ws_handshake(
     let tcp = TcpStream::connect(&host)
         .await
         .expect("the ws port accepts");
-    match tokio_tungstenite::client_async(request, tcp).await {
+    upgrade(request, Box::new(tcp)).await
+}
+
+/// [`ws_handshake`] over an established `stream` (a TLS client for `wss://`), offering
+/// subprotocol `mqtt`.
+pub async fn wss_handshake(
+    url: &str,
+    stream: Box<dyn Duplex>,
+) -> Result<(WebSocketStream<Box<dyn Duplex>>, Option<String>), u16> {
+    let mut request = url.into_client_request().expect("a valid wss:// URL");
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    upgrade(request, stream).await
+}
+
+async fn upgrade(
+    request: tungstenite::handshake::client::Request,
+    stream: Box<dyn Duplex>,
+) -> Result<(WebSocketStream<Box<dyn Duplex>>, Option<String>), u16> {
+    match tokio_tungstenite::client_async(request, stream).await {
         Ok((ws, response)) => {
             let chosen = response
                 .headers()
@@ -82,7 +102,7 @@ pub enum Raw {
     /// Plain TCP.
     Tcp(TcpStream, BytesMut),
     /// A WebSocket client.
-    Ws(Box<WebSocketStream<TcpStream>>, BytesMut),
+    Ws(Box<WebSocketStream<Box<dyn Duplex>>>, BytesMut),
 }
 
 /// How a connection ended.
@@ -101,6 +121,8 @@ pub enum Connector {
     Tcp(SocketAddr),
     /// MQTT over WebSocket at this `ws://` URL (subprotocol `mqtt`).
     Ws(String),
+    /// MQTT over WebSocket over TLS at this address, trusting these CAs (PEM): `wss://localhost:PORT/mqtt`.
+    Wss(SocketAddr, Vec<String>),
 }
 
 impl Connector {
@@ -122,6 +144,17 @@ impl Connector {
             ),
             Connector::Ws(url) => {
                 let (ws, chosen) = ws_handshake(url, Some("mqtt"), None)
+                    .await
+                    .expect("the upgrade succeeds");
+                assert_eq!(chosen.as_deref(), Some("mqtt"));
+                Raw::Ws(Box::new(ws), BytesMut::new())
+            }
+            Connector::Wss(addr, roots) => {
+                let tls = super::tls::tls_connect_alpn(*addr, roots, None, b"http/1.1")
+                    .await
+                    .expect("the TLS handshake succeeds");
+                let url = format!("wss://localhost:{}/mqtt", addr.port());
+                let (ws, chosen) = wss_handshake(&url, Box::new(tls))
                     .await
                     .expect("the upgrade succeeds");
                 assert_eq!(chosen.as_deref(), Some("mqtt"));

@@ -388,9 +388,9 @@ async fn wrong_ca_and_plaintext_are_refused_and_counted() {
     // A client that trusts another CA refuses the server's certificate.
     let other = TestCa::new("another CA").pem();
     let refused = tls_connect(tls, &[other], None).await;
-    let error = refused
-        .err()
-        .expect("a client with the wrong CA refuses the server");
+    let Err(error) = refused else {
+        panic!("a client with the wrong CA refuses the server");
+    };
     assert!(
         error.to_string().contains("UnknownIssuer") || error.to_string().contains("issuer"),
         "{error}"
@@ -616,7 +616,8 @@ async fn a_bad_certificate_file_stops_the_start_naming_it() {
     let missing = certs.dir.path().join("missing-key.pem");
     let not_a_ca = certs.dir.path().join("empty-ca.pem");
     std::fs::write(&not_a_ca, "").unwrap();
-    let cases: [(&str, Box<dyn Fn(&mut Config)>, &Path); 4] = [
+    type Tweak<'a> = Box<dyn Fn(&mut Config) + 'a>;
+    let cases: [(&str, Tweak, &Path); 4] = [
         (
             "mqtt.tls.cert_file",
             Box::new(|c| use_tls(c, &garbage, &certs.key_file)),

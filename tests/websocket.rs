@@ -413,9 +413,27 @@ fn node_clients() -> std::path::PathBuf {
 
 /// Runs `mqttjs_ws.mjs MODE` against a node with a WebSocket listener whose upstream sends
 /// an uplink of dev1 every 200 ms; its output, after asserting that it succeeded.
-async fn run_mqttjs(mode: &str) -> String {
+async fn run_mqttjs(mode: &str, over_tls: bool) -> String {
     let dir = node_clients();
-    let f = Fixture::new(|_| {}).await;
+    // For wss://: a CA made here, the server certificate of [mqtt.tls] signed by it.
+    let certs = tempfile::tempdir().unwrap();
+    let ca = common::tls::TestCa::new("MQTT.js wss test CA");
+    let server = ca.server();
+    let (cert, key) = server.write(certs.path(), "server");
+    let ca_file = ca.write(certs.path(), "ca");
+    let f = Fixture::new(|c| {
+        if over_tls {
+            c.mqtt.wss.listen = "127.0.0.1:0".into();
+            c.mqtt.tls.cert_file = cert.display().to_string();
+            c.mqtt.tls.key_file = key.display().to_string();
+        }
+    })
+    .await;
+    let url = if over_tls {
+        format!("wss://localhost:{}/mqtt", f.node.addr(Kind::Wss).port())
+    } else {
+        ws_url(&f.node, "/mqtt")
+    };
     let stop = tokio_util::sync::CancellationToken::new();
     let fleet = lorabroker::upstream::FleetConfig {
         app: f.app.clone(),
@@ -432,7 +450,7 @@ async fn run_mqttjs(mode: &str) -> String {
     cmd.arg("mqttjs_ws.mjs")
         .arg(mode)
         .current_dir(&dir)
-        .env("LB_URL", ws_url(&f.node, "/mqtt"))
+        .env("LB_URL", &url)
         .env("LB_USERNAME", f.username())
         .env("LB_KEY", &f.key)
         .env("LB_APP", f.username())
@@ -440,6 +458,10 @@ async fn run_mqttjs(mode: &str) -> String {
         .env("LB_TIMEOUT", "15")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
+    if over_tls {
+        cmd.env("LB_CA", &ca_file)
+            .env("LB_SPKI", spki_hash(&server));
+    }
     let out = tokio::time::timeout(
         Duration::from_secs(90),
         common::shell::Spawned::start(&mut cmd).output(),
@@ -457,7 +479,7 @@ async fn run_mqttjs(mode: &str) -> String {
 
 #[tokio::test]
 async fn mqttjs_in_node_over_ws() {
-    let out = run_mqttjs("node").await;
+    let out = run_mqttjs("node", false).await;
     assert!(out.contains("uplink on v3/"), "{out}");
     assert!(out.contains("down/queued seen"), "{out}");
 }
@@ -468,6 +490,35 @@ async fn mqttjs_in_headless_chromium_over_ws() {
         std::path::Path::new("/usr/bin/chromium").exists(),
         "headless Chromium is missing (Debian/Ubuntu: apt-get install -y chromium; .ci/run installs it)"
     );
-    let out = run_mqttjs("browser").await;
+    let out = run_mqttjs("browser", false).await;
+    assert!(out.contains("received an uplink on v3/"), "{out}");
+}
+
+/// Base64 of the SHA-256 of `pem`'s SubjectPublicKeyInfo, as Chromium's
+/// `--ignore-certificate-errors-spki-list` takes it.
+fn spki_hash(pem: &common::tls::Pem) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let der = pem.der();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("a certificate");
+    let digest = sha2::Sha256::digest(cert.tbs_certificate.subject_pki.raw);
+    base64::engine::general_purpose::STANDARD.encode(digest)
+}
+
+#[tokio::test]
+async fn mqttjs_in_node_over_wss() {
+    let out = run_mqttjs("node", true).await;
+    assert!(out.contains("connected over wss://"), "{out}");
+    assert!(out.contains("uplink on v3/"), "{out}");
+    assert!(out.contains("down/queued seen"), "{out}");
+}
+
+#[tokio::test]
+async fn mqttjs_in_headless_chromium_over_wss() {
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists(),
+        "headless Chromium is missing (Debian/Ubuntu: apt-get install -y chromium; .ci/run installs it)"
+    );
+    let out = run_mqttjs("browser", true).await;
     assert!(out.contains("received an uplink on v3/"), "{out}");
 }

@@ -6,6 +6,9 @@
 // tests/websocket.rs runs this with LB_URL (ws://host:port/mqtt), LB_USERNAME, LB_KEY,
 // LB_APP, LB_DEVICE and LB_TIMEOUT (seconds per expected thing); LB_CHROMIUM names the
 // browser (default /usr/bin/chromium: playwright-core drives it, nothing is downloaded).
+// For wss:// URLs, LB_CA is the PEM file of the test's CA (Node trusts it) and LB_SPKI the
+// base64 SHA-256 of the server certificate's public key (Chromium trusts that key only,
+// with --ignore-certificate-errors-spki-list).
 //
 // node: subscribes to '#', waits for an uplink of LB_DEVICE, pushes a downlink and waits
 // for its down/queued. browser: serves a page (and node_modules/mqtt/dist/mqtt.min.js) on a
@@ -66,6 +69,7 @@ async function inNode() {
     password: KEY,
     protocolVersion: 4,
     reconnectPeriod: 0,
+    ...(process.env.LB_CA ? { ca: readFileSync(process.env.LB_CA) } : {}),
   });
   client.on('error', (e) => console.log(`error: ${e.message}`));
   await within('CONNACK', new Promise((resolve) => client.once('connect', resolve)));
@@ -128,6 +132,7 @@ async function inBrowser() {
     executablePath: env('LB_CHROMIUM', '/usr/bin/chromium'),
     // Tests run as root in containers, where Chromium's sandbox cannot start.
     chromiumSandbox: false,
+    args: process.env.LB_SPKI ? [`--ignore-certificate-errors-spki-list=${process.env.LB_SPKI}`] : [],
   });
   try {
     const page = await browser.newPage();

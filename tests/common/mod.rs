@@ -5,6 +5,7 @@ pub mod broker;
 pub mod delay_proxy;
 pub mod doc;
 pub mod http;
+pub mod log_capture;
 pub mod proxy;
 pub mod services;
 pub mod shell;

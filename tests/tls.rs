@@ -1,7 +1,8 @@
-//! MQTT over TLS (issue 10 point 1): the same MQTT behaviour as over plain TCP through a
-//! rustls client, Mosquitto's clients with `--cafile` (and client certificates), refused
-//! handshakes counted by reason, certificate rotation without dropping connections, and a
-//! bad certificate file that stops the start. Certificates are made in each test (rcgen).
+//! MQTT over TLS (issue 10 point 1): Mosquitto's clients with `--cafile` (and client
+//! certificates), refused handshakes counted by reason, certificate rotation without
+//! dropping connections, and a bad certificate file that stops the start. Certificates are
+//! made in each test (rcgen); the MQTT behaviour suite every transport passes is in
+//! tests/transports.rs.
 
 mod common;
 
@@ -10,14 +11,14 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
 use common::broker::{Backend, TestEnv, TestNode};
+use common::raw::Raw;
 use common::shell::{require, until, Spawned};
-use common::tls::{peer_certificate, tls_connect, RawMqtt, TestCa};
+use common::tls::{peer_certificate, tls_connect, TestCa};
 use lorabroker::app::{App, Backends};
 use lorabroker::auth::Rights;
 use lorabroker::config::Config;
@@ -76,104 +77,6 @@ fn device(env: &TestEnv, dev: &str) -> DeviceRef {
 }
 
 const PUSH: &str = r#"{"downlinks":[{"f_port":15,"frm_payload":"vu8=","priority":"NORMAL"}]}"#;
-
-/// A CONNECT of protocol level 5 (MQTT 5), which gets CONNACK 1.
-const CONNECT_LEVEL_5: &[u8] = b"\x10\x0d\x00\x04MQTT\x05\x02\x00\x3c\x00\x01c";
-/// A SUBSCRIBE whose fixed-header flags are 0 instead of 2: malformed.
-const SUBSCRIBE_BAD_FLAGS: &[u8] = &[0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'#', 0x00];
-
-type Connector<'a> = Box<dyn Fn() -> BoxFuture<'static, RawMqtt> + 'a>;
-
-/// The MQTT behaviours every transport must show, through `connect`.
-async fn behaviour_suite(transport: &str, env: &TestEnv, node: &TestNode, connect: Connector<'_>) {
-    let app1 = env.app("app1");
-    let user = node.username(&app1);
-    let key = node.key(&app1, Rights::DEFAULT).await;
-    let other_key = node.key(&env.app("app2"), Rights::DEFAULT).await;
-
-    // CONNACK codes: 0 accepted, 5 for another application's key, 1 for MQTT 5.
-    let mut c = connect().await;
-    assert_eq!(c.connect(&user, &other_key, 30).await, 5, "{transport}");
-    let mut c = connect().await;
-    c.send(CONNECT_LEVEL_5).await;
-    assert_eq!(c.connack().await, 1, "{transport}: MQTT 5 CONNECT");
-
-    // Subscribe and receive an uplink; down/push gets down/queued.
-    let mut sub = connect().await;
-    assert_eq!(sub.connect(&user, &key, 30).await, 0, "{transport}");
-    assert!(sub.subscribe("#").await, "{transport}: # granted");
-    let payload = format!(r#"{{"over":"{transport}"}}"#);
-    node.upstream()
-        .publish(&device(env, "dev1"), Event::Up, payload.clone().into())
-        .await
-        .unwrap();
-    let up = sub.next_on("/devices/dev1/up").await;
-    assert_eq!(up.topic, format!("v3/{user}/devices/dev1/up"));
-    assert_eq!(&up.payload[..], payload.as_bytes(), "{transport}");
-    sub.publish(
-        &format!("v3/{user}/devices/dev1/down/push"),
-        PUSH.as_bytes(),
-    )
-    .await;
-    let queued = sub.next_on("/devices/dev1/down/queued").await;
-    let queued: serde_json::Value = serde_json::from_slice(&queued.payload).unwrap();
-    assert_eq!(queued["downlink_queued"]["f_port"], 15, "{transport}");
-
-    // Keepalive 1 s: closed after 1.5 s of silence, not before 1 s.
-    let mut idle = connect().await;
-    assert_eq!(idle.connect(&user, &key, 1).await, 0);
-    assert!(
-        !idle.closed_within(Duration::from_millis(900)).await,
-        "{transport}: closed before its keepalive"
-    );
-    assert!(
-        idle.closed_within(Duration::from_secs(3)).await,
-        "{transport}: keepalive not enforced"
-    );
-
-    // A malformed packet closes the connection.
-    let mut bad = connect().await;
-    assert_eq!(bad.connect(&user, &key, 30).await, 0);
-    bad.send(SUBSCRIBE_BAD_FLAGS).await;
-    assert!(
-        bad.closed_within(Duration::from_secs(2)).await,
-        "{transport}: malformed SUBSCRIBE left open"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_behaves_the_same_over_tcp_and_tls() {
-    let env = TestEnv::new(Backend::Embedded).await;
-    let certs = certs();
-    let node = env
-        .node_with(|c| use_tls(c, &certs.cert_file, &certs.key_file))
-        .await;
-
-    let tcp = node.mqtt_addr;
-    behaviour_suite(
-        "tcp",
-        &env,
-        &node,
-        Box::new(move || {
-            Box::pin(async move { RawMqtt::new(TcpStream::connect(tcp).await.unwrap()) })
-        }),
-    )
-    .await;
-
-    let tls = node.addr(Kind::Tls);
-    let roots = vec![certs.ca.pem()];
-    behaviour_suite(
-        "tls",
-        &env,
-        &node,
-        Box::new(move || {
-            let roots = roots.clone();
-            Box::pin(async move { RawMqtt::new(tls_connect(tls, &roots, None).await.unwrap()) })
-        }),
-    )
-    .await;
-    node.shutdown().await;
-}
 
 /// Publishes an uplink of dev1 every 100 ms until dropped (a mosquitto_sub starting up
 /// subscribes at some point).
@@ -269,20 +172,20 @@ async fn client_certificates_when_client_ca_file_is_set() {
     let roots = vec![certs.ca.pem()];
 
     // rustls: with the certificate, CONNACK 0; without it or with a stranger's, no MQTT.
-    let mut with = RawMqtt::new(tls_connect(tls, &roots, Some(&client)).await.unwrap());
-    assert_eq!(with.connect(&user, &key, 30).await, 0);
+    let mut with = Raw::over(tls_connect(tls, &roots, Some(&client)).await.unwrap());
+    assert_eq!(with.connect_with(&user, &key, 30).await, 0);
     for (what, cert) in [("no", None), ("an untrusted", Some(&stranger))] {
         // TLS 1.3 refuses the client's certificate after the client's side is done.
         let refused = match tls_connect(tls, &roots, cert).await {
             Err(_) => true,
-            Ok(s) => RawMqtt::new(s).connect(&user, &key, 30).await == 255,
+            Ok(s) => Raw::over(s).connect_with(&user, &key, 30).await == 255,
         };
         assert!(refused, "{what} client certificate was accepted");
     }
     // The API key stays the credential.
-    let mut wrong_key = RawMqtt::new(tls_connect(tls, &roots, Some(&client)).await.unwrap());
+    let mut wrong_key = Raw::over(tls_connect(tls, &roots, Some(&client)).await.unwrap());
     let other = node.key(&env.app("app2"), Rights::DEFAULT).await;
-    assert_eq!(wrong_key.connect(&user, &other, 30).await, 5);
+    assert_eq!(wrong_key.connect_with(&user, &other, 30).await, 5);
 
     // mosquitto_sub with --cert/--key receives; without them it fails.
     let mut sub = Spawned::start(
@@ -372,8 +275,8 @@ async fn wrong_ca_and_plaintext_are_refused_and_counted() {
         "{error}"
     );
     // The right CA still works.
-    let mut ok = RawMqtt::new(tls_connect(tls, &[certs.ca.pem()], None).await.unwrap());
-    assert_eq!(ok.connect(&user, &key, 30).await, 0);
+    let mut ok = Raw::over(tls_connect(tls, &[certs.ca.pem()], None).await.unwrap());
+    assert_eq!(ok.connect_with(&user, &key, 30).await, 0);
     node.shutdown().await;
 }
 
@@ -485,8 +388,8 @@ async fn certificates_rotate_without_dropping_connections() {
 
     let stream = tls_connect(tls, &roots, None).await.unwrap();
     assert_eq!(peer_certificate(&stream), cert_a.der());
-    let mut client1 = RawMqtt::new(stream);
-    assert_eq!(client1.connect(&user, &key, 30).await, 0);
+    let mut client1 = Raw::over(stream);
+    assert_eq!(client1.connect_with(&user, &key, 30).await, 0);
     assert!(client1.subscribe("#").await);
 
     mount.update(&cert_b.cert, &cert_b.key);
@@ -524,8 +427,8 @@ async fn certificates_rotate_without_dropping_connections() {
         &client1.next_on("/devices/dev1/up").await.payload[..],
         br#"{"after":"B"}"#
     );
-    let mut client2 = RawMqtt::new(tls_connect(tls, &roots, None).await.unwrap());
-    assert_eq!(client2.connect(&user, &key, 30).await, 0);
+    let mut client2 = Raw::over(tls_connect(tls, &roots, None).await.unwrap());
+    assert_eq!(client2.connect_with(&user, &key, 30).await, 0);
 
     // A broken certificate file: B stays, a warning names the file, the failure counts.
     mount.update(

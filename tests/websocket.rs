@@ -1,8 +1,8 @@
 //! MQTT over WebSocket (`mqtt.ws.listen`): the upgrade's checks (path, subprotocol,
 //! origin), MQTT bytes in binary frames however a client cuts them, ping/pong, text
 //! frames, the frame bound and the close handshake, with a real WebSocket client
-//! (tokio-tungstenite); then the same MQTT behaviour suite over TCP and over WebSocket;
-//! then MQTT.js over ws:// in Node and in headless Chromium.
+//! (tokio-tungstenite); then MQTT.js over ws:// and wss:// in Node and in headless
+//! Chromium. The MQTT behaviour suite every transport passes is in tests/transports.rs.
 
 mod common;
 
@@ -16,13 +16,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 use common::broker::{Backend, TestEnv, TestNode};
 use common::http;
-use common::services::unique;
-use common::ws::{
-    connect_packet, publish_packet, subscribe_packet, ws_handshake, ws_url, Connector, Ended, Raw,
-};
+use common::raw::{connect_packet, publish_packet, Connector, Ended, Raw};
+use common::ws::{ws_handshake, ws_url};
 use lorabroker::auth::Rights;
 use lorabroker::config::Config;
-use lorabroker::topic::{AppRef, DeviceRef, Event, Id};
+use lorabroker::topic::AppRef;
 use lorabroker::transport::Kind;
 
 /// A node on the embedded backend with a WebSocket listener on a free port.
@@ -69,46 +67,10 @@ impl Fixture {
 
     /// A WebSocket connection after CONNACK 0.
     async fn connected(&self) -> Raw {
-        let mut raw = Connector::of(&self.node, Kind::Ws).open().await;
+        let mut raw = Connector::of(&self.node, Kind::Ws, &[]).open().await;
         assert_eq!(raw.connect(&self.username(), &self.key).await, 0);
         raw
     }
-
-    fn device(&self, id: &str) -> DeviceRef {
-        DeviceRef::new(self.app.clone(), Id::parse(id).unwrap())
-    }
-}
-
-#[tokio::test]
-async fn connect_split_over_three_frames_is_accepted() {
-    let f = Fixture::new(|_| {}).await;
-    let mut raw = Connector::of(&f.node, Kind::Ws).open().await;
-    let connect = connect_packet(&f.username(), &f.key, 60);
-    // Cut inside the fixed header and inside the payload.
-    let (a, rest) = connect.split_at(1);
-    let (b, c) = rest.split_at(rest.len() / 2);
-    raw.send_frames(&[a, b, c]).await;
-    match raw.next().await {
-        Ok(Packet::ConnAck(ack)) => assert_eq!(ack.code as u8, 0),
-        other => panic!("CONNACK expected: {other:?}"),
-    }
-}
-
-#[tokio::test]
-async fn packets_sharing_one_frame_are_all_read() {
-    let f = Fixture::new(|_| {}).await;
-    let mut raw = Connector::of(&f.node, Kind::Ws).open().await;
-    // CONNECT, SUBSCRIBE and PINGREQ in one binary frame.
-    let frame = [
-        connect_packet(&f.username(), &f.key, 60),
-        subscribe_packet("#"),
-        vec![0xc0, 0x00],
-    ]
-    .concat();
-    raw.send(&frame).await;
-    assert!(matches!(raw.next().await, Ok(Packet::ConnAck(a)) if a.code as u8 == 0));
-    assert!(matches!(raw.next().await, Ok(Packet::SubAck(s)) if s.pkid == 1));
-    assert!(matches!(raw.next().await, Ok(Packet::PingResp)));
 }
 
 #[tokio::test]
@@ -259,101 +221,18 @@ async fn origins_are_checked_when_configured() {
 async fn our_close_is_a_close_frame() {
     // A keepalive timeout closes from the server side: with a close frame (1000).
     let f = Fixture::new(|_| {}).await;
-    let mut raw = Connector::of(&f.node, Kind::Ws).open().await;
+    let mut raw = Connector::of(&f.node, Kind::Ws, &[]).open().await;
     raw.send(&connect_packet(&f.username(), &f.key, 1)).await;
     assert!(matches!(raw.next().await, Ok(Packet::ConnAck(a)) if a.code as u8 == 0));
     assert_eq!(raw.closed(Duration::from_secs(5)).await, Ended::Close(1000));
 }
 
-/// The MQTT behaviours every transport shares, over the listener of `kind`.
-async fn mqtt_behaviour(kind: Kind) {
-    let f = Fixture::new(|_| {}).await;
-    let connector = Connector::of(&f.node, kind);
-    behaviour(&f, connector).await;
-}
-
-/// The MQTT behaviours every transport shares, over `connector`.
-async fn behaviour(f: &Fixture, connector: Connector) {
-    let user = f.username();
-
-    // CONNACK codes.
-    assert_eq!(connector.open().await.connect(&user, &f.key).await, 0);
-    let unknown = f.node.key(&f._env.app("other"), Rights::DEFAULT).await;
-    assert_eq!(connector.open().await.connect(&user, &unknown).await, 5);
-    assert_eq!(connector.open().await.connect(&user, "not-a-key").await, 4);
-    let mut old = connector.open().await;
-    // CONNECT at protocol level 5: CONNACK 1 in 3.1.1 format, then closed.
-    old.send(&[
-        0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x01, b'x',
-    ])
-    .await;
-    assert!(matches!(old.next().await, Ok(Packet::ConnAck(a)) if a.code as u8 == 1));
-    old.closed(Duration::from_secs(5)).await;
-
-    // Subscribe, receive an uplink; push a downlink, see down/queued.
-    let mut client = connector.open().await;
-    assert_eq!(client.connect(&user, &f.key).await, 0);
-    client.send(&subscribe_packet("#")).await;
-    assert!(matches!(client.next().await, Ok(Packet::SubAck(_))));
-    let uplink = unique("uplink");
-    f.node
-        .upstream()
-        .publish(&f.device("dev1"), Event::Up, uplink.clone().into())
-        .await
-        .unwrap();
-    let (topic, payload) = client.next_publish_on("/up").await;
-    assert_eq!(topic, format!("v3/{user}/devices/dev1/up"));
-    assert_eq!(payload, uplink.as_bytes());
-    let push = format!("v3/{user}/devices/dev1/down/push");
-    let body = br#"{"downlinks":[{"f_port":15,"frm_payload":"vu8=","priority":"NORMAL"}]}"#;
-    client.send(&publish_packet(&push, body)).await;
-    let (_, queued) = client.next_publish_on("/down/queued").await;
-    let queued: serde_json::Value = serde_json::from_slice(&queued).unwrap();
-    assert_eq!(queued["downlink_queued"]["f_port"], 15, "{queued}");
-
-    // Keepalive: 1 s, enforced at 1.5 s.
-    let mut quiet = connector.open().await;
-    quiet.send(&connect_packet(&user, &f.key, 1)).await;
-    assert!(matches!(quiet.next().await, Ok(Packet::ConnAck(_))));
-    let since = std::time::Instant::now();
-    quiet.closed(Duration::from_secs(5)).await;
-    assert!(
-        since.elapsed() >= Duration::from_millis(1400),
-        "{:?}",
-        since.elapsed()
-    );
-
-    // A malformed packet (SUBSCRIBE with flags 0) closes the connection.
-    let mut bad = connector.open().await;
-    assert_eq!(bad.connect(&user, &f.key).await, 0);
-    let mut subscribe = subscribe_packet("#");
-    subscribe[0] = 0x80;
-    bad.send(&subscribe).await;
-    bad.closed(Duration::from_secs(5)).await;
-    let (_, metrics) = http::get(f.node.http_addr, "/metrics").await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("lorabroker_malformed_packets_total{") && !l.ends_with(" 0")),
-        "{metrics}"
-    );
-}
-
+/// WebSocket over TLS (`mqtt.wss.listen`, the certificate of `[mqtt.tls]`): a plain HTTP
+/// upgrade on the TLS port fails below MQTT and is counted; a rustls client offering ALPN
+/// `http/1.1`, as browsers do, then gets its upgrade (tests/transports.rs runs the MQTT
+/// behaviour suite over it).
 #[tokio::test]
-async fn mqtt_behaviour_over_tcp() {
-    mqtt_behaviour(Kind::Tcp).await;
-}
-
-#[tokio::test]
-async fn mqtt_behaviour_over_websocket() {
-    mqtt_behaviour(Kind::Ws).await;
-}
-
-/// WebSocket over TLS (`mqtt.wss.listen`): the certificate of `[mqtt.tls]` (a CA made in
-/// the test), a rustls client offering ALPN `http/1.1` as browsers do, then the upgrade and
-/// the same behaviours.
-#[tokio::test]
-async fn mqtt_behaviour_over_websocket_over_tls() {
+async fn plain_http_on_the_wss_port_is_a_counted_tls_failure() {
     let dir = tempfile::tempdir().unwrap();
     let ca = common::tls::TestCa::new("wss test CA");
     let (cert, key) = ca.server().write(dir.path(), "server");
@@ -383,7 +262,8 @@ async fn mqtt_behaviour_over_websocket_over_tls() {
     .expect("closed");
     let sample = r#"lorabroker_transport_failures_total{listener="wss",reason="tls_handshake"}"#;
     assert_eq!(metric(&f.node, sample).await, before + 1);
-    behaviour(&f, Connector::Wss(addr, vec![ca.pem()])).await;
+    let mut wss = Connector::Wss(addr, vec![ca.pem()]).open().await;
+    assert_eq!(wss.connect(&f.username(), &f.key).await, 0);
 }
 
 /// `tests/clients/node`, with the pinned MQTT.js and playwright-core installed (`npm ci`

@@ -7,6 +7,7 @@ pub mod doc;
 pub mod http;
 pub mod log_capture;
 pub mod proxy;
+pub mod raw;
 pub mod services;
 pub mod shell;
 pub mod tls;

@@ -1,27 +1,19 @@
 //! TLS for integration tests: certificate authorities and certificates made with rcgen in
-//! the test, a rustls client (tokio-rustls), and a raw MQTT client over any byte stream so
-//! that one behaviour suite runs over every transport.
+//! the test, a rustls client (tokio-rustls). The raw MQTT client that runs over it is in `raw.rs`.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::BytesMut;
-use mqttbytes::v4::{self, Connect, Packet, Publish, Subscribe, SubscribeReasonCode};
-use mqttbytes::QoS;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-
-use lorabroker::transport::Duplex;
 
 /// A certificate and its key, PEM.
 #[derive(Clone, Debug)]
@@ -159,124 +151,4 @@ pub fn peer_certificate(stream: &TlsStream<TcpStream>) -> CertificateDer<'static
         .peer_certificates()
         .expect("a server certificate")[0]
         .clone()
-}
-
-/// How long a raw client waits for something that should happen.
-const WAIT: Duration = Duration::from_secs(5);
-
-/// A minimal MQTT 3.1.1 client over any byte stream (TCP, TLS, …), packet by packet.
-pub struct RawMqtt {
-    stream: Box<dyn Duplex>,
-    buf: BytesMut,
-}
-
-impl RawMqtt {
-    /// Wraps a connected stream.
-    pub fn new(stream: impl Duplex) -> Self {
-        Self {
-            stream: Box::new(stream),
-            buf: BytesMut::new(),
-        }
-    }
-
-    /// Sends raw bytes.
-    pub async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-        self.stream.flush().await.unwrap();
-    }
-
-    /// Sends a CONNECT and returns the CONNACK code (255: closed without one).
-    pub async fn connect(&mut self, username: &str, password: &str, keep_alive: u16) -> u8 {
-        let mut c = Connect::new(format!("raw-{}", rand_id()));
-        c.set_login(username, password);
-        c.keep_alive = keep_alive;
-        let mut out = BytesMut::new();
-        c.write(&mut out).unwrap();
-        self.send(&out).await;
-        self.connack().await
-    }
-
-    /// Reads the CONNACK code (255: closed without one).
-    pub async fn connack(&mut self) -> u8 {
-        match self.next().await {
-            Some(Packet::ConnAck(ack)) => ack.code as u8,
-            None => 255,
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    /// Subscribes to `filter` (packet ID 1); whether the SUBACK granted it.
-    pub async fn subscribe(&mut self, filter: &str) -> bool {
-        let mut out = BytesMut::new();
-        let mut s = Subscribe::new(filter, QoS::AtMostOnce);
-        s.pkid = 1;
-        s.write(&mut out).unwrap();
-        self.send(&out).await;
-        loop {
-            match self.next().await {
-                Some(Packet::SubAck(ack)) => {
-                    return matches!(ack.return_codes[0], SubscribeReasonCode::Success(_))
-                }
-                Some(Packet::Publish(_)) => continue,
-                other => panic!("expected SUBACK, got {other:?}"),
-            }
-        }
-    }
-
-    /// Publishes at QoS 0.
-    pub async fn publish(&mut self, topic: &str, payload: &[u8]) {
-        let mut out = BytesMut::new();
-        Publish::new(topic, QoS::AtMostOnce, payload.to_vec())
-            .write(&mut out)
-            .unwrap();
-        self.send(&out).await;
-    }
-
-    /// The next PUBLISH on a topic ending in `suffix` within 5 s, skipping others.
-    pub async fn next_on(&mut self, suffix: &str) -> Publish {
-        loop {
-            match self.next().await {
-                Some(Packet::Publish(p)) if p.topic.ends_with(suffix) => return p,
-                Some(Packet::Publish(_)) => continue,
-                other => panic!("expected a PUBLISH on …{suffix}, got {other:?}"),
-            }
-        }
-    }
-
-    /// The next packet within 5 s; `None` when the server closed the connection.
-    pub async fn next(&mut self) -> Option<Packet> {
-        tokio::time::timeout(WAIT, self.read_packet())
-            .await
-            .expect("a packet or the close within 5 s")
-    }
-
-    /// Whether the server closes the connection within `within` (reading and dropping
-    /// whatever it sends first).
-    pub async fn closed_within(&mut self, within: Duration) -> bool {
-        tokio::time::timeout(within, async {
-            while self.read_packet().await.is_some() {}
-        })
-        .await
-        .is_ok()
-    }
-
-    async fn read_packet(&mut self) -> Option<Packet> {
-        loop {
-            match v4::read(&mut self.buf, 1 << 20) {
-                Ok(p) => return Some(p),
-                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-                Err(e) => panic!("bad packet from the server: {e:?}"),
-            }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    }
-}
-
-fn rand_id() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed) ^ u64::from(std::process::id()) << 32
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Throughput and idle memory per transport (issue 10): lorabroker over TCP, TLS, WebSocket
-# and WebSocket over TLS next to Mosquitto over TCP, TLS and WebSocket, on compare.sh's
+# and WebSocket over TLS next to Mosquitto over the same four, on compare.sh's
 # shapes, in one run, with one command:
 #
 #   benches/transports.sh            # full run (a few minutes after the release build)

@@ -6,6 +6,7 @@
 #   benches/compare.sh --quick    # smaller shapes, shorter runs (a smoke test)
 #   benches/compare.sh --wait-quiet 20   # first wait (up to 20 min) for an idle machine
 #   benches/compare.sh --report DIR      # print the table of an earlier run's results again
+#   benches/compare.sh --quick --debug   # debug build: checks the script, figures meaningless
 #
 # It builds the release binaries, starts its own servers on free loopback ports (never the
 # default 1883/4222/6379, so it runs beside anything else), runs `lorabroker-load` against
@@ -16,134 +17,18 @@
 # and prints a Markdown table with the ratios. Every JSON line is kept in
 # $OUT/results.jsonl (default: a new directory under /tmp; `--out DIR` to choose).
 #
-# Needs: cargo, jq, redis-server, nats-server, mosquitto (Debian: /usr/sbin).
+# Needs: cargo, jq, redis-server, nats-server, mosquitto (Debian: /usr/sbin). The shell it
+# shares with benches/transports.sh is in benches/lib.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-
-ARGS="$*"
-QUICK=0
-OUT=""
-WAIT_QUIET=0
-REPORT=""
-while (($#)); do
-  case "$1" in
-    --quick) QUICK=1 ;;
-    --out) OUT="$2"; shift ;;
-    --wait-quiet) WAIT_QUIET="$2"; shift ;;
-    --report) REPORT="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-  shift
-done
-
-# Shapes. The full run uses the targets' shapes; --quick shrinks them.
-if ((QUICK)); then
-  DUR=2s; LAT_DUR=2s; DEVICES=200; IDLE=2000; STORM=1000; STORM_MISS=300; ROUNDS=1; DL_RATE=1000
-else
-  DUR=8s; LAT_DUR=5s; DEVICES=1000; IDLE=10000; STORM=5000; STORM_MISS=2000; ROUNDS=4; DL_RATE=2000
-fi
-FANOUT_SUBS=10
-PAYLOAD=200
-LATENCY_RATE=5000 # messages/s to 10 subscribers: 50,000 deliveries/s
+SCRIPT=benches/compare.sh
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+parse_args "$@"
 
 # Everything that starts servers and measures (skipped by --report).
 measure() {
-for tool in cargo jq redis-server nats-server mosquitto; do
-  command -v "$tool" >/dev/null || { echo "compare.sh needs $tool on PATH" >&2; exit 1; }
-done
-
-# Many connections from one process: raise the descriptor limit as far as allowed.
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-
-echo "== building release binaries" >&2
-cargo build --release --quiet --bin lorabroker --bin lorabroker-load
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-
-WORK=$(mktemp -d /tmp/lorabroker-compare.XXXXXX)
-OUT=${OUT:-$WORK}
-mkdir -p "$OUT"
-RESULTS="$OUT/results.jsonl"
-: >"$RESULTS"
-# Private copies, so that a concurrent build cannot swap the binaries mid-run.
-cp "$TARGET_DIR/release/lorabroker" "$TARGET_DIR/release/lorabroker-load" "$WORK/"
-LB="$WORK/lorabroker"
-LOAD="$WORK/lorabroker-load"
-
-# What the figures were measured on; the state is sampled again before each broker.
-load_state() {
-  echo "$(date -u +%H:%M:%S) $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15-min load), $(pgrep -c rustc || true) rustc running"
-}
-if ((WAIT_QUIET)); then
-  echo "== waiting up to $WAIT_QUIET min for a quiet machine (no rustc, 1-min load < 0.5)" >&2
-  for _ in $(seq 1 $((WAIT_QUIET * 6))); do
-    if ! pgrep -x rustc >/dev/null && awk '{ exit !($1 < 0.5) }' /proc/loadavg; then break; fi
-    sleep 10
-  done
-fi
-{
-  echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, $(uname -sr)"
-  echo "lorabroker: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' (with uncommitted changes in src/)'), $(rustc --version)"
-  echo "mosquitto: $(mosquitto -h 2>/dev/null | head -n1); nats-server: $(nats-server --version); redis: $(redis-server --version | awk '{print $3}')"
-  echo "command: benches/compare.sh $ARGS (ulimit -n $(ulimit -n))"
-  echo "start: $(load_state)"
-} | tee "$OUT/machine.txt" >&2
-
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK/nats-js" "$WORK/nats-mqtt-js"
-}
-trap cleanup EXIT
-
-# A free loopback port below the ephemeral range (so that no outgoing connection of the
-# load generator can hold it), away from the well-known ones and from each other.
-USED=" 1883 4222 6379 8080 "
-EPHEMERAL_MIN=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-free_port() {
-  local p
-  while :; do
-    p=$((10000 + RANDOM % (EPHEMERAL_MIN - 10000)))
-    [[ $USED == *" $p "* ]] && continue
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      USED+="$p "
-      echo "$p"
-      return
-    fi
-  done
-}
-
-wait_port() { # wait_port PORT WHAT PID
-  local port=$1 what=$2 pid=$3
-  for _ in $(seq 1 300); do
-    kill -0 "$pid" 2>/dev/null || break
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "$what did not open port $port (or exited); its log is in $OUT" >&2
-  exit 1
-}
-
-stop() {
-  local pid
-  for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-}
-
-# run CASE ARGS...: one lorabroker-load run; its JSON line goes to $RESULTS tagged with CASE.
-run() {
-  local case=$1; shift
-  local line
-  echo "-- $case: lorabroker-load $*" >&2
-  if line=$("$LOAD" "$@" 2>>"$OUT/load.log"); then
-    jq -c --arg case "$case" '. + {case: $case}' <<<"$line" >>"$RESULTS"
-    jq -r '"   " + ([to_entries[] | select(.key|test("per_s|loss|bytes_per|cpu")) | "\(.key)=\(.value)"] | join(" "))' <<<"$line" >&2
-    jq -r '"   latency p50=\(.latency_us.p50 // "-")µs p99=\(.latency_us.p99 // "-")µs"' <<<"$line" >&2
-  else
-    echo "   FAILED (see $OUT/load.log)" >&2
-  fi
-}
+setup redis-server nats-server mosquitto
 
 # scenarios LABEL PIDS CONNECT-ARGS...: every scenario against one broker (started fresh,
 # so that the idle-memory run, which goes first, sees a broker that has not served yet).
@@ -168,40 +53,7 @@ scenarios() {
 }
 
 # --- lorabroker: private Redis and NATS, then one and two nodes -------------------------
-REDIS_PORT=$(free_port)
-NATS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-  --dir "$WORK" >"$OUT/redis.log" 2>&1 &
-REDIS_PID=$!
-PIDS+=("$REDIS_PID")
-nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats-js" >"$OUT/nats.log" 2>&1 &
-NATS_PID=$!
-PIDS+=("$NATS_PID")
-wait_port "$REDIS_PORT" redis-server "$REDIS_PID"
-wait_port "$NATS_PORT" nats-server "$NATS_PID"
-BACKENDS=(--nats-url "nats://127.0.0.1:$NATS_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT")
-# The load generator reports their CPU apart from the nodes' (--aux-pid).
-AUX=(--aux-pid "$NATS_PID,$REDIS_PID")
-
-node() { # node NAME -> starts a node, sets NODE_PID and NODE_PORT
-  NODE_PORT=$(free_port)
-  local http
-  http=$(free_port)
-  # The load comes from one address with one key, and the other brokers run without
-  # limits: lorabroker's rate limits and connection quotas are off for the comparison.
-  LORABROKER_LIMITS__ACCEPTS_PER_IP__PER_SECOND=0 \
-  LORABROKER_LIMITS__CONNECTS_PER_KEY__PER_SECOND=0 \
-  LORABROKER_LIMITS__DOWNLINKS_PER_KEY__PER_SECOND=0 \
-  LORABROKER_LIMITS__DOWNLINKS_PER_APPLICATION__PER_SECOND=0 \
-  LORABROKER_LIMITS__SUBSCRIBES_PER_CONNECTION__PER_SECOND=0 \
-  LORABROKER_LIMITS__MAX_CONNECTIONS_PER_APPLICATION=0 \
-  LORABROKER_LIMITS__MAX_CONNECTIONS_PER_KEY=0 \
-  LORABROKER_LOG__LEVEL=warn "$LB" serve --mqtt-listen "127.0.0.1:$NODE_PORT" \
-    --http-listen "127.0.0.1:$http" --node-name "$1" "${BACKENDS[@]}" >"$OUT/$1.log" 2>&1 &
-  NODE_PID=$!
-  PIDS+=("$NODE_PID")
-  wait_port "$NODE_PORT" "lorabroker $1" "$NODE_PID"
-}
+backends
 
 echo "== lorabroker, one node" >&2
 node lb1
@@ -218,19 +70,7 @@ stop "$A_PID" "$NODE_PID"
 # --- Mosquitto ----------------------------------------------------------------------------
 echo "== mosquitto" >&2
 MOSQ_PORT=$(free_port)
-cat >"$WORK/mosquitto.conf" <<EOF
-listener $MOSQ_PORT 127.0.0.1
-allow_anonymous true
-persistence false
-log_dest stderr
-log_type error
-log_type warning
-connection_messages false
-EOF
-mosquitto -c "$WORK/mosquitto.conf" >"$OUT/mosquitto.log" 2>&1 &
-MOSQ_PID=$!
-PIDS+=("$MOSQ_PID")
-wait_port "$MOSQ_PORT" mosquitto "$MOSQ_PID"
+mosquitto_start mosquitto "$MOSQ_PORT"
 scenarios mosquitto "$MOSQ_PID" --mqtt "127.0.0.1:$MOSQ_PORT"
 stop "$MOSQ_PID"
 
@@ -259,14 +99,6 @@ stop "$NM_PID"
 }
 
 # --- the table --------------------------------------------------------------------------------
-# val CASE TARGET JQ-PATH -> the figure (the median when a case ran more than once), or "-"
-val() {
-  jq -s -r --arg c "$1" --arg t "$2" "[.[] | select(.case == \$c and .target == \$t) | $3 | numbers]
-    | sort | if length == 0 then \"-\" else .[(length - 1) / 2 | floor] end" "$RESULTS"
-}
-ratio() { # ratio A B -> A/B with two decimals, or "-"
-  awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'
-}
 row() { # row TITLE CASE JQ-PATH
   local l1 l2 m n
   l1=$(val "$2" lorabroker-1 "$3"); l2=$(val "$2" lorabroker-2 "$3")

@@ -1,25 +1,32 @@
 //! The load generator (`lorabroker-load`) end to end at a tiny scale, against an
 //! in-process cluster node (private NATS and Redis): it must connect, authenticate with
 //! keys it creates, play the upstream on NATS, lose nothing on an idle machine, and end
-//! with one parseable JSON line. Figures are not asserted: these are not benchmarks.
+//! with one parseable JSON line, over every transport (`--transport`). Figures are not
+//! asserted: these are not benchmarks.
 
 mod common;
 
 use serde_json::Value;
 
 use common::broker::{Backend, TestEnv, TestNode};
+use common::tls::TestCa;
+use lorabroker::transport::Kind;
 
 /// Runs `lorabroker-load` against `node` with `scenario` arguments and returns its JSON
 /// line; panics with the tool's stderr when it fails.
 async fn load(env: &TestEnv, node: &TestNode, scenario: &[&str]) -> Value {
+    load_over(env, &node.mqtt_addr.to_string(), &[], scenario).await
+}
+
+/// [`load`] against the listener `mqtt`, with `transport` arguments (`--transport …`).
+async fn load_over(env: &TestEnv, mqtt: &str, transport: &[&str], scenario: &[&str]) -> Value {
     let redis = &env.redis.as_ref().expect("cluster backend").url;
     let nats = &env.nats.as_ref().expect("cluster backend").url;
-    let mqtt = node.mqtt_addr.to_string();
     let mut args = vec![
         "--label",
         "test",
         "--mqtt",
-        &mqtt,
+        mqtt,
         "--nats-url",
         nats,
         "--redis-url",
@@ -29,6 +36,7 @@ async fn load(env: &TestEnv, node: &TestNode, scenario: &[&str]) -> Value {
         "--tenant",
         env.tenant.as_str(),
     ];
+    args.extend_from_slice(transport);
     args.extend_from_slice(scenario);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lorabroker-load"))
         .args(&args)
@@ -112,5 +120,87 @@ async fn fanout_storm_and_downlinks_at_tiny_scale() {
     assert_eq!(v["queued_events"].as_u64(), Some(pushed), "{v}");
     assert_eq!(v["queued_in_redis"].as_u64(), Some(pushed), "{v}");
 
+    node.shutdown().await;
+}
+
+/// Fan-out with a few subscribers for about a second over TLS, WebSocket and WebSocket over
+/// TLS (a CA made in the test, trusted with `--cafile`): everything published arrives.
+#[tokio::test]
+async fn fanout_over_tls_ws_and_wss() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("load test CA");
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let (cert, key) = ca.server().write(dir.path(), "server");
+    let env = TestEnv::new(Backend::Cluster).await;
+    let node = env
+        .node_with(|c| {
+            c.mqtt.tls.listen = "127.0.0.1:0".into();
+            c.mqtt.ws.listen = "127.0.0.1:0".into();
+            c.mqtt.wss.listen = "127.0.0.1:0".into();
+            c.mqtt.tls.cert_file = cert.display().to_string();
+            c.mqtt.tls.key_file = key.display().to_string();
+        })
+        .await;
+    let ca_file = ca_file.display().to_string();
+    for (kind, name) in [(Kind::Tls, "tls"), (Kind::Ws, "ws"), (Kind::Wss, "wss")] {
+        let addr = node.addr(kind).to_string();
+        let transport = [
+            "--transport",
+            name,
+            "--cafile",
+            &ca_file,
+            "--ws-path",
+            "/mqtt",
+        ];
+        let fanout = [
+            "fanout",
+            "--subscribers",
+            "3",
+            "--rate",
+            "500",
+            "--duration",
+            "1s",
+        ];
+        let v = load_over(&env, &addr, &transport, &fanout).await;
+        assert_eq!(v["scenario"], "fanout", "{name}: {v}");
+        assert_eq!(v["transport"], name, "{v}");
+        let published = v["published"].as_u64().unwrap();
+        assert!(published > 0, "{name}: {v}");
+        assert_eq!(v["expected"].as_u64(), Some(published * 3), "{name}: {v}");
+        assert_eq!(v["delivered"], v["expected"], "{name}: {v}");
+        assert_eq!(v["lost"], 0, "{name}: {v}");
+        assert_eq!(v["subscribers_closed"], 0, "{name}: {v}");
+
+        // Idle connections over the transport: they connect and subscribe.
+        let idle = [
+            "--broker-pid",
+            &std::process::id().to_string(),
+            "idle",
+            "--connections",
+            "5",
+            "--settle",
+            "10ms",
+        ]
+        .map(String::from);
+        let idle: Vec<&str> = idle.iter().map(String::as_str).collect();
+        let v = load_over(&env, &addr, &transport, &idle).await;
+        assert_eq!(v["connections"], 5, "{name}: {v}");
+        assert_eq!(v["latency_us"]["count"], 5, "{name}: {v}");
+    }
+    // A client that does not trust the broker's CA is refused before MQTT.
+    let stranger = TestCa::new("not the broker's CA").write(dir.path(), "stranger.pem");
+    let stranger = stranger.display().to_string();
+    let redis = &env.redis.as_ref().unwrap().url;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lorabroker-load"))
+        .args(["--mqtt", &node.addr(Kind::Tls).to_string()])
+        .args(["--transport", "tls", "--cafile", &stranger])
+        .args(["--redis-url", redis, "--redis-prefix", &env.prefix])
+        .args(["storm", "--connections", "1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("TLS handshake"), "{stderr}");
     node.shutdown().await;
 }

@@ -46,7 +46,8 @@ pub async fn connect_many(
             let filter = filter(i);
             async move {
                 let t0 = now_us();
-                let mut conn = Conn::connect(addr, &client_id(i), login.as_ref()).await?;
+                let mut conn =
+                    Conn::connect(&target.dialer, addr, &client_id(i), login.as_ref()).await?;
                 if let Some(f) = filter {
                     conn.subscribe(&[f]).await?;
                 }

@@ -12,9 +12,11 @@
 //! Each run prints human text on stderr and one JSON line on stdout (delivered msg/s,
 //! loss, latency percentiles from timestamps inside the payloads, connects/s, bytes per
 //! connection). `benches/compare.sh` runs them all against lorabroker, Mosquitto and
-//! nats-server's MQTT mode.
+//! nats-server's MQTT mode; `benches/transports.sh` compares TCP, TLS, WS and WSS
+//! (`--transport`, see `dial.rs`).
 
 mod clients;
+mod dial;
 mod downlink;
 mod payload;
 mod report;
@@ -23,11 +25,13 @@ mod traffic;
 mod wire;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use dial::{Dialer, TransportKind};
 use target::Target;
 
 /// Load generator for lorabroker and other MQTT 3.1.1 brokers.
@@ -50,6 +54,20 @@ struct TargetArgs {
         default_value = "127.0.0.1:1883"
     )]
     mqtt: Vec<SocketAddr>,
+    /// How clients reach the listener(s) given with --mqtt: tcp, tls (trusting --cafile),
+    /// ws or wss (an HTTP upgrade at --ws-path, subprotocol mqtt). For brokers other than
+    /// lorabroker the MQTT upstream publisher uses the same transport.
+    #[arg(long, global = true, value_enum, default_value = "tcp")]
+    transport: TransportKind,
+    /// PEM file of the CA certificate(s) to trust for --transport tls and wss.
+    #[arg(long, global = true)]
+    cafile: Option<PathBuf>,
+    /// Name the broker's certificate must carry (tls and wss).
+    #[arg(long, global = true, default_value = "localhost")]
+    server_name: String,
+    /// HTTP path of the WebSocket upgrade (ws and wss).
+    #[arg(long, global = true, default_value = "/mqtt")]
+    ws_path: String,
     /// Label of the broker in reports.
     #[arg(long, global = true, default_value = "broker")]
     label: String,
@@ -182,9 +200,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let t = cli.target;
     anyhow::ensure!(!t.mqtt.is_empty(), "--mqtt needs at least one address");
+    let dialer = Dialer::new(t.transport, t.cafile.as_deref(), &t.server_name, &t.ws_path)?;
     let target = Target {
         label: t.label,
         addrs: t.mqtt,
+        dialer,
         nats_url: t.nats_url,
         redis_url: t.redis_url,
         redis_prefix: t.redis_prefix,
@@ -196,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
         aux_pids: t.aux_pid,
     };
     payload::now_us(); // start the clock
-    let report = match cli.scenario {
+    let mut report = match cli.scenario {
         Scenario::Fanout(a) => traffic::run(&target, &a.shape(false, t.concurrency)?).await?,
         Scenario::Devices(a) => traffic::run(&target, &a.shape(true, t.concurrency)?).await?,
         Scenario::Storm {
@@ -223,6 +243,7 @@ async fn main() -> anyhow::Result<()> {
             downlink::run(&target, &shape).await?
         }
     };
+    report.set("transport", target.dialer.kind().as_str());
     report.print();
     Ok(())
 }

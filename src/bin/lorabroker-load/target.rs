@@ -8,7 +8,8 @@
 //! - **any other MQTT broker** (Mosquitto, nats-server's MQTT mode): clients connect
 //!   anonymously, and the upstream is one more MQTT connection that publishes at QoS 0 to
 //!   the same topics `v3/{app}@{tenant}/devices/{dev}/up`, so subscribers see identical
-//!   topics and payloads in both cases.
+//!   topics and payloads in both cases. That connection uses the clients' transport
+//!   (`--transport`), so the broker pays the same TLS or WebSocket cost on both sides.
 
 use std::net::SocketAddr;
 
@@ -19,6 +20,7 @@ use lorabroker::auth::redis::RedisKeyStore;
 use lorabroker::auth::{create_key, Rights};
 use lorabroker::topic::{AppRef, Id};
 
+use crate::dial::Dialer;
 use crate::report::CpuMeter;
 use crate::wire::{encode_publish, Conn, Login};
 
@@ -32,6 +34,8 @@ pub struct Target {
     pub label: String,
     /// MQTT listeners; connections are spread over them round-robin.
     pub addrs: Vec<SocketAddr>,
+    /// How connections reach those listeners (TCP, TLS, WS, WSS).
+    pub dialer: Dialer,
     /// NATS URL of a lorabroker cluster (the upstream side).
     pub nats_url: Option<String>,
     /// Redis URL of a lorabroker cluster (API keys, downlink queues).
@@ -128,6 +132,7 @@ impl Target {
             Ok(Upstream::Nats { client, subjects })
         } else {
             let conn = Conn::connect(
+                &self.dialer,
                 self.addr(0),
                 &format!("lbload-up-{}", std::process::id()),
                 None,

@@ -1,4 +1,5 @@
-//! A minimal MQTT 3.1.1 client over one tokio `TcpStream`: just enough to connect, subscribe,
+//! A minimal MQTT 3.1.1 client over one connection of any transport (see `dial.rs`; plain
+//! TCP is an unboxed `TcpStream`): just enough to connect, subscribe,
 //! publish at QoS 0 and read PUBLISH frames, so that one process can hold tens of thousands
 //! of connections. Control packets go through mqttbytes' v4 codec; the receive hot path
 //! ([`Conn::read_frames`]) only splits frames and hands out PUBLISH payloads as slices,
@@ -9,10 +10,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::{Buf, BufMut, BytesMut};
+use lorabroker::transport::Stream;
 use mqttbytes::v4::{self, ConnectReturnCode, Packet, SubscribeReasonCode};
 use mqttbytes::QoS;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::dial::Dialer;
 
 /// Keepalive announced in CONNECT. Long enough that no scenario needs PINGREQs.
 const KEEP_ALIVE_SECS: u16 = 600;
@@ -32,22 +34,20 @@ pub struct Login {
 
 /// One MQTT connection of the load generator.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
 }
 
 impl Conn {
-    /// Opens a TCP connection, sends CONNECT (clean session, QoS 0 client) and waits for a
+    /// Opens a connection with `dialer`, sends CONNECT (clean session, QoS 0 client) and waits for a
     /// successful CONNACK; a refusal is an error naming the return code.
     pub async fn connect(
+        dialer: &Dialer,
         addr: SocketAddr,
         client_id: &str,
         login: Option<&Login>,
     ) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("TCP connect to {addr}"))?;
-        stream.set_nodelay(true)?;
+        let stream = dialer.dial(addr).await?;
         let mut conn = Conn {
             stream,
             buf: BytesMut::with_capacity(256),
@@ -122,7 +122,7 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(16 * 1024);
         }
-        let n = self.stream.read_buf(&mut self.buf).await?;
+        let n = self.fill().await?;
         if n == 0 {
             return Ok(false);
         }
@@ -141,6 +141,13 @@ impl Conn {
         Ok(true)
     }
 
+    /// Reads once into the spare capacity of the buffer (0: the broker closed). Cancel-safe,
+    /// as the subscribers' `select!` needs.
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        let Conn { stream, buf } = self;
+        std::future::poll_fn(|cx| stream.poll_read_buf(cx, buf)).await
+    }
+
     /// Reads until one whole control packet is decoded, within [`CONTROL_TIMEOUT`].
     async fn control_packet(&mut self) -> anyhow::Result<Packet> {
         let read = async {
@@ -150,7 +157,10 @@ impl Conn {
                     Err(mqttbytes::Error::InsufficientBytes(_)) => {}
                     Err(e) => bail!("malformed packet from broker: {e:?}"),
                 }
-                if self.stream.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.capacity() - self.buf.len() < 256 {
+                    self.buf.reserve(1024);
+                }
+                if self.fill().await? == 0 {
                     bail!("connection closed by the broker");
                 }
             }

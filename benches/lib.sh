@@ -1,0 +1,216 @@
+# Shared shell of the comparison scripts (benches/compare.sh, benches/transports.sh):
+# sourced by them, not run. It parses their common options, builds and copies the
+# binaries, starts servers on free loopback ports, runs `lorabroker-load` and reads its
+# JSON lines back for the tables. Each script sets SCRIPT (its path, for the header) first.
+
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+# parse_args ARGS...: the options every script takes (help: the script's header comment).
+parse_args() {
+  ARGS="$*"
+  QUICK=0
+  OUT=""
+  WAIT_QUIET=0
+  REPORT=""
+  PROFILE=release
+  while (($#)); do
+    case "$1" in
+      --quick) QUICK=1 ;;
+      --out) OUT="$2"; shift ;;
+      --wait-quiet) WAIT_QUIET="$2"; shift ;;
+      --report) REPORT="$2"; shift ;;
+      --debug) PROFILE=debug ;;
+      -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SCRIPT"; exit 0 ;;
+      *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  # Shapes. The full run uses the targets' shapes; --quick shrinks them.
+  if ((QUICK)); then
+    DUR=2s; LAT_DUR=2s; DEVICES=200; IDLE=2000; STORM=1000; STORM_MISS=300; ROUNDS=1; DL_RATE=1000
+  else
+    DUR=8s; LAT_DUR=5s; DEVICES=1000; IDLE=10000; STORM=5000; STORM_MISS=2000; ROUNDS=4; DL_RATE=2000
+  fi
+  FANOUT_SUBS=10
+  PAYLOAD=200
+  LATENCY_RATE=5000 # messages/s to 10 subscribers: 50,000 deliveries/s
+}
+
+# What the figures were measured on; the state is sampled again before each broker.
+load_state() {
+  echo "$(date -u +%H:%M:%S) $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15-min load), $(pgrep -c rustc || true) rustc running"
+}
+
+# setup TOOLS...: checks the tools, builds (release; --debug for smoke runs only), makes
+# $WORK, $OUT and $RESULTS, copies the binaries to $LB and $LOAD, waits for a quiet machine
+# if asked, writes $OUT/machine.txt and arranges that every process in PIDS is stopped on exit.
+setup() {
+  local tool
+  for tool in cargo jq "$@"; do
+    command -v "$tool" >/dev/null || { echo "$SCRIPT needs $tool on PATH" >&2; exit 1; }
+  done
+  # Many connections from one process: raise the descriptor limit as far as allowed.
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+  echo "== building $PROFILE binaries" >&2
+  local profile_flag=(--release)
+  [[ $PROFILE == debug ]] && profile_flag=()
+  cargo build "${profile_flag[@]}" --quiet --bin lorabroker --bin lorabroker-load
+  local target_dir
+  target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+
+  WORK=$(mktemp -d /tmp/lorabroker-bench.XXXXXX)
+  OUT=${OUT:-$WORK}
+  mkdir -p "$OUT"
+  RESULTS="$OUT/results.jsonl"
+  : >"$RESULTS"
+  # Private copies, so that a concurrent build cannot swap the binaries mid-run.
+  cp "$target_dir/$PROFILE/lorabroker" "$target_dir/$PROFILE/lorabroker-load" "$WORK/"
+  LB="$WORK/lorabroker"
+  LOAD="$WORK/lorabroker-load"
+
+  if ((WAIT_QUIET)); then
+    echo "== waiting up to $WAIT_QUIET min for a quiet machine (no rustc, 1-min load < 0.5)" >&2
+    for _ in $(seq 1 $((WAIT_QUIET * 6))); do
+      if ! pgrep -x rustc >/dev/null && awk '{ exit !($1 < 0.5) }' /proc/loadavg; then break; fi
+      sleep 10
+    done
+  fi
+  {
+    echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, $(uname -sr)"
+    echo "lorabroker: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' (with uncommitted changes in src/)'), $(rustc --version), $PROFILE build"
+    echo "mosquitto: $(mosquitto -h 2>/dev/null | head -n1); nats-server: $(nats-server --version); redis: $(redis-server --version | awk '{print $3}')"
+    echo "command: $SCRIPT $ARGS (ulimit -n $(ulimit -n))"
+    echo "start: $(load_state)"
+  } | tee "$OUT/machine.txt" >&2
+
+  PIDS=()
+  trap cleanup EXIT
+}
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"/*-js
+}
+
+# A free loopback port below the ephemeral range (so that no outgoing connection of the
+# load generator can hold it), away from the well-known ones and from each other.
+USED=" 1883 4222 6379 8080 "
+EPHEMERAL_MIN=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+free_port() {
+  local p
+  while :; do
+    p=$((10000 + RANDOM % (EPHEMERAL_MIN - 10000)))
+    [[ $USED == *" $p "* ]] && continue
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      USED+="$p "
+      echo "$p"
+      return
+    fi
+  done
+}
+
+wait_port() { # wait_port PORT WHAT PID
+  local port=$1 what=$2 pid=$3
+  for _ in $(seq 1 300); do
+    kill -0 "$pid" 2>/dev/null || break
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "$what did not open port $port (or exited); its log is in $OUT" >&2
+  exit 1
+}
+
+stop() {
+  local pid
+  for pid in "$@"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+}
+
+# run CASE ARGS...: one lorabroker-load run; its JSON line goes to $RESULTS tagged with CASE.
+run() {
+  local case=$1; shift
+  local line
+  echo "-- $case: lorabroker-load $*" >&2
+  if line=$("$LOAD" "$@" 2>>"$OUT/load.log"); then
+    jq -c --arg case "$case" '. + {case: $case}' <<<"$line" >>"$RESULTS"
+    jq -r '"   " + ([to_entries[] | select(.key|test("per_s|loss|bytes_per|cpu")) | "\(.key)=\(.value)"] | join(" "))' <<<"$line" >&2
+    jq -r '"   latency p50=\(.latency_us.p50 // "-")µs p99=\(.latency_us.p99 // "-")µs"' <<<"$line" >&2
+  else
+    echo "   FAILED (see $OUT/load.log)" >&2
+  fi
+}
+
+# backends: a private Redis and NATS (JetStream) for lorabroker; sets BACKENDS (the
+# load generator's and the nodes' arguments) and AUX (their PIDs, whose CPU the load
+# generator reports apart from the nodes').
+backends() {
+  local redis_port nats_port redis_pid nats_pid
+  redis_port=$(free_port)
+  nats_port=$(free_port)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$WORK" >"$OUT/redis.log" 2>&1 &
+  redis_pid=$!
+  PIDS+=("$redis_pid")
+  nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$WORK/nats-js" >"$OUT/nats.log" 2>&1 &
+  nats_pid=$!
+  PIDS+=("$nats_pid")
+  wait_port "$redis_port" redis-server "$redis_pid"
+  wait_port "$nats_port" nats-server "$nats_pid"
+  BACKENDS=(--nats-url "nats://127.0.0.1:$nats_port" --redis-url "redis://127.0.0.1:$redis_port")
+  AUX=(--aux-pid "$nats_pid,$redis_pid")
+}
+
+# node NAME [VAR=VALUE...]: starts a `lorabroker serve` node on the backends, with extra
+# configuration in the environment (e.g. LORABROKER_MQTT__TLS__LISTEN=…); sets NODE_PID
+# and NODE_PORT (its plain MQTT listener).
+node() {
+  local name=$1; shift
+  NODE_PORT=$(free_port)
+  local http
+  http=$(free_port)
+  # The load comes from one address with one key, and the other brokers run without
+  # limits: lorabroker's rate limits and connection quotas are off for the comparison.
+  env "$@" \
+  LORABROKER_LIMITS__ACCEPTS_PER_IP__PER_SECOND=0 \
+  LORABROKER_LIMITS__CONNECTS_PER_KEY__PER_SECOND=0 \
+  LORABROKER_LIMITS__DOWNLINKS_PER_KEY__PER_SECOND=0 \
+  LORABROKER_LIMITS__DOWNLINKS_PER_APPLICATION__PER_SECOND=0 \
+  LORABROKER_LIMITS__SUBSCRIBES_PER_CONNECTION__PER_SECOND=0 \
+  LORABROKER_LIMITS__MAX_CONNECTIONS_PER_APPLICATION=0 \
+  LORABROKER_LIMITS__MAX_CONNECTIONS_PER_KEY=0 \
+  LORABROKER_LOG__LEVEL=warn "$LB" serve --mqtt-listen "127.0.0.1:$NODE_PORT" \
+    --http-listen "127.0.0.1:$http" --node-name "$name" "${BACKENDS[@]}" >"$OUT/$name.log" 2>&1 &
+  NODE_PID=$!
+  PIDS+=("$NODE_PID")
+  wait_port "$NODE_PORT" "lorabroker $name" "$NODE_PID"
+}
+
+# mosquitto_start NAME PORT [LISTENERS]: a private, anonymous `mosquitto -c` with a plain
+# listener on PORT and the extra listener blocks LISTENERS (config text); sets MOSQ_PID.
+mosquitto_start() {
+  local name=$1 port=$2 listeners=${3:-}
+  cat >"$WORK/$name.conf" <<EOF
+allow_anonymous true
+persistence false
+log_dest stderr
+log_type error
+log_type warning
+connection_messages false
+listener $port 127.0.0.1
+$listeners
+EOF
+  mosquitto -c "$WORK/$name.conf" >"$OUT/$name.log" 2>&1 &
+  MOSQ_PID=$!
+  PIDS+=("$MOSQ_PID")
+  wait_port "$port" "mosquitto $name" "$MOSQ_PID"
+}
+
+# val CASE TARGET JQ-PATH -> the figure (the median when a case ran more than once), or "-"
+val() {
+  jq -s -r --arg c "$1" --arg t "$2" "[.[] | select(.case == \$c and .target == \$t) | $3 | numbers]
+    | sort | if length == 0 then \"-\" else .[(length - 1) / 2 | floor] end" "$RESULTS"
+}
+ratio() { # ratio A B -> A/B with two decimals, or "-"
+  awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'
+}

@@ -8,7 +8,8 @@
 //! - Sentinel in front of a master and a replica: the master is killed, the sentinel fails
 //!   over, and the node goes on with the new master;
 //! - a three-master Redis Cluster: API keys, downlink push/pop with quotas, the device
-//!   registry, connection quotas and takeover epochs through it.
+//!   registry, connection quotas and takeover epochs through it; and one master killed and
+//!   restarted in its directory (nodes.conf, append-only file) while a node serves.
 
 mod common;
 
@@ -771,6 +772,17 @@ async fn every_store_works_on_a_redis_cluster() {
     drop(servers);
 }
 
+/// Waits until the node's `/readyz` answers 200.
+async fn ready(node: &TestNode) {
+    eventually("the node is ready", FAILOVER, || async {
+        match http::get(node.http_addr, "/readyz").await {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_node_keeps_serving_when_a_cluster_master_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -782,6 +794,9 @@ async fn the_node_keeps_serving_when_a_cluster_master_restarts() {
         .map(|p| format!("redis://127.0.0.1:{p}"))
         .collect();
     let node = node_from_config(c).await;
+    // The cluster connection is dialled on first use; under load that dial alone can
+    // outlast one store operation's bound, so start once the node says it is ready.
+    ready(&node).await;
     let app = app();
     let key = node.key(&app, Rights::DEFAULT).await;
     let dev = device(&app, "dev1");
@@ -808,6 +823,11 @@ async fn the_node_keeps_serving_when_a_cluster_master_restarts() {
     // with its keys from the append-only file.
     let killed = std::time::Instant::now();
     servers[owner].process.stop().await;
+    // The node sees the outage: the slot's master is gone.
+    assert!(
+        node.app.queue.list(&dev).await.is_err(),
+        "the downlink list was read with its master down"
+    );
     let restarted = cluster_master(dir.path(), port).await;
     servers[owner] = restarted;
     for p in ports {
@@ -857,13 +877,7 @@ async fn the_node_keeps_serving_when_a_cluster_master_restarts() {
         items.iter().any(|i| i.contains("before-restart")),
         "{items:?}"
     );
-    eventually("the node is ready again", FAILOVER, || async {
-        match http::get(node.http_addr, "/readyz").await {
-            (200, _) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    ready(&node).await;
     // A new key (API key store) and a login with it work too.
     serves(&node, &app, "after-restart-login").await;
     eprintln!(

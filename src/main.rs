@@ -18,7 +18,7 @@ use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
 use lorabroker::signals::{run_until_signalled, OnSignal, Signals};
 use lorabroker::topic::{AppRef, DeviceRef, Id, Tenancy};
-use lorabroker::transport::dev_ca::DevCertificates;
+use lorabroker::transport::dev_ca::{DevCa, DevCertificates};
 use lorabroker::transport::Kind;
 use lorabroker::upstream::{run_fleet, FleetConfig, Upstream};
 
@@ -370,14 +370,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(a) => {
             set(&mut o, "mqtt.listen", Some(a.mqtt_listen.clone()));
             if a.tls {
-                let dir =
-                    std::env::temp_dir().join(format!("lorabroker-dev-tls-{}", std::process::id()));
-                let certs = lorabroker::transport::dev_ca::write(&dir)?;
+                // Removed when dropped: when dev returns, whether it stopped on a signal
+                // or failed to start.
+                let ca = DevCa::create()?;
                 set(&mut o, "mqtt.tls.listen", Some(a.mqtt_tls_listen.clone()));
                 let path = |p: &std::path::Path| Some(p.display().to_string());
-                set(&mut o, "mqtt.tls.cert_file", path(&certs.cert_file));
-                set(&mut o, "mqtt.tls.key_file", path(&certs.key_file));
-                dev_tls = Some(certs);
+                set(
+                    &mut o,
+                    "mqtt.tls.cert_file",
+                    path(&ca.certificates.cert_file),
+                );
+                set(&mut o, "mqtt.tls.key_file", path(&ca.certificates.key_file));
+                dev_tls = Some(ca);
             }
             set(&mut o, "mqtt.ws.listen", Some(a.mqtt_ws_listen.clone()));
             set(&mut o, "http.listen", Some(a.http_listen.clone()));
@@ -485,7 +489,7 @@ fn print_in_memory_keys_hint(node: &Node) {
     }
 }
 
-async fn dev(config: Config, args: DevArgs, tls: Option<DevCertificates>) -> anyhow::Result<()> {
+async fn dev(config: Config, args: DevArgs, tls: Option<DevCa>) -> anyhow::Result<()> {
     let tenancy = config.tenancy();
     let application = application(&config, &args.fleet.app, args.fleet.tenant.as_deref())?;
     let backends = Backends::embedded_with(QueueLimits::from_config(&config.downlink));
@@ -524,10 +528,17 @@ async fn dev(config: Config, args: DevArgs, tls: Option<DevCertificates>) -> any
         fleet_stop.clone(),
     ));
     print_dev_banner(&node, &tenancy, &application, &key, &args);
-    if let Some(certs) = &tls {
-        print_dev_tls(&node, &tenancy.app_uid(&application), &key, certs);
+    if let Some(ca) = &tls {
+        print_dev_tls(
+            &node,
+            &tenancy.app_uid(&application),
+            &key,
+            &ca.certificates,
+        );
     }
     run_until_signalled(node, signals, fleet_stop, OnSignal::Stop).await;
+    // The throw-away certificates go with the node that used them.
+    drop(tls);
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use crate::bus::BusError;
 use crate::cluster::{SignalHandler, SIGNAL_FILTER};
 use crate::mqtt::outbox::CloseReason;
 use crate::mqtt::session;
-use crate::transport::tls::TlsAcceptor;
+use crate::transport::tls::CertificateWatch;
 use crate::transport::ws::WsSettings;
 use crate::transport::{Kind, Transport};
 
@@ -410,8 +410,15 @@ fn mqtt_listeners(app: &App) -> Result<Vec<(Kind, String, Transport)>, StartErro
         mqtt.listen.clone(),
         Transport::tcp(mqtt.proxy_protocol, timeout),
     )];
-    if !mqtt.tls.listen.is_empty() {
-        let acceptor = TlsAcceptor::new(&mqtt.tls, &[b"mqtt"], &app.metrics)?;
+    // One watch of [mqtt.tls]'s files for the TLS and the WSS listener: a rotation is read,
+    // counted and logged once.
+    let certificate = if mqtt.tls.listen.is_empty() && mqtt.wss.listen.is_empty() {
+        None
+    } else {
+        Some(CertificateWatch::new(&mqtt.tls, &app.metrics)?)
+    };
+    if let (false, Some(certificate)) = (mqtt.tls.listen.is_empty(), &certificate) {
+        let acceptor = certificate.acceptor(&[b"mqtt"]);
         listeners.push((
             Kind::Tls,
             mqtt.tls.listen.clone(),
@@ -432,10 +439,10 @@ fn mqtt_listeners(app: &App) -> Result<Vec<(Kind, String, Transport)>, StartErro
             Transport::ws(ws_settings(), mqtt.ws.proxy_protocol, timeout),
         ));
     }
-    if !mqtt.wss.listen.is_empty() {
+    if let (false, Some(certificate)) = (mqtt.wss.listen.is_empty(), &certificate) {
         // WebSocket over TLS: the certificate of [mqtt.tls], offered with ALPN http/1.1
         // (browsers ask for it; the WebSocket upgrade is HTTP/1.1).
-        let acceptor = TlsAcceptor::new(&mqtt.tls, &[b"http/1.1"], &app.metrics)?;
+        let acceptor = certificate.acceptor(&[b"http/1.1"]);
         listeners.push((
             Kind::Wss,
             mqtt.wss.listen.clone(),

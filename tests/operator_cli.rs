@@ -346,6 +346,103 @@ async fn dev_stops_within_a_second_of_ctrl_c_with_clients_connected() {
     assert!(!stderr.contains('\u{1b}'), "{stderr}");
 }
 
+/// Starts `dev --tls` on free ports with `TMPDIR` set to `tmp`; returns it with its TLS
+/// address, the CA file it printed, the username and the API key.
+async fn dev_tls(tmp: &std::path::Path) -> (Proc, SocketAddr, std::path::PathBuf, String, String) {
+    let proc = Proc::start(
+        &[
+            "dev",
+            "--tls",
+            "--mqtt-tls-listen",
+            "127.0.0.1:0",
+            "--mqtt-ws-listen",
+            "",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+        &[("TMPDIR", tmp.to_str().expect("a UTF-8 path"))],
+    );
+    let line = proc.stdout.wait_for("MQTT over TLS on ").await;
+    let tls = line
+        .strip_prefix("MQTT over TLS on ")
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let ca = proc.stdout.wait_for("  CA ").await;
+    let ca = std::path::PathBuf::from(ca.split_whitespace().last().expect("a path"));
+    let username = proc.stdout.wait_for("  username ").await;
+    let key = proc.stdout.wait_for("  API key ").await;
+    let last = |l: String| l.split_whitespace().last().unwrap_or_default().to_owned();
+    (proc, tls, ca, last(username), last(key))
+}
+
+/// A PID that no process has: one of a child that has exited and was reaped.
+async fn dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().expect("true runs");
+    let pid = child.id().expect("a pid");
+    child.wait().await.expect("true exits");
+    pid
+}
+
+#[tokio::test]
+async fn dev_tls_removes_its_certificates_on_sigint_and_sigterm_and_stale_ones_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Left by a dev that was killed outright (SIGKILL), and one of a process that runs.
+    let stale = tmp
+        .path()
+        .join(format!("lorabroker-dev-tls-{}-AbC123", dead_pid().await));
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("ca.pem"), "old").unwrap();
+    let running = tmp
+        .path()
+        .join(format!("lorabroker-dev-tls-{}-XyZ789", std::process::id()));
+    std::fs::create_dir(&running).unwrap();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let (mut proc, tls, ca_file, username, key) = dev_tls(tmp.path()).await;
+        let dir = ca_file
+            .parent()
+            .expect("the CA is in a directory")
+            .to_owned();
+        assert!(
+            dir.starts_with(tmp.path()),
+            "{} not under TMPDIR",
+            dir.display()
+        );
+        assert!(!stale.exists(), "the stale directory of a dead PID stays");
+        assert!(
+            running.exists(),
+            "the directory of a running PID was removed"
+        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&dir).unwrap().permissions(),
+        );
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "the key's directory is open to others: {mode:o}"
+        );
+        // A client trusting the printed CA file gets in.
+        let ca = std::fs::read_to_string(&ca_file).unwrap();
+        let stream = common::tls::tls_connect(tls, &[ca], None)
+            .await
+            .expect("the printed CA verifies the server");
+        let mut client = common::tls::RawMqtt::new(stream);
+        assert_eq!(client.connect(&username, &key, 30).await, 0);
+
+        proc.signal(signal);
+        let status = proc.exit_within(WAIT).await;
+        assert!(status.success(), "{status:?}: {}", proc.stderr.text());
+        assert!(
+            !dir.exists(),
+            "{} left after signal {signal}",
+            dir.display()
+        );
+    }
+    assert!(running.exists());
+}
+
 #[tokio::test]
 async fn serve_drains_on_sigterm_and_a_second_signal_ends_the_drain() {
     let token = unique("token");

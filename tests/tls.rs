@@ -486,6 +486,103 @@ async fn certificates_rotate_without_dropping_connections() {
     node.shutdown().await;
 }
 
+/// The certificate a new handshake on `addr` gets when offering `alpn`, and the protocol
+/// the server selected.
+async fn presented(
+    addr: std::net::SocketAddr,
+    roots: &[String],
+    alpn: &[u8],
+) -> Result<(rustls_pki_types::CertificateDer<'static>, Option<Vec<u8>>), String> {
+    let s = common::tls::tls_connect_alpn(addr, roots, None, alpn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let selected = s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    Ok((peer_certificate(&s), selected))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_wss_share_one_certificate_watch() {
+    let log = captured();
+    let env = TestEnv::new(Backend::Embedded).await;
+    let (ca_a, ca_b) = (TestCa::new("shared CA A"), TestCa::new("shared CA B"));
+    let (cert_a, cert_b) = (ca_a.server(), ca_b.server());
+    let mut mount = SecretMount::new(&cert_a.cert, &cert_a.key);
+    let node = env
+        .node_with(|c| {
+            use_tls(c, &mount.cert(), &mount.key());
+            c.mqtt.wss.listen = "127.0.0.1:0".into();
+            c.mqtt.tls.reload_interval = Duration::from_millis(100);
+        })
+        .await;
+    let app1 = env.app("app1");
+    let (user, key) = (node.username(&app1), node.key(&app1, Rights::DEFAULT).await);
+    let (tls, wss) = (node.addr(Kind::Tls), node.addr(Kind::Wss));
+    let roots = vec![ca_a.pem(), ca_b.pem()];
+    let loaded = r#"lorabroker_tls_reloads_total{result="loaded"}"#;
+    assert_eq!(metric(&node, loaded), 0.0);
+
+    // One old connection on each listener, on certificate A.
+    let stream = tls_connect(tls, &roots, None).await.unwrap();
+    assert_eq!(peer_certificate(&stream), cert_a.der());
+    let mut old_tls = RawMqtt::new(stream);
+    assert_eq!(old_tls.connect(&user, &key, 30).await, 0);
+    assert!(old_tls.subscribe("#").await);
+    assert_eq!(
+        presented(wss, &roots, b"http/1.1").await.unwrap().0,
+        cert_a.der()
+    );
+    let mut old_wss = common::ws::Connector::Wss(wss, roots.clone()).open().await;
+    assert_eq!(old_wss.connect(&user, &key).await, 0);
+    old_wss.send(&common::ws::subscribe_packet("#")).await;
+    assert!(matches!(
+        old_wss.next().await,
+        Ok(mqttbytes::v4::Packet::SubAck(_))
+    ));
+
+    mount.update(&cert_b.cert, &cert_b.key);
+    for (listener, addr, alpn) in [("tls", tls, &b"mqtt"[..]), ("wss", wss, b"http/1.1")] {
+        common::wait::eventually(
+            &format!("a new {listener} client sees certificate B"),
+            Duration::from_secs(5),
+            || async {
+                let (cert, selected) = presented(addr, &roots, alpn).await?;
+                if cert != cert_b.der() {
+                    return Err("still certificate A".to_owned());
+                }
+                // Each listener keeps its own ALPN after the swap.
+                match selected.as_deref() {
+                    Some(p) if p == alpn => Ok(()),
+                    other => panic!("{listener} selected {other:?} after the rotation"),
+                }
+            },
+        )
+        .await;
+    }
+    // Several more reload intervals: a second watch would have counted by now as well.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(metric(&node, loaded), 1.0, "one rotation, counted once");
+    let cert_file = mount.cert().display().to_string();
+    let logged = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let lines = logged
+        .lines()
+        .filter(|l| l.contains("TLS certificate reloaded") && l.contains(&cert_file))
+        .count();
+    assert_eq!(lines, 1, "one rotation, logged once:\n{logged}");
+
+    // Both old connections, made with certificate A, still receive uplinks.
+    node.upstream()
+        .publish(&device(&env, "dev1"), Event::Up, r#"{"after":"B"}"#.into())
+        .await
+        .unwrap();
+    assert_eq!(
+        &old_tls.next_on("/devices/dev1/up").await.payload[..],
+        br#"{"after":"B"}"#
+    );
+    let (_, payload) = old_wss.next_publish_on("/devices/dev1/up").await;
+    assert_eq!(&payload[..], br#"{"after":"B"}"#);
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_certificate_file_stops_the_start_naming_it() {
     let env = TestEnv::new(Backend::Embedded).await;

@@ -1,12 +1,14 @@
 //! MQTT over TLS and the TLS layer of WebSocket over TLS (rustls on ring, TLS 1.2 and 1.3).
 //!
-//! The certificate chain, its key and the optional client CA come from `[mqtt.tls]`. They
-//! are read again every `mqtt.tls.reload_interval`: when the bytes of any file changed
-//! (cert-manager and Kubernetes replace a Secret's files by swapping a symlink, so the
-//! content is compared, not a modification time), a new `ServerConfig` is built and swapped
-//! in for the handshakes that follow; established connections keep theirs. A bad file at
-//! start is a [`TlsConfigError`] naming the key and the file; a bad file at reload keeps
-//! the certificate in use, logs a warning naming the file and counts
+//! The certificate chain, its key and the optional client CA come from `[mqtt.tls]`. One
+//! [`CertificateWatch`] reads them again every `mqtt.tls.reload_interval`: when the bytes
+//! of any file changed (cert-manager and Kubernetes replace a Secret's files by swapping a
+//! symlink, so the content is compared, not a modification time), a new certificate is
+//! built and swapped in for the handshakes that follow; established connections keep
+//! theirs. Every listener using those files (TLS with ALPN `mqtt`, WSS with `http/1.1`)
+//! takes a [`TlsAcceptor`] from the same watch, so a rotation is read, counted and logged
+//! once. A bad file at start is a [`TlsConfigError`] naming the key and the file; a bad
+//! file at reload keeps the certificate in use, logs a warning naming the file and counts
 //! `lorabroker_tls_reloads_total{result="failed"}`.
 
 use std::sync::{Arc, Weak};
@@ -63,18 +65,11 @@ struct Contents {
     client_ca: Vec<u8>,
 }
 
-/// The configurations of one loaded certificate: without ALPN, and one per protocol the
-/// listener may select when a client offers it.
-struct Loaded {
-    plain: Arc<ServerConfig>,
-    alpn: Vec<(Vec<u8>, Arc<ServerConfig>)>,
-}
-
+/// What the watch shares with its acceptors and its reload task.
 struct Shared {
     files: Files,
-    /// ALPN protocols this listener selects when offered (`mqtt`; `http/1.1` for WSS).
-    protocols: Vec<Vec<u8>>,
-    current: RwLock<Arc<Loaded>>,
+    /// The loaded certificate, as a configuration without ALPN.
+    current: RwLock<Arc<ServerConfig>>,
     seen: Mutex<Contents>,
     /// The last read error, so that a missing file is warned about once.
     unreadable: Mutex<Option<String>>,
@@ -82,32 +77,27 @@ struct Shared {
     expiry: Gauge,
 }
 
-/// Accepts TLS connections with the configured certificate, reloaded when its files change.
-pub struct TlsAcceptor {
+/// One certificate source (`[mqtt.tls]`'s files), loaded once and reloaded when the files
+/// change, for every listener that presents it.
+#[derive(Clone)]
+pub struct CertificateWatch {
     shared: Arc<Shared>,
 }
 
-impl TlsAcceptor {
-    /// Loads `[mqtt.tls]`'s files, and (within a Tokio runtime) starts watching them every
-    /// `reload_interval` for as long as the acceptor lives. `protocols` are the ALPN
-    /// protocols selected when a client offers one of them (none is required).
-    pub fn new(
-        config: &MqttTlsConfig,
-        protocols: &[&[u8]],
-        metrics: &Metrics,
-    ) -> Result<Self, TlsConfigError> {
+impl CertificateWatch {
+    /// Loads `[mqtt.tls]`'s files, and (within a Tokio runtime) starts reading them again
+    /// every `reload_interval` for as long as the watch or one of its acceptors lives.
+    pub fn new(config: &MqttTlsConfig, metrics: &Metrics) -> Result<Self, TlsConfigError> {
         let files = Files {
             cert: config.cert_file.clone(),
             key: config.key_file.clone(),
             client_ca: config.client_ca_file.clone(),
         };
-        let protocols: Vec<Vec<u8>> = protocols.iter().map(|p| p.to_vec()).collect();
         let contents = read_files(&files)?;
-        let (loaded, expires) = build(&files, &contents, &protocols)?;
+        let (loaded, expires) = build(&files, &contents)?;
         metrics.tls_certificate_expiry.set(expires);
         let shared = Arc::new(Shared {
             files,
-            protocols,
             current: RwLock::new(Arc::new(loaded)),
             seen: Mutex::new(contents),
             unreadable: Mutex::new(None),
@@ -126,16 +116,74 @@ impl TlsAcceptor {
         self.shared.reload();
     }
 
+    /// An acceptor presenting this certificate that selects one of `protocols` by ALPN
+    /// when a client offers it (none is required).
+    pub fn acceptor(&self, protocols: &[&[u8]]) -> TlsAcceptor {
+        let protocols: Vec<Vec<u8>> = protocols.iter().map(|p| p.to_vec()).collect();
+        let current = self.shared.current.read().clone();
+        let configs = Arc::new(Configs::derive(current, &protocols));
+        TlsAcceptor {
+            shared: self.shared.clone(),
+            protocols,
+            configs: RwLock::new(configs),
+        }
+    }
+}
+
+/// One acceptor's configurations for one loaded certificate: without ALPN, and one per
+/// protocol it selects.
+struct Configs {
+    plain: Arc<ServerConfig>,
+    alpn: Vec<(Vec<u8>, Arc<ServerConfig>)>,
+}
+
+impl Configs {
+    fn derive(plain: Arc<ServerConfig>, protocols: &[Vec<u8>]) -> Self {
+        let alpn = protocols
+            .iter()
+            .map(|p| {
+                let mut c = (*plain).clone();
+                c.alpn_protocols = vec![p.clone()];
+                (p.clone(), Arc::new(c))
+            })
+            .collect();
+        Self { plain, alpn }
+    }
+}
+
+/// Accepts TLS connections with the certificate of a [`CertificateWatch`], offering its
+/// own ALPN protocols.
+pub struct TlsAcceptor {
+    shared: Arc<Shared>,
+    protocols: Vec<Vec<u8>>,
+    /// Derived from the watch's certificate; derived again on the first handshake after
+    /// the watch swapped it.
+    configs: RwLock<Arc<Configs>>,
+}
+
+impl TlsAcceptor {
+    /// The configurations for the certificate the watch holds now.
+    fn configs(&self) -> Arc<Configs> {
+        let current = self.shared.current.read().clone();
+        let configs = self.configs.read().clone();
+        if Arc::ptr_eq(&configs.plain, &current) {
+            return configs;
+        }
+        let fresh = Arc::new(Configs::derive(current, &self.protocols));
+        *self.configs.write() = fresh.clone();
+        fresh
+    }
+
     /// Runs the server side of a TLS handshake on `tcp`.
     pub async fn accept(&self, tcp: TcpStream) -> Result<Box<dyn Duplex>, TlsError> {
         let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
-        let loaded = self.shared.current.read().clone();
+        let configs = self.configs();
         let config = match start.client_hello().alpn() {
             Some(mut offered) => offered
-                .find_map(|p| loaded.alpn.iter().find(|(q, _)| q == p))
+                .find_map(|p| configs.alpn.iter().find(|(q, _)| q == p))
                 .map(|(_, c)| c.clone())
-                .unwrap_or_else(|| loaded.plain.clone()),
-            None => loaded.plain.clone(),
+                .unwrap_or_else(|| configs.plain.clone()),
+            None => configs.plain.clone(),
         };
         let stream = start.into_stream(config).await?;
         Ok(Box::new(stream))
@@ -162,7 +210,7 @@ impl Shared {
         if *seen == contents {
             return;
         }
-        let built = build(&self.files, &contents, &self.protocols);
+        let built = build(&self.files, &contents);
         // Refused bytes are remembered too: one warning per change of the files.
         *seen = contents;
         drop(seen);
@@ -188,7 +236,7 @@ impl Shared {
     }
 }
 
-/// Reloads every `interval` until the acceptor is gone.
+/// Reloads every `interval` until the watch and its acceptors are gone.
 async fn watch(shared: Weak<Shared>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -221,13 +269,9 @@ fn read_files(files: &Files) -> Result<Contents, TlsConfigError> {
     })
 }
 
-/// Builds the server configurations from the files' bytes, and tells when the leaf
-/// certificate expires (Unix seconds).
-fn build(
-    files: &Files,
-    contents: &Contents,
-    protocols: &[Vec<u8>],
-) -> Result<(Loaded, i64), TlsConfigError> {
+/// Builds the server configuration (without ALPN) from the files' bytes, and tells when
+/// the leaf certificate expires (Unix seconds).
+fn build(files: &Files, contents: &Contents) -> Result<(ServerConfig, i64), TlsConfigError> {
     let bad = |key: &'static str, file: &str, problem: String| TlsConfigError {
         key,
         file: file.to_owned(),
@@ -281,19 +325,5 @@ fn build(
             format!("does not go with {}: {e}", files.cert),
         )
     })?;
-    let alpn = protocols
-        .iter()
-        .map(|p| {
-            let mut c = plain.clone();
-            c.alpn_protocols = vec![p.clone()];
-            (p.clone(), Arc::new(c))
-        })
-        .collect();
-    Ok((
-        Loaded {
-            plain: Arc::new(plain),
-            alpn,
-        },
-        expires,
-    ))
+    Ok((plain, expires))
 }

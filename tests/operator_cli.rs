@@ -428,8 +428,8 @@ async fn dev_tls_removes_its_certificates_on_sigint_and_sigterm_and_stale_ones_a
         let stream = common::tls::tls_connect(tls, &[ca], None)
             .await
             .expect("the printed CA verifies the server");
-        let mut client = common::tls::RawMqtt::new(stream);
-        assert_eq!(client.connect(&username, &key, 30).await, 0);
+        let mut client = common::raw::Raw::over(stream);
+        assert_eq!(client.connect(&username, &key).await, 0);
 
         proc.signal(signal);
         let status = proc.exit_within(WAIT).await;

@@ -674,6 +674,9 @@ async fn every_store_works_on_a_redis_cluster() {
     c.redis.cluster_urls = vec![format!("redis://127.0.0.1:{}", ports[0])];
     c.limits.max_connections_per_key = 2;
     let node = node_from_config(c.clone()).await;
+    // The cluster connection is dialled on first use; on a busy machine that dial alone can
+    // take longer than one store operation's timeout, so start once the node is ready.
+    ready(&node).await;
 
     // Several tenants, so that their keys land on different nodes.
     let apps: Vec<AppRef> = (0..6).map(|_| app()).collect();

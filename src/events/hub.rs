@@ -379,7 +379,7 @@ mod tests {
         .await
         .unwrap();
         // Two subscriptions: the event and the sample may come in either order.
-        let mut frames = vec![
+        let mut frames = [
             stream.rx.recv().await.unwrap(),
             stream.rx.recv().await.unwrap(),
         ];

@@ -31,8 +31,13 @@ fn json(body: &str) -> Value {
 #[tokio::test]
 async fn a_stream_on_one_node_sees_connects_refusals_and_revocations_on_another() {
     let env = TestEnv::new(Backend::Cluster).await;
-    let a = env.node_with(|c| c.http.admin_token = TOKEN.into()).await;
-    let b = env.node_with(|c| c.http.admin_token = TOKEN.into()).await;
+    // The application quota on: its counts in Redis are the cluster-wide connections.
+    let config = |c: &mut lorabroker::config::Config| {
+        c.http.admin_token = TOKEN.into();
+        c.limits.max_connections_per_application = 100;
+    };
+    let a = env.node_with(config).await;
+    let b = env.node_with(config).await;
     let app = env.app("app1");
     let uid = a.username(&app);
     let mut events = Sse::open(
@@ -68,6 +73,20 @@ async fn a_stream_on_one_node_sees_connects_refusals_and_revocations_on_another(
         "app1"
     );
     assert_eq!(connect["origin"], "test");
+    let (status, body) = request(
+        a.http_addr,
+        "GET",
+        &format!("/api/v1/applications/{uid}/stats"),
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        json(&body)["connections"],
+        1,
+        "node B's client, seen from A: {body}"
+    );
 
     // A key that does not exist: The Things Stack's words.
     let unknown = generate().key;
@@ -144,6 +163,17 @@ async fn the_application_routes_take_the_admin_token_or_a_key_with_the_settings_
     assert_eq!(
         (s, json(&body)["code"].clone()),
         (401, "unauthenticated".into())
+    );
+
+    // The settings right carries no MQTT traffic right.
+    let settings_only = node.key(&app1, Rights::SETTINGS_API_KEYS).await;
+    let refused = TestClient::connect(node.mqtt_addr, &uid1, &settings_only, &unique("c")).await;
+    assert_eq!(refused.err(), Some(ConnectReturnCode::NotAuthorized));
+    assert_eq!(
+        request(addr, "GET", &keys1, Some(&settings_only), "")
+            .await
+            .0,
+        200
     );
 
     // Device routes and revocation by ID stay the operator's.

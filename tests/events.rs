@@ -348,6 +348,49 @@ async fn a_flood_of_refused_connects_is_rate_limited_and_streams_are_bounded() {
     .await;
     assert_eq!(third.status, 503);
     assert_eq!(third.error_body().await["code"], "unavailable");
-    drop((events, other));
+    // Streams end with the node (they would otherwise hold its HTTP connections).
+    let mut other = other;
+    tokio::time::timeout(std::time::Duration::from_secs(10), node.shutdown())
+        .await
+        .expect("the node stops with streams open");
+    events.expect_end().await;
+    other.expect_end().await;
+}
+
+#[tokio::test]
+async fn wrong_keys_over_http_count_towards_the_failed_login_limit_of_the_address() {
+    let env = TestEnv::new(Backend::Embedded).await;
+    let node = env
+        .node_with(|c| {
+            c.http.admin_token = TOKEN.into();
+            c.limits.failed_connects_per_ip = lorabroker::limits::Rate::new(0.01, 3);
+        })
+        .await;
+    let app = env.app("app1");
+    let uid = node.username(&app);
+    let good = node.key(&app, Rights::SETTINGS_API_KEYS).await;
+    let keys = format!("/api/v1/applications/{uid}/keys");
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let (s, _) = request(node.http_addr, "GET", &keys, Some(&generate().key), "").await;
+        statuses.push(s);
+    }
+    // The failure past the burst of 3 starts the cool-down (as over MQTT).
+    assert_eq!(statuses, [401, 401, 401, 401, 429]);
+    // The address is refused for the cool-down, even with a good key (as over MQTT) …
+    let (s, body) = request(node.http_addr, "GET", &keys, Some(&good), "").await;
+    assert_eq!(
+        (s, json(&body)["code"].clone()),
+        (429, "too_many_requests".into())
+    );
+    let refused = TestClient::connect(node.mqtt_addr, &uid, &good, &unique("c")).await;
+    assert_eq!(refused.err(), Some(ConnectReturnCode::NotAuthorized));
+    // … but not the operator, whose token is not an API key.
+    assert_eq!(
+        request(node.http_addr, "GET", &keys, Some(TOKEN), "")
+            .await
+            .0,
+        200
+    );
     node.shutdown().await;
 }

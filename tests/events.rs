@@ -118,9 +118,27 @@ async fn a_stream_on_one_node_sees_connects_refusals_and_revocations_on_another(
         .await;
     assert_eq!(gone["data"]["reason"], "revoked", "{gone}");
     assert_eq!(gone["data"]["key_id"], id.as_str());
+
+    // Node B drains: its clients' disconnects say so, on node A's stream.
+    let key = b.key(&app, Rights::LINK).await;
+    let client_id = unique("d");
+    let _client = TestClient::connect(b.mqtt_addr, &uid, &key, &client_id)
+        .await
+        .expect("connects");
+    events
+        .event("as.mqtt.connect", |e| {
+            e["data"]["client_id"] == client_id.as_str()
+        })
+        .await;
+    b.shutdown().await;
+    let drained = events
+        .event("as.mqtt.disconnect", |e| {
+            e["data"]["client_id"] == client_id.as_str()
+        })
+        .await;
+    assert_eq!(drained["data"]["reason"], "drain", "{drained}");
     drop(events);
     a.shutdown().await;
-    b.shutdown().await;
 }
 
 #[tokio::test]

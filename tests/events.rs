@@ -412,3 +412,74 @@ async fn wrong_keys_over_http_count_towards_the_failed_login_limit_of_the_addres
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn uplinks_are_sampled_downlinks_reported_and_messages_counted() {
+    use lorabroker::topic::{DeviceRef, Event, Id};
+    let env = TestEnv::new(Backend::Embedded).await;
+    let node = env.node_with(|c| c.http.admin_token = TOKEN.into()).await;
+    let app = env.app("app1");
+    let uid = node.username(&app);
+    let mut events = Sse::open(
+        node.http_addr,
+        &format!("/api/v1/applications/{uid}/events?names=as.up,as.down"),
+        TOKEN,
+    )
+    .await;
+    let key = node.key(&app, Rights::LINK).await;
+    let mut client = node.client(&app, &key).await;
+    client.subscribe(&format!("v3/{uid}/devices/+/up")).await;
+    let device = DeviceRef::new(app.clone(), Id::parse("dev1").unwrap());
+    let uplink = r#"{"uplink_message":{"f_port":1}}"#;
+    node.upstream()
+        .publish(&device, Event::Up, uplink.into())
+        .await
+        .unwrap();
+    client.next_on("/up").await;
+    let sample = events.event("as.up.sample", |_| true).await;
+    assert_eq!(sample["data"]["device_id"], "dev1");
+    assert_eq!(sample["data"]["size"], uplink.len());
+    assert!(
+        sample["data"].get("frm_payload").is_none()
+            && !sample.to_string().contains("uplink_message")
+    );
+
+    client
+        .publish(
+            &format!("v3/{uid}/devices/dev1/down/push"),
+            r#"{"downlinks":[{"f_port":1,"frm_payload":"AQ=="}]}"#,
+        )
+        .await;
+    let queued = events.event("as.down.queued", |_| true).await;
+    assert_eq!(queued["data"]["device_id"], "dev1");
+    assert_eq!(
+        queued["data"]["summary"], "1 downlink(s) pushed",
+        "{queued}"
+    );
+    client
+        .publish(&format!("v3/{uid}/devices/dev1/down/push"), "not json")
+        .await;
+    let failed = events.event("as.down.failed", |_| true).await;
+    assert!(
+        failed["data"]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid"),
+        "{failed}"
+    );
+
+    let (s, body) = request(
+        node.http_addr,
+        "GET",
+        &format!("/api/v1/applications/{uid}/stats"),
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"connections": 1, "messages_in": 2, "messages_out": 1, "dropped": 0})
+    );
+    node.shutdown().await;
+}

@@ -78,6 +78,8 @@ pub trait QuotaStore: Send + Sync {
     async fn release(&self, scopes: &[Scope]) -> Result<(), QuotaError>;
     /// Renews this node's counts (its lease); a no-op where counts cannot outlive a node.
     async fn refresh(&self) -> Result<(), QuotaError>;
+    /// The connections counted in `scope` now, across the cluster.
+    async fn count(&self, scope: &Scope) -> Result<u64, QuotaError>;
 }
 
 /// Counts in memory: exact, for a node on its own.
@@ -124,6 +126,11 @@ impl QuotaStore for MemoryQuotaStore {
 
     async fn refresh(&self) -> Result<(), QuotaError> {
         Ok(())
+    }
+
+    async fn count(&self, scope: &Scope) -> Result<u64, QuotaError> {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(counts.get(&scope.name()).copied().unwrap_or(0))
     }
 }
 
@@ -216,6 +223,21 @@ impl ConnectionQuotas {
         }
     }
 
+    /// The connections of `app` across the cluster, when the application quota counts
+    /// them (`limits.max_connections_per_application` > 0) and the store answers.
+    pub async fn application_connections(&self, app: &AppRef) -> Option<u64> {
+        if self.limits.application == 0 {
+            return None;
+        }
+        let scope = Scope {
+            kind: ScopeKind::Application,
+            tenant: app.tenant.to_string(),
+            id: app.app.to_string(),
+            limit: self.limits.application,
+        };
+        self.store.count(&scope).await.ok()
+    }
+
     /// Gives back a connection that [`ConnectionQuotas::acquire`] held.
     pub async fn release(&self, app: &AppRef, key_id: &str) {
         let scopes = self.scopes(app, key_id);
@@ -267,6 +289,10 @@ pub mod suite {
             Some(1),
             "app1 is at its quota of 2"
         );
+        // Every node reads the cluster-wide count (the /stats of an application).
+        assert_eq!(node_a.count(&app1).await.unwrap(), 2);
+        assert_eq!(node_b.count(&app1).await.unwrap(), 2);
+        assert_eq!(node_b.count(&app2).await.unwrap(), 0);
         // A refused acquire took nothing: the tenant has one place left.
         let a2 = [t.clone(), app2.clone()];
         assert_eq!(node_b.acquire(&a2).await.unwrap(), None);
@@ -352,6 +378,9 @@ mod tests {
             Err(QuotaError::Unavailable("down".into()))
         }
         async fn refresh(&self) -> Result<(), QuotaError> {
+            Err(QuotaError::Unavailable("down".into()))
+        }
+        async fn count(&self, _: &Scope) -> Result<u64, QuotaError> {
             Err(QuotaError::Unavailable("down".into()))
         }
     }

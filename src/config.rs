@@ -71,6 +71,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The console page and the public addresses it shows.
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// `[mqtt]`
@@ -498,6 +500,7 @@ impl Default for Config {
             limits: crate::limits::LimitsConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
+            console: crate::console::ConsoleConfig::default(),
         }
     }
 }

@@ -278,6 +278,7 @@ impl Node {
             http,
             app.clone(),
             false,
+            crate::console::Listeners(mqtt_listeners.clone()),
             http_stop.clone(),
         ));
         let metrics_task = metrics.map(|listener| {
@@ -285,6 +286,7 @@ impl Node {
                 listener,
                 app.clone(),
                 true,
+                crate::console::Listeners::default(),
                 http_stop.clone(),
             ))
         });

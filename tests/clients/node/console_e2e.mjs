@@ -83,8 +83,8 @@ const browser = await chromium.launch({
   args: ['--no-sandbox'],
 });
 let failed = false;
+const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
   const violations = [];
   page.on('console', (m) => {
     if (m.type() === 'error') {
@@ -150,6 +150,9 @@ try {
 } catch (e) {
   failed = true;
   console.error(`FAILED: ${e.message}`);
+  // What the page showed when it failed, for the CI artifact.
+  await page.screenshot({ path: SCREENSHOT, fullPage: true }).catch(() => {});
+  console.error(`screenshot of the failure: ${SCREENSHOT}`);
 } finally {
   await browser.close();
 }

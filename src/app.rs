@@ -17,6 +17,7 @@ use crate::downlink::redis::RedisDownlinkQueue;
 use crate::downlink::{
     DownlinkQueue, DownlinkService, MemoryDownlinkQueue, QueueError, QueueLimits, ServiceSettings,
 };
+use crate::events::{Hub, Publisher, TrafficStats};
 use crate::limits::{Limits, MemoryQuotaStore, QuotaError, QuotaStore};
 use crate::log::LogLimiter;
 use crate::metrics::{Metrics, ReasonLabels};
@@ -162,6 +163,12 @@ pub struct App {
     pub admission: Admission,
     /// One refusal log line per peer per interval.
     pub refusal_log: LogLimiter,
+    /// Emits live events (rate-limited, never blocking).
+    pub events: Arc<Publisher>,
+    /// This node's live event streams.
+    pub event_hub: Arc<Hub>,
+    /// Message counters per application (`/stats`).
+    pub stats: Arc<TrafficStats>,
 }
 
 impl App {
@@ -192,9 +199,30 @@ impl App {
             config.mqtt.max_pending_handshakes,
             metrics.pending_handshakes.clone(),
         );
+        let max_tracked = config.limits.max_tracked_keys;
+        let events = Arc::new(Publisher::new(
+            &config.events,
+            &config.node_name,
+            max_tracked,
+            metrics.events_dropped.clone(),
+            metrics.events_published.clone(),
+        ));
+        let event_hub = Arc::new(Hub::new(
+            backends.bus.clone(),
+            config.events.clone(),
+            &config.node_name,
+            max_tracked,
+            metrics.events_dropped.clone(),
+            metrics.event_streams.clone(),
+        ));
+        let stats = Arc::new(TrafficStats::new(config.events.max_stats_applications));
         Arc::new(Self {
             node_id: format!("{}-{}", config.node_name, ulid::Ulid::new()),
-            router: Router::new(backends.bus.clone(), tenancy.clone(), metrics.clone()),
+            router: Router::new(backends.bus.clone(), tenancy.clone(), metrics.clone())
+                .with_stats(stats.clone()),
+            events,
+            event_hub,
+            stats,
             downlinks: DownlinkService::new(
                 backends.queue.clone(),
                 backends.devices.clone(),

@@ -1,5 +1,7 @@
-//! Cluster signals on the bus under `lorabroker.>` (DESIGN §3, §4, §7): client-ID takeover
-//! and key revocation, turned from typed [`Signal`]s into bus messages and back.
+//! Cluster signals on the bus (DESIGN §3, §4, §7): client-ID takeover on
+//! `lorabroker.takeover` and key revocation on `lorabroker.keys.revoked`, turned from typed
+//! [`Signal`]s into bus messages and back. (Live events travel under `lorabroker.events.>`,
+//! which no signal subscription covers: a node receives only the events it streams.)
 //!
 //! Every node, the embedded one included, acts on signals the same way, so single-node and
 //! clustered behaviour cannot differ. Core NATS does not keep signals for a node that is
@@ -19,8 +21,8 @@ use crate::mqtt::outbox::CloseReason;
 use crate::registry::{Claim, Connection, Registry};
 use crate::topic::{AppRef, Id};
 
-/// Subject filter of every cluster signal.
-pub const SIGNAL_FILTER: &str = "lorabroker.>";
+/// Subject filters of the cluster signals.
+pub const SIGNAL_FILTERS: [&str; 2] = [TAKEOVER_SUBJECT, "lorabroker.keys.>"];
 const TAKEOVER_SUBJECT: &str = "lorabroker.takeover";
 const REVOKED_SUBJECT: &str = "lorabroker.keys.revoked";
 

@@ -67,6 +67,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// Rate limits and connection quotas.
     pub limits: crate::limits::LimitsConfig,
+    /// Live events and their streams.
+    pub events: crate::events::EventsConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Logging.
@@ -498,6 +500,7 @@ impl Default for Config {
             nats: NatsConfig::default(),
             redis: RedisConfig::default(),
             limits: crate::limits::LimitsConfig::default(),
+            events: crate::events::EventsConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             console: crate::console::ConsoleConfig::default(),
@@ -897,6 +900,7 @@ impl Config {
         );
         self.nats.validate(&mut errors);
         self.limits.validate(&mut errors);
+        self.events.validate(&mut errors);
         self.redis.validate(&mut errors);
         if errors.is_empty() {
             Ok(())

@@ -11,7 +11,8 @@
 //!                           │    (per-application fan-out to local sessions)
 //!                           ├─ downlink::DownlinkService ──► downlink::DownlinkQueue (memory | Redis)
 //!                           │    (validation, limits, quotas)  └► devices::DeviceRegistry (memory | Redis)
-//!                           └─ registry::Registry ◄── cluster (takeover, revocation signals)
+//!                           ├─ registry::Registry ◄── cluster (takeover, revocation signals)
+//!                           └─ events::Publisher ──► bus::Bus ──► events::Hub (SSE on http)
 //!  upstream (simulated fleet) ──► bus::Bus, downlink::DownlinkQueue, devices::DeviceRegistry
 //! ```
 //!
@@ -26,6 +27,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod downlink;
+pub mod events;
 pub mod health;
 pub mod http;
 pub mod limits;

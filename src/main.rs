@@ -174,7 +174,8 @@ enum KeysCommand {
         #[arg(long)]
         tenant: Option<String>,
         /// Comma-separated rights (The Things Stack names or traffic:read,
-        /// traffic:down:write, traffic:up:write, link, all). Default: read + down write.
+        /// traffic:down:write, traffic:up:write, link, settings:api:keys, all). Default:
+        /// read + down write.
         #[arg(long)]
         rights: Option<String>,
         /// A name for the key.

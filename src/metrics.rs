@@ -135,6 +135,13 @@ pub struct Metrics {
     /// WebSocket connections closed for a frame problem (`text_frame`, `too_large`,
     /// `protocol`), by reason.
     pub websocket_errors: Family<ReasonLabels, Counter>,
+    /// Live events dropped, by reason (`rate_limited`, `queue_full`, `bus_unavailable`,
+    /// `slow_reader`).
+    pub events_dropped: Family<ReasonLabels, Counter>,
+    /// Live events this node published on the bus.
+    pub events_published: Counter,
+    /// Event streams (SSE) open on this node.
+    pub event_streams: Gauge,
 }
 
 impl Default for Metrics {
@@ -165,6 +172,9 @@ impl Default for Metrics {
             tls_reloads: Family::default(),
             tls_certificate_expiry: Gauge::default(),
             websocket_errors: Family::default(),
+            events_dropped: Family::default(),
+            events_published: Counter::default(),
+            event_streams: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -286,6 +296,21 @@ impl Default for Metrics {
             "websocket_errors",
             "WebSocket connections closed for a frame problem (text_frame, too_large over mqtt.max_packet_size, protocol), by reason",
             m.websocket_errors.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Live events dropped, by reason (rate_limited over events.per_application_per_second, queue_full, bus_unavailable, slow_reader)",
+            m.events_dropped.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Live events this node published on the bus",
+            m.events_published.clone(),
+        );
+        registry.register(
+            "event_streams",
+            "Event streams (SSE) open on this node",
+            m.event_streams.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -30,6 +30,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::task::AbortHandle;
 
 use crate::bus::{Bus, BusError, BusMessage, Subscription};
+use crate::events::{AppCounters, TrafficStats};
 use crate::log::Bounded;
 use crate::metrics::{AppLabels, Metrics, ReasonLabels};
 use crate::mqtt::codec::encode_publish;
@@ -72,6 +73,8 @@ struct AppState {
     /// `v3/{app uid}/`
     topic_prefix: String,
     labels: AppLabels,
+    /// The application's message counters for `/stats` (none over their bound).
+    counters: Option<Arc<AppCounters>>,
 }
 
 /// Per-node fan-out from bus subjects to local subscribers.
@@ -79,6 +82,7 @@ pub struct Router {
     bus: Arc<dyn Bus>,
     tenancy: Tenancy,
     metrics: Arc<Metrics>,
+    stats: Arc<TrafficStats>,
     apps: Mutex<HashMap<AppRef, Arc<AppState>>>,
 }
 
@@ -89,8 +93,14 @@ impl Router {
             bus,
             tenancy,
             metrics,
+            stats: Arc::new(TrafficStats::new(0)),
             apps: Mutex::default(),
         }
+    }
+
+    /// The router counting messages per application in `stats` (nowhere by default).
+    pub fn with_stats(self, stats: Arc<TrafficStats>) -> Self {
+        Self { stats, ..self }
     }
 
     /// Grants `filter` to connection `id` of `app`, delivering to `outbox` (the same for
@@ -148,6 +158,7 @@ impl Router {
                 tenant: app.tenant.to_string(),
                 application: app.app.to_string(),
             },
+            counters: self.stats.of(app),
         });
         apps.insert(app.clone(), state.clone());
         state
@@ -305,6 +316,9 @@ impl AppState {
         }
         if dropped > 0 {
             metrics.dropped.get_or_create(&self.labels).inc_by(dropped);
+        }
+        if let Some(c) = &self.counters {
+            c.sent(delivered, dropped);
         }
         delivered
     }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::bus::BusError;
-use crate::cluster::{SignalHandler, SIGNAL_FILTER};
+use crate::cluster::{SignalHandler, SIGNAL_FILTERS};
 use crate::mqtt::outbox::CloseReason;
 use crate::mqtt::session;
 use crate::transport::tls::TlsAcceptor;
@@ -186,6 +186,8 @@ pub struct Node {
     health_task: JoinHandle<()>,
     /// Sweeps idle rate-limiter keys and renews the connection quota lease.
     limits_task: JoinHandle<()>,
+    /// Publishes this node's live events on the bus.
+    events_task: JoinHandle<()>,
     /// Catches up on missed revocations after bus reconnections (NATS only).
     catch_up_task: Option<JoinHandle<()>>,
 }
@@ -260,7 +262,11 @@ impl Node {
                 (Some(l), Some(a))
             }
         };
-        let signals = app.bus.subscribe(SIGNAL_FILTER.to_owned()).await?;
+        let mut signals = Vec::new();
+        for filter in SIGNAL_FILTERS {
+            signals.push(app.bus.subscribe(filter.to_owned()).await?);
+        }
+        let signals: crate::bus::Subscription = Box::pin(futures::stream::select_all(signals));
         let handler = SignalHandler {
             node: app.node_id.clone(),
             registry: app.registry.clone(),
@@ -274,6 +280,21 @@ impl Node {
         });
         let signal_task = tokio::spawn(handler.run(signals));
         let limits_task = tokio::spawn(crate::limits::housekeeping(app.limits.clone()));
+        let events_task = tokio::spawn({
+            let (publisher, hub, bus) =
+                (app.events.clone(), app.event_hub.clone(), app.bus.clone());
+            let every = app.config.limits.sweep_interval;
+            async move {
+                let sweeps = async {
+                    let mut tick = tokio::time::interval(every);
+                    loop {
+                        tick.tick().await;
+                        hub.sweep();
+                    }
+                };
+                tokio::join!(publisher.run(bus, every), sweeps);
+            }
+        });
         let http_task = tokio::spawn(crate::http::serve(
             http,
             app.clone(),
@@ -323,6 +344,7 @@ impl Node {
             signal_task,
             health_task,
             limits_task,
+            events_task,
             catch_up_task,
         })
     }
@@ -349,6 +371,9 @@ impl Node {
     pub async fn wait(self) {
         let _ = self.mqtt_task.await;
         self.http_stop.cancel();
+        // Event streams never end by themselves: they end with HTTP (after the drain,
+        // whose disconnects they show).
+        self.app.event_hub.closing().cancel();
         let http_grace = if self.hurry.is_cancelled() {
             Duration::ZERO
         } else {
@@ -362,6 +387,7 @@ impl Node {
         self.signal_task.abort();
         self.health_task.abort();
         self.limits_task.abort();
+        self.events_task.abort();
         if let Some(t) = &self.catch_up_task {
             t.abort();
         }

@@ -49,7 +49,8 @@ async fn the_admin_api_refuses_lifetimes_over_100_years_and_stores_nothing() {
         let (status, answer) = request(node.http_addr, "POST", &path, Some(TOKEN), &body).await;
         assert_eq!(status, 400, "{too_long}: {answer}");
         let error: Value = serde_json::from_str(&answer).expect("a JSON error");
-        let message = error["error"].as_str().expect("an error message");
+        let message = error["message"].as_str().expect("an error message");
+        assert_eq!(error["code"], "invalid_request");
         assert!(message.starts_with("expires_in: "), "{message}");
         assert!(message.contains("100 years"), "{message}");
     }

@@ -55,6 +55,24 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+impl AuthError {
+    /// The error as an application's live events word it, as The Things Stack does where
+    /// it has a wording (`api key with id {id} not found`).
+    pub fn event_message(&self) -> String {
+        match self {
+            AuthError::MalformedKey => "password is not an API key".into(),
+            AuthError::UnknownKey(id) => format!("api key with id {id} not found"),
+            AuthError::WrongSecret(id) => format!("api key with id {id} has a wrong secret"),
+            AuthError::Expired(id) => format!("api key with id {id} expired"),
+            AuthError::WrongApplication { key, .. } => {
+                format!("api key with id {key} is for another application")
+            }
+            AuthError::NoTrafficRights(id) => format!("api key with id {id} has no traffic rights"),
+            AuthError::Unavailable(_) => "api keys cannot be verified now".into(),
+        }
+    }
+}
+
 /// Cache sizing and lifetimes.
 #[derive(Clone, Debug)]
 pub struct CacheSettings {
@@ -165,6 +183,22 @@ impl Authenticator {
         app: &AppRef,
         password: &str,
     ) -> Result<Arc<StoredKey>, AuthError> {
+        let key = self.verify(password).await?;
+        if key.tenant != app.tenant || key.application != app.app {
+            return Err(AuthError::WrongApplication {
+                key: key.id.clone(),
+                requested: app.to_string(),
+            });
+        }
+        if !key.rights.has_traffic_right() {
+            return Err(AuthError::NoTrafficRights(key.id.clone()));
+        }
+        Ok(key)
+    }
+
+    /// Verifies `password` as an API key, whatever its application and rights (the HTTP
+    /// API checks those itself): well-formed, known, the right secret, not expired.
+    pub async fn verify(&self, password: &str) -> Result<Arc<StoredKey>, AuthError> {
         let presented = PresentedKey::parse(password).map_err(|_| AuthError::MalformedKey)?;
         let key = self.lookup(&presented.id).await?;
         if !presented.verify(&key.secret_hash) {
@@ -172,15 +206,6 @@ impl Authenticator {
         }
         if key.is_expired(unix_now()) {
             return Err(AuthError::Expired(presented.id));
-        }
-        if key.tenant != app.tenant || key.application != app.app {
-            return Err(AuthError::WrongApplication {
-                key: presented.id,
-                requested: app.to_string(),
-            });
-        }
-        if !key.rights.has_traffic_right() {
-            return Err(AuthError::NoTrafficRights(presented.id));
         }
         Ok(key)
     }

@@ -85,6 +85,19 @@ end
 return 0
 ";
 
+/// `KEYS[1]`: a scope hash. The connections of the live leases in it (read-only).
+const COUNT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local total = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for j = 1, #fields, 2 do
+  local c, exp = string.match(fields[j + 1], '^(%d+):(%d+)$')
+  if c and tonumber(exp) > now then total = total + tonumber(c) end
+end
+return total
+";
+
 /// Connection counts in Redis, as one node sees them.
 pub struct RedisQuotaStore {
     conn: RedisConn,
@@ -96,6 +109,7 @@ pub struct RedisQuotaStore {
     acquire: Script,
     release: Script,
     refresh: Script,
+    count: Script,
 }
 
 impl RedisQuotaStore {
@@ -126,6 +140,7 @@ impl RedisQuotaStore {
             acquire: Script::new(ACQUIRE),
             release: Script::new(RELEASE),
             refresh: Script::new(REFRESH),
+            count: Script::new(COUNT),
         }
     }
 
@@ -195,6 +210,15 @@ impl QuotaStore for RedisQuotaStore {
         )
         .await
         .map_err(QuotaError::Unavailable)
+    }
+
+    async fn count(&self, scope: &Scope) -> Result<u64, QuotaError> {
+        let mut invocation = self.count.prepare_invoke();
+        invocation.key(self.key(scope));
+        let mut conn = self.conn.clone();
+        run("count connections", invocation.invoke_async(&mut conn))
+            .await
+            .map_err(QuotaError::Unavailable)
     }
 
     async fn refresh(&self) -> Result<(), QuotaError> {

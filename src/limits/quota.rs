@@ -78,6 +78,8 @@ pub trait QuotaStore: Send + Sync {
     async fn release(&self, scopes: &[Scope]) -> Result<(), QuotaError>;
     /// Renews this node's counts (its lease); a no-op where counts cannot outlive a node.
     async fn refresh(&self) -> Result<(), QuotaError>;
+    /// The connections counted in `scope` now, across the cluster.
+    async fn count(&self, scope: &Scope) -> Result<u64, QuotaError>;
 }
 
 /// Counts in memory: exact, for a node on its own.
@@ -124,6 +126,11 @@ impl QuotaStore for MemoryQuotaStore {
 
     async fn refresh(&self) -> Result<(), QuotaError> {
         Ok(())
+    }
+
+    async fn count(&self, scope: &Scope) -> Result<u64, QuotaError> {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(counts.get(&scope.name()).copied().unwrap_or(0))
     }
 }
 
@@ -214,6 +221,21 @@ impl ConnectionQuotas {
                 Admission::Uncounted
             }
         }
+    }
+
+    /// The connections of `app` across the cluster, when the application quota counts
+    /// them (`limits.max_connections_per_application` > 0) and the store answers.
+    pub async fn application_connections(&self, app: &AppRef) -> Option<u64> {
+        if self.limits.application == 0 {
+            return None;
+        }
+        let scope = Scope {
+            kind: ScopeKind::Application,
+            tenant: app.tenant.to_string(),
+            id: app.app.to_string(),
+            limit: self.limits.application,
+        };
+        self.store.count(&scope).await.ok()
     }
 
     /// Gives back a connection that [`ConnectionQuotas::acquire`] held.
@@ -352,6 +374,9 @@ mod tests {
             Err(QuotaError::Unavailable("down".into()))
         }
         async fn refresh(&self) -> Result<(), QuotaError> {
+            Err(QuotaError::Unavailable("down".into()))
+        }
+        async fn count(&self, _: &Scope) -> Result<u64, QuotaError> {
             Err(QuotaError::Unavailable("down".into()))
         }
     }

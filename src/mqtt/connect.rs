@@ -77,6 +77,25 @@ impl From<AuthError> for Refusal {
     }
 }
 
+/// A refused CONNECT, and what the live events of the application its username names
+/// (if it names one) say about it.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// The refusal.
+    pub refusal: Refusal,
+    /// The application and the event's `error`, when the username names an application.
+    pub event: Option<(AppRef, String)>,
+}
+
+impl From<Refusal> for Refused {
+    fn from(refusal: Refusal) -> Self {
+        Self {
+            refusal,
+            event: None,
+        }
+    }
+}
+
 /// An accepted client.
 #[derive(Debug, Clone)]
 pub struct Accepted {
@@ -95,22 +114,34 @@ pub async fn accept(
     auth: &Authenticator,
     max_client_id_len: usize,
     assign_id: impl FnOnce() -> String,
-) -> Result<Accepted, Refusal> {
+) -> Result<Accepted, Refused> {
     if connect.protocol != Protocol::V4 {
-        return Err(Refusal::Protocol(format!("{:?}", connect.protocol)));
+        return Err(Refusal::Protocol(format!("{:?}", connect.protocol)).into());
     }
+    // The application the username names, for the events of a refusal.
+    let named = connect
+        .login
+        .as_ref()
+        .and_then(|l| tenancy.parse_app(&l.username).ok());
+    let refused = |refusal: Refusal, error: String| Refused {
+        refusal,
+        event: named.clone().map(|app| (app, error)),
+    };
     let client_id = match connect.client_id.as_str() {
         "" if connect.clean_session => assign_id(),
         "" => {
-            return Err(Refusal::ClientId(
-                "an empty client ID needs clean session".into(),
-            ))
+            let why = "an empty client ID needs clean session";
+            return Err(refused(
+                Refusal::ClientId(why.into()),
+                format!("client ID refused: {why}"),
+            ));
         }
         id if id.len() > max_client_id_len => {
-            return Err(Refusal::ClientId(format!(
-                "{} characters, more than {max_client_id_len}",
-                id.len()
-            )))
+            let why = format!("{} characters, more than {max_client_id_len}", id.len());
+            return Err(refused(
+                Refusal::ClientId(why.clone()),
+                format!("client ID refused: {why}"),
+            ));
         }
         id => id.to_owned(),
     };
@@ -122,7 +153,13 @@ pub async fn accept(
         // The error quotes the username: bounded here, and any API key in it (a client
         // that swapped username and password) cut to its ID.
         .map_err(|e| Refusal::BadCredentials(Bounded::message(&e.to_string()).to_string()))?;
-    let key = auth.authenticate(&app, &login.password).await?;
+    let key = match auth.authenticate(&app, &login.password).await {
+        Ok(key) => key,
+        Err(e) => {
+            let error = e.event_message();
+            return Err(refused(Refusal::from(e), error));
+        }
+    };
     Ok(Accepted {
         app,
         client_id,

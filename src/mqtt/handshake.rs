@@ -18,15 +18,17 @@ use tokio::time::timeout;
 use tracing::field;
 
 use super::codec::{encode, DecodeError};
-use super::connect::accept;
+use super::connect::{accept, Refused};
 use super::publish::{write_target, Target};
 use super::session::Session;
 use super::wire::{ReadError, Wire};
 use crate::app::App;
+use crate::events::{bounded, data, names};
 use crate::limits::Admission as Quota;
 use crate::log::{Bounded, Verdict};
 use crate::metrics::{OutcomeLabels, ReasonLabels, TransportLabels};
-use crate::transport::{Stream, Transport};
+use crate::topic::AppRef;
+use crate::transport::{Kind, Stream, Transport};
 
 /// Reads and decides the CONNECT; `None` when the connection ends here (refused,
 /// timed out, evicted, closed). An accepted client comes with its connection permit.
@@ -97,6 +99,7 @@ pub(super) async fn handshake(
             return count_connect(&app, "refused_accepts_per_ip");
         }
     }
+    let remote = peer;
     let peer = peer.ip();
     drop(slot);
     let connect = match read {
@@ -141,7 +144,20 @@ pub(super) async fn handshake(
             return count_connect(&app, "protocol_error");
         }
     };
+    // The live events of a refusal go to the application the username names.
+    let fail = |app_ref: &AppRef, error: &str| {
+        connect_failed(&app, app_ref, &connect, remote, transport.kind(), error)
+    };
+    let named = || {
+        connect
+            .login
+            .as_ref()
+            .and_then(|l| app.tenancy.parse_app(&l.username).ok())
+    };
     if app.limits.is_banned(peer).await {
+        if let Some(named) = named() {
+            fail(&named, "too many failed connects from this address");
+        }
         // Over limits.failed_connects_per_ip: refused for the cool-down with the code a bad
         // key gets, without asking the key store (counted by the limits).
         tracing::debug!("CONNECT refused: too many failed logins from this address");
@@ -177,7 +193,10 @@ pub(super) async fn handshake(
     .await
     {
         Ok(a) => a,
-        Err(refusal) => {
+        Err(Refused { refusal, event }) => {
+            if let Some((named, error)) = &event {
+                fail(named, error);
+            }
             if refusal.counts_as_failed_login() && app.limits.login_failed(peer).await {
                 tracing::info!(
                     cooldown = ?app.config.limits.failed_connect_cooldown,
@@ -198,6 +217,7 @@ pub(super) async fn handshake(
         }
     };
     if !app.limits.allow_connect(&accepted.key.id) {
+        fail(&accepted.app, "connect rate limit exceeded");
         tracing::info!(key_id = %accepted.key.id, "CONNECT refused: over limits.connects_per_key");
         let _ = conn
             .send_now(connack(ConnectReturnCode::ServiceUnavailable))
@@ -210,6 +230,10 @@ pub(super) async fn handshake(
         .acquire(&accepted.app, &accepted.key.id)
         .await;
     if let Quota::Full(scope) = quota {
+        fail(
+            &accepted.app,
+            &format!("connection quota exceeded (per {})", scope.as_str()),
+        );
         // CONNACK 3, as The Things Stack answers a resource limit (ResourceExhausted).
         tracing::info!(
             scope = scope.as_str(),
@@ -268,8 +292,30 @@ pub(super) async fn handshake(
         will,
         quota == Quota::Held,
         (epoch, ticket),
+        (remote, transport.kind()),
     );
     Some((session, conn, permit))
+}
+
+/// Emits `as.mqtt.connect.fail` for `app`: `connect` was refused for `error`.
+fn connect_failed(
+    app: &App,
+    app_ref: &AppRef,
+    connect: &mqttbytes::v4::Connect,
+    remote: SocketAddr,
+    transport: Kind,
+    error: &str,
+) {
+    app.events.emit(
+        app_ref,
+        names::CONNECT_FAIL,
+        data([
+            ("client_id", bounded(&connect.client_id)),
+            ("remote_addr", remote.to_string().into()),
+            ("transport", transport.as_str().into()),
+            ("error", bounded(error)),
+        ]),
+    );
 }
 
 /// Whether a refusal from `peer` may be logged now (see [`crate::log::LogLimiter`]):

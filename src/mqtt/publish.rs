@@ -20,6 +20,7 @@ use super::codec::encode;
 use super::session::{End, Session};
 use crate::auth::Rights;
 use crate::downlink::DownlinkError;
+use crate::events::{bounded as field, names};
 use crate::limits::DownlinkVerdict;
 use crate::log::Bounded;
 use crate::metrics::{DownlinkLabels, ReasonLabels};
@@ -91,6 +92,14 @@ pub(super) fn bounded(s: &str) -> &str {
     &s[..end]
 }
 
+/// How a downlink operation reads in an event summary.
+fn op_verb(op: DownlinkOp) -> &'static str {
+    match op {
+        DownlinkOp::Push => "pushed",
+        DownlinkOp::Replace => "replaced",
+    }
+}
+
 /// Whether the `n`th refused publish of a connection is logged at INFO: the 1st, 2nd,
 /// 4th, 8th… so that a client looping on a forbidden topic writes a few lines, not one
 /// per packet (the others are logged at DEBUG).
@@ -136,6 +145,9 @@ impl Qos2Ids {
 impl Session {
     /// Handles one inbound PUBLISH; `Some` ends the session.
     pub(super) async fn handle_publish(&mut self, publish: Publish) -> Option<End> {
+        if let Some(counters) = self.app.stats.of(&self.registration.app) {
+            counters.received();
+        }
         let pkid = publish.pkid;
         if publish.qos == QoS::ExactlyOnce {
             if self.qos2.contains(pkid) {
@@ -209,6 +221,14 @@ impl Session {
         report: bool,
     ) -> Option<End> {
         self.rate_limited = self.rate_limited.saturating_add(1);
+        self.event(
+            names::PUBLISH_FAIL,
+            [
+                ("device_id", device.device.to_string().into()),
+                ("reason", "rate_limited".into()),
+                ("limit", limit.into()),
+            ],
+        );
         let after = self.app.config.limits.downlink_disconnect_after;
         if after > 0 && self.rate_limited >= after {
             return Some(End::RateLimited(limit));
@@ -248,6 +268,10 @@ impl Session {
             .get_or_create(&ReasonLabels { reason })
             .inc();
         self.refused = self.refused.saturating_add(1);
+        self.event(
+            names::PUBLISH_FAIL,
+            [("topic", field(topic)), ("reason", reason.into())],
+        );
         if logs_refusal(self.refused) {
             tracing::info!(
                 topic = %Bounded::id(topic),
@@ -263,6 +287,16 @@ impl Session {
         }
     }
 
+    fn down_event(&self, name: &str, device: &DeviceRef, summary: &str) {
+        self.event(
+            name,
+            [
+                ("device_id", device.device.to_string().into()),
+                ("summary", field(summary)),
+            ],
+        );
+    }
+
     /// Hands a downlink publish (or the will) to the downlink service. Failures are
     /// reported to the application by the service as `down/failed` events.
     pub(super) async fn publish_downlink(
@@ -275,10 +309,13 @@ impl Session {
         let outcome = match &result {
             Ok(n) => {
                 tracing::debug!(device = %device.device, ?op, items = n, "downlinks queued");
+                let summary = format!("{n} downlink(s) {}", op_verb(op));
+                self.down_event(names::DOWN_QUEUED, device, &summary);
                 "queued"
             }
             Err(e) => {
                 tracing::info!(device = %device.device, ?op, error = %Bounded::message(&e.to_string()), "downlink rejected");
+                self.down_event(names::DOWN_FAILED, device, &format!("{}: {e}", e.name()));
                 e.name()
             }
         };

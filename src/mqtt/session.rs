@@ -29,11 +29,13 @@ use super::wire::{ReadError, Wire};
 use crate::app::App;
 use crate::auth::{StoredKey, Ticket};
 use crate::cluster::{self, Signal};
+use crate::events::{bounded, data, names};
 use crate::metrics::OutcomeLabels;
 use crate::registry::Connection;
 use crate::router::{Refusal, Refusals};
 use crate::topic::{parse_downlink_topic, Filter};
-use crate::transport::Transport;
+use crate::transport::{Kind, Transport};
+use serde_json::Value;
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,31 @@ impl End {
             End::QueueUnavailable => "queue_unavailable",
             End::RateLimited(_) => "rate_limited",
             End::Io(_) => "io_error",
+        }
+    }
+
+    /// The `reason` of the `as.mqtt.disconnect` event, and a detail when there is one.
+    fn event_reason(&self) -> (&'static str, Option<String>) {
+        match self {
+            End::Disconnect => ("client", None),
+            End::Eof => ("client", Some("closed without DISCONNECT".into())),
+            End::KeepaliveTimeout => ("keepalive_timeout", None),
+            End::KeyExpired => ("expired", None),
+            End::Closed(CloseReason::Takeover) => ("takeover", None),
+            End::Closed(CloseReason::KeyRevoked) => ("revoked", None),
+            End::Closed(CloseReason::Draining) => ("drain", None),
+            End::Malformed(e) => ("protocol_error", Some(e.to_string())),
+            End::Violation(why) => ("protocol_error", Some(why.clone())),
+            End::Qos2InflightExceeded(max) => (
+                "protocol_error",
+                Some(format!("more than {max} QoS 2 publishes without PUBREL")),
+            ),
+            End::QueueUnavailable => ("queue_unavailable", None),
+            End::RateLimited(limit) => ("rate_limited", Some((*limit).to_owned())),
+            End::Io(why) if why.starts_with("write blocked") => {
+                ("write_blocked", Some(why.clone()))
+            }
+            End::Io(why) => ("io_error", Some(why.clone())),
         }
     }
 
@@ -195,6 +222,10 @@ pub(super) struct Session {
     pub(super) qos2: Qos2Ids,
     /// Packets waiting to be written.
     pub(super) out: Vec<Bytes>,
+    /// The client's address (the PROXY header's when there is one) and listener, for
+    /// the live events.
+    remote: SocketAddr,
+    transport: Kind,
 }
 
 impl Session {
@@ -205,6 +236,7 @@ impl Session {
         will: Option<mqttbytes::v4::LastWill>,
         quota_held: bool,
         (epoch, ticket): (Option<u64>, Ticket),
+        (remote, transport): (SocketAddr, Kind),
     ) -> Self {
         let outbox = Arc::new(Outbox::new(app.config.mqtt.outbound_buffer_bytes));
         let registration = Arc::new(Connection {
@@ -230,7 +262,17 @@ impl Session {
             quota_held,
             qos2: Qos2Ids::default(),
             out: Vec::new(),
+            remote,
+            transport,
         }
+    }
+
+    /// Emits the live event `name` of this connection's application, with its client ID
+    /// and `fields`.
+    pub(super) fn event<const N: usize>(&self, name: &str, fields: [(&str, Value); N]) {
+        let mut data = data([("client_id", bounded(&self.registration.client_id))]);
+        data.extend(fields.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        self.app.events.emit(&self.registration.app, name, data);
     }
 
     async fn run(&mut self, wire: &mut Wire) {
@@ -245,6 +287,15 @@ impl Session {
         Box::pin(self.announce()).await;
         self.app.metrics.connections.inc();
         tracing::info!(key_id = %self.key.id, "connected");
+        self.event(
+            names::CONNECT,
+            [
+                ("remote_addr", self.remote.to_string().into()),
+                ("key_id", self.key.id.clone().into()),
+                ("transport", self.transport.as_str().into()),
+                ("node", self.app.node_id.clone().into()),
+            ],
+        );
 
         self.out.push(connack(ConnectReturnCode::Success));
         let end = self.main_loop(wire).await;
@@ -282,6 +333,16 @@ impl Session {
             ),
             _ => tracing::info!(reason = end.outcome(), "connection closed"),
         }
+        let (reason, detail) = end.event_reason();
+        self.event(
+            names::DISCONNECT,
+            [
+                ("remote_addr", self.remote.to_string().into()),
+                ("key_id", self.key.id.clone().into()),
+                ("reason", reason.into()),
+                ("detail", detail.as_deref().map_or(Value::Null, bounded)),
+            ],
+        );
         if end.publishes_will() {
             if let Some(will) = self.will.take() {
                 // The handshake kept the will only for a writable downlink topic.
@@ -450,11 +511,20 @@ impl Session {
                 "SUBSCRIBE refused: over limits.subscribes_per_connection"
             );
             codes.resize(subscribe.filters.len(), SubscribeReasonCode::Failure);
+            self.event(
+                names::SUBSCRIBE_FAIL,
+                [
+                    ("filter", bounded(&subscribe.filters[0].path)),
+                    ("reason", "rate_limited".into()),
+                    ("filters", subscribe.filters.len().into()),
+                ],
+            );
             self.out
                 .push(encode(&Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
             return None;
         }
         let mut refusals = Refusals::default();
+        let mut first_refused = None;
         for (i, f) in subscribe.filters.iter().enumerate() {
             // One packet may carry thousands of filters: let the other connections of this
             // worker thread run between batches.
@@ -465,12 +535,23 @@ impl Session {
                 Ok(()) => SubscribeReasonCode::Success(QoS::AtMostOnce),
                 Err(refusal) => {
                     refusals.add(&refusal, &f.path);
+                    first_refused.get_or_insert((f.path.as_str(), refusal.reason()));
                     SubscribeReasonCode::Failure
                 }
             });
         }
-        // One log line per packet, however many filters it refused.
+        // One log line and one event per packet, however many filters it refused.
         refusals.report(&self.app.metrics, subscribe.filters.len());
+        if let Some((filter, reason)) = first_refused {
+            self.event(
+                names::SUBSCRIBE_FAIL,
+                [
+                    ("filter", bounded(filter)),
+                    ("reason", reason.into()),
+                    ("refused", refusals.count().into()),
+                ],
+            );
+        }
         self.out
             .push(encode(&Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
         None

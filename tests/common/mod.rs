@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod raw;
 pub mod services;
 pub mod shell;
+pub mod sse;
 pub mod tls;
 pub mod wait;
 pub mod ws;

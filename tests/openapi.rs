@@ -200,8 +200,9 @@ async fn every_documented_operation_reaches_a_handler() {
             let (status, text) =
                 probe(node.http_addr, &method.to_uppercase(), &concrete, body).await;
             assert!(status != 0 && status != 405, "{method} {path}: {text}");
+            // The router's fallback: `{"code":"not_found","message":"no route …"}`.
             assert!(
-                !text.ends_with("\r\n\r\n404 not found\n"),
+                !text.contains("no route"),
                 "{method} {path} fell through to the router's fallback: {text}"
             );
         }
@@ -263,9 +264,11 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
         .args(["--max-examples", "15", "--seed", "1", "--workers", "1"])
         .args(["--phases", "examples,coverage,fuzzing"])
         .args(["--request-timeout", "5"])
+        // The application parameter's pattern bounds each ID's length with lookaheads:
+        // hypothesis filters many candidates out, which is slow, not wrong.
+        .args(["--suppress-health-check", "filter_too_much"])
         .args(["--report-dir"])
         .arg(report.path())
-        .env("SCHEMATHESIS_HOOKS", "")
         .env("NO_COLOR", "1")
         .current_dir(report.path())
         .stdout(std::process::Stdio::piped())

@@ -116,11 +116,17 @@ function openApplication(app) {
   $('change-app').hidden = !session.who.operator;
   $('app-title').textContent = app;
   const { info } = session;
-  $('public-address').textContent = info.public_address || '–';
-  $('public-tls-address').textContent = info.public_tls_address || '–';
-  $('public-ws-url').textContent = info.public_ws_url || '–';
-  // The username is the application as written in topics: {app}@{tenant}, or {app}.
-  $('username').textContent = app;
+  const shown = [
+    ['public-address', info.public_address],
+    ['public-tls-address', info.public_tls_address],
+    ['public-ws-url', info.public_ws_url],
+    // The username is the application as written in topics: {app}@{tenant}, or {app}.
+    ['username', app],
+  ];
+  for (const [id, value] of shown) {
+    $(id).textContent = value || 'none';
+    document.querySelector(`button.copy[data-copy="${id}"]`).hidden = !value;
+  }
   show('app-error', '');
   loadKeys();
   followEvents(app, session.stop.signal);
@@ -206,6 +212,8 @@ async function revoke(id, name) {
     show('app-error', `Cannot revoke ${id}: ${describe(e)}`);
     return;
   }
+  // The key shown once is of no use any more.
+  if ($('new-key-value').value.split('.')[1] === id) forgetNewKey();
   loadKeys();
 }
 

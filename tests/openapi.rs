@@ -218,14 +218,43 @@ async fn every_documented_operation_reaches_a_handler() {
     node.shutdown().await;
 }
 
-/// The schemathesis of target/pyenv (or `LORABROKER_TEST_SCHEMATHESIS`).
+/// The schemathesis of target/pyenv (or `LORABROKER_TEST_SCHEMATHESIS`), at the version
+/// tests/clients/python/schemathesis.txt pins; installed by tests/clients/setup when
+/// missing (as tests/python_upstream.rs does for its packages).
 fn schemathesis() -> PathBuf {
-    let path = std::env::var_os("LORABROKER_TEST_SCHEMATHESIS")
-        .map(PathBuf::from)
+    let custom = std::env::var_os("LORABROKER_TEST_SCHEMATHESIS").map(PathBuf::from);
+    let path = custom
+        .clone()
         .unwrap_or_else(|| root().join("target/pyenv/bin/schemathesis"));
+    let pinned = std::fs::read_to_string(root().join("tests/clients/python/schemathesis.txt"))
+        .expect("tests/clients/python/schemathesis.txt")
+        .lines()
+        .find_map(|l| l.strip_prefix("schemathesis=="))
+        .expect("schemathesis is pinned")
+        .trim()
+        .to_owned();
+    let version = || {
+        std::process::Command::new(&path)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    if !version().contains(&pinned) && custom.is_none() {
+        let out = std::process::Command::new(root().join("tests/clients/setup"))
+            .current_dir(root())
+            .output()
+            .expect("tests/clients/setup runs");
+        assert!(
+            out.status.success(),
+            "tests/clients/setup failed (it needs python3 with venv, node and npm):\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert!(
-        path.exists(),
-        "{} is missing: run tests/clients/setup (it installs the pinned schemathesis)",
+        version().contains(&pinned),
+        "{} is not schemathesis {pinned}: run tests/clients/setup",
         path.display()
     );
     path

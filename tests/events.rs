@@ -31,8 +31,13 @@ fn json(body: &str) -> Value {
 #[tokio::test]
 async fn a_stream_on_one_node_sees_connects_refusals_and_revocations_on_another() {
     let env = TestEnv::new(Backend::Cluster).await;
-    let a = env.node_with(|c| c.http.admin_token = TOKEN.into()).await;
-    let b = env.node_with(|c| c.http.admin_token = TOKEN.into()).await;
+    // The application quota on: its counts in Redis are the cluster-wide connections.
+    let config = |c: &mut lorabroker::config::Config| {
+        c.http.admin_token = TOKEN.into();
+        c.limits.max_connections_per_application = 100;
+    };
+    let a = env.node_with(config).await;
+    let b = env.node_with(config).await;
     let app = env.app("app1");
     let uid = a.username(&app);
     let mut events = Sse::open(
@@ -68,6 +73,20 @@ async fn a_stream_on_one_node_sees_connects_refusals_and_revocations_on_another(
         "app1"
     );
     assert_eq!(connect["origin"], "test");
+    let (status, body) = request(
+        a.http_addr,
+        "GET",
+        &format!("/api/v1/applications/{uid}/stats"),
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        json(&body)["connections"],
+        1,
+        "node B's client, seen from A: {body}"
+    );
 
     // A key that does not exist: The Things Stack's words.
     let unknown = generate().key;
@@ -99,9 +118,27 @@ async fn a_stream_on_one_node_sees_connects_refusals_and_revocations_on_another(
         .await;
     assert_eq!(gone["data"]["reason"], "revoked", "{gone}");
     assert_eq!(gone["data"]["key_id"], id.as_str());
+
+    // Node B drains: its clients' disconnects say so, on node A's stream.
+    let key = b.key(&app, Rights::LINK).await;
+    let client_id = unique("d");
+    let _client = TestClient::connect(b.mqtt_addr, &uid, &key, &client_id)
+        .await
+        .expect("connects");
+    events
+        .event("as.mqtt.connect", |e| {
+            e["data"]["client_id"] == client_id.as_str()
+        })
+        .await;
+    b.shutdown().await;
+    let drained = events
+        .event("as.mqtt.disconnect", |e| {
+            e["data"]["client_id"] == client_id.as_str()
+        })
+        .await;
+    assert_eq!(drained["data"]["reason"], "drain", "{drained}");
     drop(events);
     a.shutdown().await;
-    b.shutdown().await;
 }
 
 #[tokio::test]
@@ -144,6 +181,17 @@ async fn the_application_routes_take_the_admin_token_or_a_key_with_the_settings_
     assert_eq!(
         (s, json(&body)["code"].clone()),
         (401, "unauthenticated".into())
+    );
+
+    // The settings right carries no MQTT traffic right.
+    let settings_only = node.key(&app1, Rights::SETTINGS_API_KEYS).await;
+    let refused = TestClient::connect(node.mqtt_addr, &uid1, &settings_only, &unique("c")).await;
+    assert_eq!(refused.err(), Some(ConnectReturnCode::NotAuthorized));
+    assert_eq!(
+        request(addr, "GET", &keys1, Some(&settings_only), "")
+            .await
+            .0,
+        200
     );
 
     // Device routes and revocation by ID stay the operator's.
@@ -318,6 +366,120 @@ async fn a_flood_of_refused_connects_is_rate_limited_and_streams_are_bounded() {
     .await;
     assert_eq!(third.status, 503);
     assert_eq!(third.error_body().await["code"], "unavailable");
-    drop((events, other));
+    // Streams end with the node (they would otherwise hold its HTTP connections).
+    let mut other = other;
+    tokio::time::timeout(std::time::Duration::from_secs(10), node.shutdown())
+        .await
+        .expect("the node stops with streams open");
+    events.expect_end().await;
+    other.expect_end().await;
+}
+
+#[tokio::test]
+async fn wrong_keys_over_http_count_towards_the_failed_login_limit_of_the_address() {
+    let env = TestEnv::new(Backend::Embedded).await;
+    let node = env
+        .node_with(|c| {
+            c.http.admin_token = TOKEN.into();
+            c.limits.failed_connects_per_ip = lorabroker::limits::Rate::new(0.01, 3);
+        })
+        .await;
+    let app = env.app("app1");
+    let uid = node.username(&app);
+    let good = node.key(&app, Rights::SETTINGS_API_KEYS).await;
+    let keys = format!("/api/v1/applications/{uid}/keys");
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let (s, _) = request(node.http_addr, "GET", &keys, Some(&generate().key), "").await;
+        statuses.push(s);
+    }
+    // The failure past the burst of 3 starts the cool-down (as over MQTT).
+    assert_eq!(statuses, [401, 401, 401, 401, 429]);
+    // The address is refused for the cool-down, even with a good key (as over MQTT) …
+    let (s, body) = request(node.http_addr, "GET", &keys, Some(&good), "").await;
+    assert_eq!(
+        (s, json(&body)["code"].clone()),
+        (429, "too_many_requests".into())
+    );
+    let refused = TestClient::connect(node.mqtt_addr, &uid, &good, &unique("c")).await;
+    assert_eq!(refused.err(), Some(ConnectReturnCode::NotAuthorized));
+    // … but not the operator, whose token is not an API key.
+    assert_eq!(
+        request(node.http_addr, "GET", &keys, Some(TOKEN), "")
+            .await
+            .0,
+        200
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn uplinks_are_sampled_downlinks_reported_and_messages_counted() {
+    use lorabroker::topic::{DeviceRef, Event, Id};
+    let env = TestEnv::new(Backend::Embedded).await;
+    let node = env.node_with(|c| c.http.admin_token = TOKEN.into()).await;
+    let app = env.app("app1");
+    let uid = node.username(&app);
+    let mut events = Sse::open(
+        node.http_addr,
+        &format!("/api/v1/applications/{uid}/events?names=as.up,as.down"),
+        TOKEN,
+    )
+    .await;
+    let key = node.key(&app, Rights::LINK).await;
+    let mut client = node.client(&app, &key).await;
+    client.subscribe(&format!("v3/{uid}/devices/+/up")).await;
+    let device = DeviceRef::new(app.clone(), Id::parse("dev1").unwrap());
+    let uplink = r#"{"uplink_message":{"f_port":1}}"#;
+    node.upstream()
+        .publish(&device, Event::Up, uplink.into())
+        .await
+        .unwrap();
+    client.next_on("/up").await;
+    let sample = events.event("as.up.sample", |_| true).await;
+    assert_eq!(sample["data"]["device_id"], "dev1");
+    assert_eq!(sample["data"]["size"], uplink.len());
+    assert!(
+        sample["data"].get("frm_payload").is_none()
+            && !sample.to_string().contains("uplink_message")
+    );
+
+    client
+        .publish(
+            &format!("v3/{uid}/devices/dev1/down/push"),
+            r#"{"downlinks":[{"f_port":1,"frm_payload":"AQ=="}]}"#,
+        )
+        .await;
+    let queued = events.event("as.down.queued", |_| true).await;
+    assert_eq!(queued["data"]["device_id"], "dev1");
+    assert_eq!(
+        queued["data"]["summary"], "1 downlink(s) pushed",
+        "{queued}"
+    );
+    client
+        .publish(&format!("v3/{uid}/devices/dev1/down/push"), "not json")
+        .await;
+    let failed = events.event("as.down.failed", |_| true).await;
+    assert!(
+        failed["data"]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid"),
+        "{failed}"
+    );
+
+    let (s, body) = request(
+        node.http_addr,
+        "GET",
+        &format!("/api/v1/applications/{uid}/stats"),
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"connections": 1, "messages_in": 2, "messages_out": 1, "dropped": 0})
+    );
     node.shutdown().await;
 }

@@ -669,11 +669,22 @@ async fn unknown_http_paths_are_plain_404s_with_or_without_a_token() {
         for path in ["/metrics/", "/nope", "/api/v1/nope", "/healthz/x"] {
             for token in [None, Some("t0k3n"), Some("wrong")] {
                 let (status, body) = http::request(node.http_addr, "GET", path, token, "").await;
-                assert_eq!(
-                    (status, body.as_str()),
-                    (404, "404 not found\n"),
-                    "GET {path} with {token:?}, admin token {admin_token:?}"
-                );
+                let context = format!("GET {path} with {token:?}, admin token {admin_token:?}");
+                if path.starts_with("/api/v1/") {
+                    // Under /api/v1 every error is the API's JSON error.
+                    let error: serde_json::Value = serde_json::from_str(&body).expect(&context);
+                    assert_eq!(
+                        (status, &error["code"]),
+                        (404, &"not_found".into()),
+                        "{context}"
+                    );
+                } else {
+                    assert_eq!(
+                        (status, body.as_str()),
+                        (404, "404 not found\n"),
+                        "{context}"
+                    );
+                }
             }
         }
         // The admin routes themselves still say why they refuse.

@@ -289,6 +289,10 @@ pub mod suite {
             Some(1),
             "app1 is at its quota of 2"
         );
+        // Every node reads the cluster-wide count (the /stats of an application).
+        assert_eq!(node_a.count(&app1).await.unwrap(), 2);
+        assert_eq!(node_b.count(&app1).await.unwrap(), 2);
+        assert_eq!(node_b.count(&app2).await.unwrap(), 0);
         // A refused acquire took nothing: the tenant has one place left.
         let a2 = [t.clone(), app2.clone()];
         assert_eq!(node_b.acquire(&a2).await.unwrap(), None);

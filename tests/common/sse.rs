@@ -103,6 +103,27 @@ impl Sse {
             .push_str(std::str::from_utf8(&chunk).expect("UTF-8 events"));
     }
 
+    /// Waits until the server ends the stream (its last, empty chunk, or the socket's
+    /// end), skipping what comes before.
+    pub async fn expect_end(&mut self) {
+        tokio::time::timeout(EVENT_WAIT, async {
+            loop {
+                let mut size = String::new();
+                if self.reader.read_line(&mut size).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+                if size == 0 {
+                    return;
+                }
+                let mut chunk = vec![0; size + 2];
+                self.reader.read_exact(&mut chunk).await.unwrap();
+            }
+        })
+        .await
+        .expect("the stream ends in time")
+    }
+
     /// The next SSE block (the text up to a blank line), within [`EVENT_WAIT`].
     async fn next_block(&mut self) -> String {
         tokio::time::timeout(EVENT_WAIT, async {

@@ -2,7 +2,8 @@
 //! off, the public addresses it shows (`GET /api/v1/console/info`), and the whole page
 //! end to end in headless Chromium with two nodes (tests/clients/node/console_e2e.mjs):
 //! sign in, generate a key, connect with it, see the live events of a client on the other
-//! node, an unknown key's `as.mqtt.connect.fail`, revoke, and a screenshot for CI.
+//! node, an unknown key's `as.mqtt.connect.fail`, revoke, a self-service sign-in with a
+//! key holding `RIGHT_APPLICATION_SETTINGS_API_KEYS`, and a screenshot for CI.
 
 mod common;
 
@@ -305,6 +306,7 @@ async fn console_in_headless_chromium_with_two_nodes() {
         "not found",
         "client disconnected after revocation",
         "disconnect event:",
+        "self-service key signed in to",
     ] {
         assert!(text.contains(seen), "{seen:?} not in:\n{text}");
     }

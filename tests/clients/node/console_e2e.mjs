@@ -12,7 +12,9 @@
 // page, connects a client with it and waits for its as.mqtt.connect in the live events;
 // connects with an unknown key and waits for as.mqtt.connect.fail with "api key with id
 // … not found"; revokes the key in the page and waits for the client to be disconnected
-// and for as.mqtt.disconnect. Prints what it saw; exit 0 when everything happened.
+// and for as.mqtt.disconnect; generates a key with RIGHT_APPLICATION_SETTINGS_API_KEYS and
+// signs in with it in a second page (its application only, its keys and live events).
+// Prints what it saw; exit 0 when everything happened.
 
 import { randomBytes } from 'node:crypto';
 import { chromium } from 'playwright-core';
@@ -142,6 +144,29 @@ try {
   console.log(`disconnect event: ${await liveEvent(page, 'as.mqtt.disconnect', 'console-e2e-good')}`);
   await page.locator(`#keys-body tr[data-key-id="${keyId}"]`).waitFor({ state: 'detached', timeout: TIMEOUT_MS });
   console.log('key no longer listed');
+
+  // Self-service: a key with RIGHT_APPLICATION_SETTINGS_API_KEYS signs in to its
+  // application only, and sees its keys and live events.
+  await page.click('#generate');
+  await page.fill('#key-name', 'console-e2e-admin');
+  await page.uncheck('input[value=RIGHT_APPLICATION_TRAFFIC_READ]');
+  await page.uncheck('input[value=RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE]');
+  await page.check('input[value=RIGHT_APPLICATION_SETTINGS_API_KEYS]');
+  await page.click('#create-key');
+  await page.waitForSelector('#new-key:not([hidden])', { timeout: TIMEOUT_MS });
+  const selfService = await page.inputValue('#new-key-value');
+  const own = await browser.newPage();
+  await own.goto(CONSOLE);
+  await own.fill('#token', selfService);
+  await own.click('#signin-button');
+  await own.waitForSelector('#application:not([hidden])', { timeout: TIMEOUT_MS });
+  const title = await own.textContent('#app-title');
+  if (title !== APP) throw new Error(`the self-service key opened ${title}, not ${APP}`);
+  if (!(await own.isHidden('#change-app'))) throw new Error('a key may change application');
+  await own.locator(`#keys-body tr[data-key-id="${selfService.split('.')[1]}"]`).waitFor({ timeout: TIMEOUT_MS });
+  await own.locator('#events-status', { hasText: 'live' }).waitFor({ timeout: TIMEOUT_MS });
+  console.log(`self-service key signed in to ${title}`);
+  await own.close();
 
   await page.screenshot({ path: SCREENSHOT, fullPage: true });
   console.log(`screenshot ${SCREENSHOT}`);

@@ -73,6 +73,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The console page and the public addresses it shows.
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// `[mqtt]`
@@ -501,6 +503,7 @@ impl Default for Config {
             events: crate::events::EventsConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
+            console: crate::console::ConsoleConfig::default(),
         }
     }
 }

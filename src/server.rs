@@ -299,6 +299,7 @@ impl Node {
             http,
             app.clone(),
             false,
+            crate::console::Listeners(mqtt_listeners.clone()),
             http_stop.clone(),
         ));
         let metrics_task = metrics.map(|listener| {
@@ -306,6 +307,7 @@ impl Node {
                 listener,
                 app.clone(),
                 true,
+                crate::console::Listeners::default(),
                 http_stop.clone(),
             ))
         });

@@ -73,12 +73,13 @@ pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     probes_only: bool,
+    listeners: crate::console::Listeners,
     shutdown: CancellationToken,
 ) {
     let routes = if probes_only {
         probes(app.clone())
     } else {
-        router(app.clone())
+        router(app.clone(), listeners)
     };
     let limit = Arc::new(Semaphore::new(app.config.http.max_connections));
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -146,8 +147,9 @@ fn probes(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// The HTTP routes of a node: the probes and the admin API.
-pub fn router(app: Arc<App>) -> Router {
+/// The HTTP routes of a node: the probes, the admin API and the console (whose page shows
+/// the addresses of the MQTT `listeners`).
+pub fn router(app: Arc<App>, listeners: crate::console::Listeners) -> Router {
     // `route_layer`: each guard covers its routes only. A `layer` would also wrap the
     // router's fallback, and every unknown path would answer with admin-API errors.
     let application = Router::new()
@@ -186,7 +188,8 @@ pub fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(app.config.http.max_body_bytes))
         .with_state(app.clone());
-    probes(app).merge(api).fallback(not_found)
+    let console = crate::console::routes(app.clone(), listeners);
+    probes(app).merge(api).merge(console).fallback(not_found)
 }
 
 /// Any path that is not a route: a plain 404, whoever asks; the JSON error under

@@ -261,12 +261,16 @@ async fn console_in_headless_chromium_with_two_nodes() {
         .node_with(|c| {
             c.node_name = "node-a".into();
             c.http.admin_token = TOKEN.into();
+            // Connection quotas keep the cluster-wide count the charts show.
+            c.limits.max_connections_per_application = 1000;
         })
         .await;
     let b = env
         .node_with(|c| {
             c.node_name = "node-b".into();
             c.http.admin_token = TOKEN.into();
+            // Connection quotas keep the cluster-wide count the charts show.
+            c.limits.max_connections_per_application = 1000;
         })
         .await;
     let app = env.app("console-app");

@@ -118,9 +118,11 @@ pub(super) async fn handshake(
             let _ = conn
                 .send_now(connack(ConnectReturnCode::RefusedProtocolVersion))
                 .await;
+            // Counted before the close, so that whoever sees the close sees the count.
+            let counted = count_connect(&app, "refused_protocol");
             // MQTT-3.1.2-2: CONNACK 0x01, then close (with a FIN, so the CONNACK is read).
             conn.shutdown().await;
-            return count_connect(&app, "refused_protocol");
+            return counted;
         }
         Ok(Err(e @ ReadError::ConnectTooLarge { .. })) => {
             if let Some(suppressed) = may_log(&app, peer) {

@@ -127,6 +127,10 @@ try {
   const goodOutcome = await good.outcome;
   if (goodOutcome !== 'connected') throw new Error(`the generated key does not connect: ${goodOutcome}`);
   console.log(`connect event: ${await liveEvent(page, 'as.mqtt.connect', 'console-e2e-good')}`);
+  // The chart's connection count is the application's across the cluster: the client is
+  // on the other node.
+  await page.waitForFunction(() => Number(document.querySelector('#stat-connections').textContent) >= 1, null, { timeout: TIMEOUT_MS });
+  console.log(`connections shown: ${await page.textContent('#stat-connections')}`);
 
   const unknownId = base32(randomBytes(24));
   const bad = connect('console-e2e-bad', `NNSXS.${unknownId}.${base32(randomBytes(32))}`);

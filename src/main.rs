@@ -494,7 +494,8 @@ async fn dev(config: Config, args: DevArgs, tls: Option<DevCa>) -> anyhow::Resul
     let tenancy = config.tenancy();
     let application = application(&config, &args.fleet.app, args.fleet.tenant.as_deref())?;
     let backends = Backends::embedded_with(QueueLimits::from_config(&config.downlink));
-    let rights = Rights::DEFAULT;
+    // The demo key also signs in to the console (its keys and live events).
+    let rights = Rights::DEFAULT.union(Rights::SETTINGS_API_KEYS);
     let key = match &args.api_key {
         Some(k) => {
             let presented =
@@ -528,7 +529,7 @@ async fn dev(config: Config, args: DevArgs, tls: Option<DevCa>) -> anyhow::Resul
         },
         fleet_stop.clone(),
     ));
-    print_dev_banner(&node, &tenancy, &application, &key, &args);
+    print_dev_banner(&node, &tenancy, &application, &key, rights, &args);
     if let Some(ca) = &tls {
         print_dev_tls(
             &node,
@@ -551,17 +552,24 @@ fn ws_line(node: &Node) -> String {
     }
 }
 
-fn print_dev_banner(node: &Node, tenancy: &Tenancy, app: &AppRef, key: &str, args: &DevArgs) {
+fn print_dev_banner(
+    node: &Node,
+    tenancy: &Tenancy,
+    app: &AppRef,
+    key: &str,
+    rights: Rights,
+    args: &DevArgs,
+) {
     let uid = tenancy.app_uid(app);
     let (host, port) = (node.mqtt_addr.ip(), node.mqtt_addr.port());
     let devices = args.fleet.devices;
     println!(
         r#"lorabroker dev is running (embedded bus, in-memory stores)
   MQTT      {mqtt}{ws}
-  HTTP      http://{http}  (/healthz /readyz /metrics)
+  HTTP      http://{http}  (/healthz /readyz /metrics){console}
   username  {uid}
   API key   {key}
-            rights: RIGHT_APPLICATION_TRAFFIC_READ, RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE
+            rights: {rights}
   devices   dev1..dev{devices}, one uplink each every {interval}
 {mqttjs}
 Watch joins, uplinks and downlink events:
@@ -582,6 +590,15 @@ Schedule a confirmed downlink with your own correlation ID:
             None => String::new(),
         },
         http = node.http_addr,
+        console = if node.app.config.console.enabled {
+            format!(
+                "\n  Console   http://{}/console  (sign in with the API key below)",
+                node.http_addr
+            )
+        } else {
+            String::new()
+        },
+        rights = rights.names().join(", "),
         interval = humantime::format_duration(args.fleet.uplink_interval),
     );
 }

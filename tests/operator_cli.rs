@@ -313,6 +313,38 @@ async fn dev() -> (Proc, SocketAddr, String, String) {
     (proc, mqtt, last(username), last(key))
 }
 
+/// The dev banner names the console, and its demo key signs in there: it holds
+/// RIGHT_APPLICATION_SETTINGS_API_KEYS next to the traffic rights, and reads its own keys.
+#[tokio::test]
+async fn dev_prints_the_console_and_its_key_signs_in() {
+    let (proc, _mqtt, username, key) = dev().await;
+    let line = proc.stdout.wait_for("  Console ").await;
+    let url = line.split_whitespace().nth(1).expect("a URL").to_owned();
+    let (addr, path) = url
+        .trim_start_matches("http://")
+        .split_once('/')
+        .expect("http://host:port/path");
+    let addr: SocketAddr = addr.parse().expect("an address");
+    assert_eq!(path, "console");
+    let (status, page) = http::get(addr, "/console").await;
+    assert_eq!(status, 200, "{page}");
+    let rights = proc.stdout.wait_for("rights: ").await;
+    assert!(
+        rights.contains("RIGHT_APPLICATION_SETTINGS_API_KEYS"),
+        "{rights}"
+    );
+    let (status, whoami) = http::request(addr, "GET", "/api/v1/whoami", Some(&key), "").await;
+    assert_eq!(status, 200, "{whoami}");
+    let whoami: serde_json::Value = serde_json::from_str(&whoami).unwrap();
+    assert_eq!(whoami["operator"], false, "{whoami}");
+    assert_eq!(whoami["application"], username.as_str(), "{whoami}");
+    let keys = format!("/api/v1/applications/{username}/keys");
+    let (status, listed) = http::request(addr, "GET", &keys, Some(&key), "").await;
+    assert_eq!(status, 200, "{listed}");
+    let id = key.split('.').nth(1).unwrap();
+    assert!(listed.contains(id), "{listed}");
+}
+
 #[tokio::test]
 async fn dev_stops_within_a_second_of_ctrl_c_with_clients_connected() {
     let (mut proc, mqtt, username, key) = dev().await;

@@ -3,7 +3,10 @@
 //! end to end in headless Chromium with two nodes (tests/clients/node/console_e2e.mjs):
 //! sign in, generate a key, connect with it, see the live events of a client on the other
 //! node, an unknown key's `as.mqtt.connect.fail`, revoke, a self-service sign-in with a
-//! key holding `RIGHT_APPLICATION_SETTINGS_API_KEYS`, and a screenshot for CI.
+//! key holding `RIGHT_APPLICATION_SETTINGS_API_KEYS`, and a screenshot for CI; and in
+//! headless Firefox (tests/clients/node/console_firefox.mjs, over Marionette): sign in,
+//! generate a key, its client's `as.mqtt.connect`, an unknown key's
+//! `as.mqtt.connect.fail`, and a screenshot.
 
 mod common;
 
@@ -238,14 +241,14 @@ fn node_clients() -> std::path::PathBuf {
     dir
 }
 
-/// Where the screenshot goes: `target/console-screenshot.png` (the CI artifact), under
-/// `CARGO_TARGET_DIR` when that is set.
-fn screenshot_path() -> std::path::PathBuf {
+/// Where a screenshot goes: `target/<name>` (the CI artifact), under `CARGO_TARGET_DIR`
+/// when that is set.
+fn screenshot_path(name: &str) -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
     std::fs::create_dir_all(&target).expect("the target directory");
-    target.join("console-screenshot.png")
+    target.join(name)
 }
 
 #[tokio::test]
@@ -274,7 +277,7 @@ async fn console_in_headless_chromium_with_two_nodes() {
         })
         .await;
     let app = env.app("console-app");
-    let screenshot = screenshot_path();
+    let screenshot = screenshot_path("console-screenshot.png");
     let _ = std::fs::remove_file(&screenshot);
     let mut cmd = tokio::process::Command::new("node");
     cmd.arg("console_e2e.mjs")
@@ -322,4 +325,143 @@ async fn console_in_headless_chromium_with_two_nodes() {
     println!("{text}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// The live Firefox processes that belong to the one with PID `pid` and profile
+/// `profile`, as `PID command line`: a command line naming the profile, or naming `pid`
+/// as a word (content processes' `-parentPid`, and the crash helper, which runs in a
+/// session of its own, outside Firefox's process group).
+fn firefox_processes(pid: u32, profile: &std::path::Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let pid = pid.to_string();
+    let profile = profile.to_string_lossy();
+    dir.flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The state follows the parenthesised command name: Z is a zombie (dead).
+            if stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+            {
+                return None;
+            }
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let ours = args
+                .iter()
+                .any(|a| a.contains(profile.as_ref()) || *a == pid);
+            (ours && args.iter().any(|a| a.contains("firefox")))
+                .then(|| format!("{name} {}", args.join(" ").trim_end()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn console_in_headless_firefox() {
+    let firefox_bin = std::path::Path::new("/usr/bin/firefox-esr");
+    assert!(
+        firefox_bin.exists(),
+        "headless Firefox is missing (Debian: apt-get install -y firefox-esr; .ci/run installs it)"
+    );
+    let dir = node_clients();
+    let env = TestEnv::new(Backend::Embedded).await;
+    let node = env
+        .node_with(|c| {
+            c.node_name = "node-firefox".into();
+            c.http.admin_token = TOKEN.into();
+        })
+        .await;
+    let app = env.app("console-firefox-app");
+    let screenshot = screenshot_path("console-screenshot-firefox.png");
+    let _ = std::fs::remove_file(&screenshot);
+
+    // A profile of its own (also its HOME), Marionette on a free port.
+    let profile = tempfile::tempdir().expect("a temporary profile directory");
+    let marionette = common::services::free_port();
+    std::fs::write(
+        profile.path().join("user.js"),
+        format!(
+            "user_pref(\"marionette.port\", {marionette});\n\
+             user_pref(\"app.update.enabled\", false);\n\
+             user_pref(\"browser.shell.checkDefaultBrowser\", false);\n"
+        ),
+    )
+    .expect("user.js written");
+    let mut browser_cmd = tokio::process::Command::new(firefox_bin);
+    browser_cmd
+        .args(["--headless", "--marionette", "--no-remote", "-profile"])
+        .arg(profile.path())
+        .env("HOME", profile.path())
+        .env("MOZ_CRASHREPORTER_DISABLE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // Firefox starts content processes: it leads a process group, killed as a whole.
+    let mut firefox = common::shell::Spawned::start(&mut browser_cmd);
+    let firefox_pid = firefox.child().id().expect("Firefox was just started");
+
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("console_firefox.mjs")
+        .current_dir(&dir)
+        .env("LB_MARIONETTE", marionette.to_string())
+        .env(
+            "LB_CONSOLE",
+            format!("http://127.0.0.1:{}/console", node.http_addr.port()),
+        )
+        .env("LB_TOKEN", TOKEN)
+        .env("LB_APP", node.username(&app))
+        .env("LB_MQTT", format!("mqtt://{}", node.mqtt_addr))
+        .env("LB_SCREENSHOT", &screenshot)
+        .env("LB_TIMEOUT", "15")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = tokio::time::timeout(
+        Duration::from_secs(150),
+        common::shell::Spawned::start(&mut cmd).output(),
+    )
+    .await;
+    firefox.stop().await;
+    let out = out.expect("console_firefox.mjs overran 150 s");
+    // The crash helper, outside the group, ends by itself when Firefox is gone.
+    let mut left = firefox_processes(firefox_pid, profile.path());
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = firefox_processes(firefox_pid, profile.path());
+    }
+    assert!(left.is_empty(), "Firefox processes left running: {left:?}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "console_firefox.mjs failed:\n{text}");
+    for seen in [
+        "Marionette session in firefox",
+        "signed in as operator",
+        "Make sure to copy your API key now, since it will no longer be visible after leaving the page",
+        "connect event:",
+        "console-firefox-good",
+        "connect.fail event:",
+        "not found",
+    ] {
+        assert!(text.contains(seen), "{seen:?} not in:\n{text}");
+    }
+    assert!(
+        screenshot.exists(),
+        "no screenshot at {}",
+        screenshot.display()
+    );
+    println!("{text}");
+    node.shutdown().await;
 }

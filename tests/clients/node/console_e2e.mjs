@@ -18,13 +18,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { chromium } from 'playwright-core';
-import mqtt from 'mqtt';
-
-function env(name, fallback) {
-  const value = process.env[name] ?? fallback;
-  if (value === undefined) throw new Error(`the environment variable ${name} is not set`);
-  return value;
-}
+import { base32, connect as mqttConnect, env } from './console_common.mjs';
 
 const CONSOLE = env('LB_CONSOLE');
 const TOKEN = env('LB_TOKEN');
@@ -38,38 +32,8 @@ setTimeout(() => {
   process.exit(3);
 }, 120_000).unref();
 
-/** Unpadded base32 (RFC 4648) of `bytes`, as in API key IDs. */
-function base32(bytes) {
-  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
-  let bits = 0;
-  let value = 0;
-  let out = '';
-  for (const b of bytes) {
-    value = (value << 8) | b;
-    bits += 8;
-    while (bits >= 5) {
-      out += alphabet[(value >>> (bits - 5)) & 31];
-      bits -= 5;
-    }
-  }
-  if (bits > 0) out += alphabet[(value << (5 - bits)) & 31];
-  return out;
-}
-
 function connect(clientId, password) {
-  const client = mqtt.connect(MQTT_URL, {
-    clientId,
-    username: APP,
-    password,
-    protocolVersion: 4,
-    reconnectPeriod: 0,
-    connectTimeout: TIMEOUT_MS,
-  });
-  const outcome = new Promise((resolve) => {
-    client.once('connect', () => resolve('connected'));
-    client.once('error', (e) => resolve(`error: ${e.message}`));
-  });
-  return { client, outcome };
+  return mqttConnect(MQTT_URL, APP, clientId, password, TIMEOUT_MS);
 }
 
 /** Waits for a live event `name` whose text contains `needle`; its text. */

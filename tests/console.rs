@@ -217,30 +217,6 @@ async fn console_info_shows_configured_or_derived_addresses() {
     node.shutdown().await;
 }
 
-/// `tests/clients/node` with playwright-core and MQTT.js installed (`npm ci` when missing).
-fn node_clients() -> std::path::PathBuf {
-    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
-    INSTALLED.get_or_init(|| {
-        let modules = dir.join("node_modules");
-        if modules.join("mqtt").exists() && modules.join("playwright-core").exists() {
-            return;
-        }
-        let out = std::process::Command::new("npm")
-            .arg("ci")
-            .current_dir(&dir)
-            .output()
-            .expect("npm runs (Debian/Ubuntu: apt-get install -y nodejs npm)");
-        assert!(
-            out.status.success(),
-            "npm ci in tests/clients/node failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-    dir
-}
-
 /// Where a screenshot goes: `target/<name>` (the CI artifact), under `CARGO_TARGET_DIR`
 /// when that is set.
 fn screenshot_path(name: &str) -> std::path::PathBuf {
@@ -257,7 +233,7 @@ async fn console_in_headless_chromium_with_two_nodes() {
         std::path::Path::new("/usr/bin/chromium").exists(),
         "headless Chromium is missing (Debian/Ubuntu: apt-get install -y chromium; .ci/run installs it)"
     );
-    let dir = node_clients();
+    let dir = common::clients::node_clients();
     let env = TestEnv::new(Backend::Cluster).await;
     // Node A serves the page; the MQTT clients connect to node B.
     let a = env
@@ -372,7 +348,7 @@ async fn console_in_headless_firefox() {
         firefox_bin.exists(),
         "headless Firefox is missing (Debian: apt-get install -y firefox-esr; .ci/run installs it)"
     );
-    let dir = node_clients();
+    let dir = common::clients::node_clients();
     let env = TestEnv::new(Backend::Embedded).await;
     let node = env
         .node_with(|c| {

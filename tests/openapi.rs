@@ -16,14 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use common::broker::{Backend, TestEnv};
+use common::clients::root;
 use common::shell::Spawned;
 
 const TOKEN: &str = "openapi-admin-token";
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn document() -> Value {
     let text =
@@ -241,16 +238,7 @@ fn schemathesis() -> PathBuf {
             .unwrap_or_default()
     };
     if !version().contains(&pinned) && custom.is_none() {
-        let out = std::process::Command::new(root().join("tests/clients/setup"))
-            .current_dir(root())
-            .output()
-            .expect("tests/clients/setup runs");
-        assert!(
-            out.status.success(),
-            "tests/clients/setup failed (it needs python3 with venv, node and npm):\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::clients::run_setup();
     }
     assert!(
         version().contains(&pinned),

@@ -16,12 +16,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use common::clients::root;
 use common::doc::{assert_same_shape, event_example};
 use common::http;
 use common::services::{unique, NatsService, RedisService};
@@ -34,10 +35,6 @@ const SERVE: &str = "lorabroker serve --node-name py-node --mqtt-listen 127.0.0.
 const KEYS_CREATE: &str = "lorabroker keys create --app app1 --tenant {tenant} --redis-url {redis}";
 const SUB: &str = "mosquitto_sub -h 127.0.0.1 -p {port} -u 'app1@{tenant}' -P '{key}' -t '#' -v";
 const PUB: &str = "mosquitto_pub -h 127.0.0.1 -p {port} -u 'app1@{tenant}' -P '{key}' -t 'v3/app1@{tenant}/devices/dev1/down/push' -m '{body}'";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The Python that has the upstream's pinned packages, installing them when missing.
 fn python() -> PathBuf {
@@ -57,16 +54,7 @@ fn python() -> PathBuf {
     };
     let pinned = "2.16.0 8.1.0";
     if probe() != pinned && custom.is_none() {
-        let out = std::process::Command::new(root().join("tests/clients/setup"))
-            .current_dir(root())
-            .output()
-            .expect("tests/clients/setup runs");
-        assert!(
-            out.status.success(),
-            "tests/clients/setup failed (it needs python3 with venv, node and npm):\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::clients::run_setup();
     }
     assert_eq!(
         probe(),

@@ -266,35 +266,10 @@ async fn plain_http_on_the_wss_port_is_a_counted_tls_failure() {
     assert_eq!(wss.connect(&f.username(), &f.key).await, 0);
 }
 
-/// `tests/clients/node`, with the pinned MQTT.js and playwright-core installed (`npm ci`
-/// when either is missing, as tests/client_libraries does for its programs).
-fn node_clients() -> std::path::PathBuf {
-    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
-    INSTALLED.get_or_init(|| {
-        let modules = dir.join("node_modules");
-        if modules.join("mqtt").exists() && modules.join("playwright-core").exists() {
-            return;
-        }
-        let out = std::process::Command::new("npm")
-            .arg("ci")
-            .current_dir(&dir)
-            .output()
-            .expect("npm runs (Debian/Ubuntu: apt-get install -y nodejs npm)");
-        assert!(
-            out.status.success(),
-            "npm ci in tests/clients/node failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-    dir
-}
-
 /// Runs `mqttjs_ws.mjs MODE` against a node with a WebSocket listener whose upstream sends
 /// an uplink of dev1 every 200 ms; its output, after asserting that it succeeded.
 async fn run_mqttjs(mode: &str, over_tls: bool) -> String {
-    let dir = node_clients();
+    let dir = common::clients::node_clients();
     // For wss://: a CA made here, the server certificate of [mqtt.tls] signed by it.
     let certs = tempfile::tempdir().unwrap();
     let ca = common::tls::TestCa::new("MQTT.js wss test CA");

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod clients;
 pub mod delay_proxy;
 pub mod doc;
 pub mod http;

@@ -187,10 +187,12 @@ results_table() {
   zl_row "fan-out at the zero-loss rate: deliveries/s" fanout zero_loss_deliveries_per_s
   row "fan-out at the zero-loss rate: broker CPU µs per delivery" fanout_zero_loss .broker_cpu_us_per_delivery
   row "fan-out at the zero-loss rate: NATS+Redis CPU µs per delivery (lorabroker's bus)" fanout_zero_loss .aux_cpu_us_per_delivery
+  row "fan-out at the zero-loss rate: p99 latency µs" fanout_zero_loss .latency_us.p99
   fail_row "fan-out: lowest failing probe" fanout
   zl_row "many devices, $DEVICES subs on $DEVICES topics: zero-loss msg/s ($zero)" devices zero_loss_per_s
   row "many devices at the zero-loss rate: broker CPU µs per delivery" devices_zero_loss .broker_cpu_us_per_delivery
   row "many devices at the zero-loss rate: NATS+Redis CPU µs per delivery (lorabroker's bus)" devices_zero_loss .aux_cpu_us_per_delivery
+  row "many devices at the zero-loss rate: p99 latency µs" devices_zero_loss .latency_us.p99
   fail_row "many devices: lowest failing probe" devices
   row "many devices at $(fmt "$CPU_RATE") msg/s ($CPU_DUR): CPU µs per delivered message (lorabroker: node + NATS+Redis)" devices_cpu "$TOTAL_PER"
   row "many devices at $(fmt "$CPU_RATE") msg/s: broker CPU µs per delivery" devices_cpu .broker_cpu_us_per_delivery
@@ -295,8 +297,8 @@ readme_table() {
   echo "From one run of \`benches/compare.sh\` ($(sed -n 's/^start: \([0-9:]*\) .*/\1 UTC/p' "$OUT/machine.txt")," \
     "$(sed -n 's/^machine: \([0-9]* CPUs\).*/\1/p' "$OUT/machine.txt"), lorabroker" \
     "$(sed -n 's/^lorabroker: \([^,]*\),.*, \([a-z]*\) build$/\1, \2 build/p' "$OUT/machine.txt")):" \
-    "zero-loss is the highest fixed publish rate at which every subscriber got every message" \
-    "(bisection over $PROBE_DUR runs, within $(awk -v p="$PRECISION" 'BEGIN { printf "%.0f", (p - 1) * 100 }') %)."
+    "zero-loss is the highest fixed publish rate at which every subscriber got every message, in pace" \
+    "(bisection over $PROBE_DUR runs, at most $PROBES, within $(awk -v p="$PRECISION" 'BEGIN { printf "%.0f", (p - 1) * 100 }') %)."
 }
 
 # replace_block FILE NAME CONTENT-FILE: the text between FILE's markers NAME becomes CONTENT.
@@ -354,7 +356,8 @@ fi
   echo "user+system time during the measured phase; for lorabroker the NATS and Redis it needs"
   echo "are reported apart (aux_cpu_s in results.jsonl, the NATS+Redis rows). Zero-loss rates:"
   echo "the highest fixed rate (bisection, $PROBE_DUR probes, ≤ $PROBES) at which every message reached"
-  echo "every subscriber and the publisher kept ≥ $PUBLISH_MIN of the rate. Raw results: $RESULTS"
+  echo "every subscriber, the publisher kept ≥ $PUBLISH_MIN of the rate and the deliveries ≥ $PACE_MIN of it."
+  echo "Raw results: $RESULTS"
 } | tee "$OUT/table.md"
 if [[ $UPDATE_DOCS == yes || ($UPDATE_DOCS == auto && -z $REPORT && $QUICK == 0 && $PROFILE == release) ]]; then
   update_docs

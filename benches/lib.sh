@@ -13,6 +13,7 @@ parse_args() {
   WAIT_QUIET=0
   REPORT=""
   PROFILE=release
+  UPDATE_DOCS=auto
   while (($#)); do
     case "$1" in
       --quick) QUICK=1 ;;
@@ -20,6 +21,8 @@ parse_args() {
       --wait-quiet) WAIT_QUIET="$2"; shift ;;
       --report) REPORT="$2"; shift ;;
       --debug) PROFILE=debug ;;
+      --update-docs) UPDATE_DOCS=yes ;;
+      --no-update-docs) UPDATE_DOCS=no ;;
       -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SCRIPT"; exit 0 ;;
       *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -28,12 +31,39 @@ parse_args() {
   # Shapes. The full run uses the targets' shapes; --quick shrinks them.
   if ((QUICK)); then
     DUR=2s; LAT_DUR=2s; DEVICES=200; IDLE=2000; STORM=1000; STORM_MISS=300; ROUNDS=1; DL_RATE=1000
+    CPU_RATE=10000; CPU_DUR=2s
+    PROBE_DUR=1s; PROBES=3; FANOUT_LO=1000; FANOUT_HI=100000; DEVICES_LO=1000; DEVICES_HI=100000
   else
     DUR=8s; LAT_DUR=5s; DEVICES=1000; IDLE=10000; STORM=5000; STORM_MISS=2000; ROUNDS=4; DL_RATE=2000
+    CPU_RATE=50000; CPU_DUR=8s
+    PROBE_DUR=3s; PROBES=7; FANOUT_LO=5000; FANOUT_HI=400000; DEVICES_LO=5000; DEVICES_HI=400000
   fi
   FANOUT_SUBS=10
   PAYLOAD=200
   LATENCY_RATE=5000 # messages/s to 10 subscribers: 50,000 deliveries/s
+  # Zero-loss bisection (see `bisect`): stop when the bracket is this narrow; a probe whose
+  # publisher reached less than PUBLISH_MIN of the asked rate counts as failed (the load
+  # generator, or the broker's backpressure on an MQTT publisher, set the rate), and so
+  # does one whose deliveries/s fell below PACE_MIN of the asked rate: a broker that queues
+  # and delivers a short probe's messages late has lost nothing yet, but cannot sustain the
+  # rate (a debug build "passed" 56k msg/s delivering 29k/s). PACE_MIN=0 in the environment
+  # counts loss alone.
+  PRECISION=1.05
+  PUBLISH_MIN=0.95
+  PACE_MIN=${PACE_MIN:-0.95}
+}
+SHAPE_VARS=(QUICK PROFILE DUR LAT_DUR DEVICES IDLE STORM STORM_MISS ROUNDS DL_RATE CPU_RATE CPU_DUR
+  PROBE_DUR PROBES FANOUT_LO FANOUT_HI DEVICES_LO DEVICES_HI FANOUT_SUBS PAYLOAD LATENCY_RATE PRECISION PUBLISH_MIN PACE_MIN)
+
+# use_report DIR: read the results of an earlier run (--report DIR) with the shapes that run
+# had (saved by `setup` in DIR/shapes.sh), so that the table's titles match its figures.
+use_report() {
+  OUT=$1
+  RESULTS="$OUT/results.jsonl"
+  [[ -r $RESULTS ]] || { echo "no $RESULTS" >&2; exit 1; }
+  # shellcheck source=/dev/null
+  [[ -r $OUT/shapes.sh ]] && . "$OUT/shapes.sh"
+  return 0
 }
 
 # What the figures were measured on; the state is sampled again before each broker.
@@ -64,6 +94,7 @@ setup() {
   mkdir -p "$OUT"
   RESULTS="$OUT/results.jsonl"
   : >"$RESULTS"
+  declare -p "${SHAPE_VARS[@]}" | sed 's/^declare -[-a-z]* //' >"$OUT/shapes.sh"
   # Private copies, so that a concurrent build cannot swap the binaries mid-run.
   cp "$target_dir/$PROFILE/lorabroker" "$target_dir/$PROFILE/lorabroker-load" "$WORK/"
   LB="$WORK/lorabroker"
@@ -139,6 +170,88 @@ run() {
   else
     echo "   FAILED (see $OUT/load.log)" >&2
   fi
+}
+
+# probe CASE LABEL RATE ARGS...: one fixed-rate run of `lorabroker-load ARGS --rate RATE
+# --duration $PROBE_DUR`, kept in $RESULTS as case CASE_probe with probe_rate, pace
+# (deliveries/s over the asked deliveries/s), ok and why; ok means every expected delivery
+# arrived (no loss, no subscriber closed), the publisher reached at least PUBLISH_MIN of
+# RATE and the pace was at least PACE_MIN. Prints the line on stdout; the status is ok's.
+# Then waits 1 s for the broker to drain.
+probe() {
+  local case=$1 label=$2 rate=$3; shift 3
+  local line err
+  if line=$("$LOAD" "$@" --rate "$rate" --duration "$PROBE_DUR" 2>"$WORK/probe.err"); then
+    line=$(jq -c --arg case "${case}_probe" --argjson r "$rate" --argjson min "$PUBLISH_MIN" \
+      --argjson pace "$PACE_MIN" '
+      (if .published > 0 then .delivered_per_s / ($r * .expected / .published) else 0 end) as $p
+      | . + {case: $case, probe_rate: $r, pace: ($p * 1000 | round / 1000)}
+      | (if .published_per_s < $min * $r then "publisher reached only \(.published_per_s)/s"
+         elif .lost > 0 or .delivered < .expected then "lost \(.lost) of \(.expected)"
+         elif .subscribers_closed > 0 then "broker closed \(.subscribers_closed) subscribers"
+         elif $p < $pace then "fell behind: delivered \(.delivered_per_s)/s, \(.pace) of the rate"
+         else null end) as $why
+      | . + {ok: ($why == null), why: $why}' <<<"$line")
+  else
+    err=$(tail -n 1 "$WORK/probe.err")
+    line=$(jq -c -n --arg case "${case}_probe" --arg t "$label" --argjson r "$rate" --arg e "$err" \
+      '{scenario: "probe", target: $t, case: $case, probe_rate: $r, ok: false,
+        why: ("load generator failed: " + $e)}')
+  fi
+  cat "$WORK/probe.err" >>"$OUT/load.log"
+  echo "$line" >>"$RESULTS"
+  jq -r '"   \(.probe_rate)/s: " + (if .ok then "ok" else "FAILED, \(.why)" end)
+    + (if .delivered_per_s then " (delivered \(.delivered_per_s)/s, published \(.published_per_s)/s)" else "" end)' <<<"$line" >&2
+  echo "$line"
+  sleep 1
+  jq -e .ok <<<"$line" >/dev/null
+}
+
+# bisect CASE LO HI ARGS...: the highest fixed rate in LO..HI (messages/s from the upstream)
+# at which `probe` succeeds, by bisection on a log scale: LO is taken as passing and HI as
+# failing, each probe at the geometric midpoint narrows the bracket, until HI/LO <=
+# PRECISION or after PROBES probes. If no probe passed, LO itself is probed. ARGS are
+# lorabroker-load's (with --label, the scenario and its shape; bisect adds --rate and
+# --duration). Writes a line with case CASE_zero_loss: zero_loss_per_s (null when even LO
+# lost; below_per_s says so), the deliveries/s and CPU per delivery measured at that rate
+# (broker; NATS+Redis for lorabroker as aux), first_failing_per_s and why it failed, and
+# at_upper_bound when no probe failed (the real figure is above HI's last bracket).
+bisect() {
+  local case=$1 lo=$2 hi=$3; shift 3
+  local label=broker prev="" a
+  for a in "$@"; do [[ $prev == --label ]] && label=$a; prev=$a; done
+  local bottom=$lo top=$hi n=0 rate line good_line="" bad_line="null"
+  echo "-- $case zero-loss rate in $lo..$hi/s (${PROBE_DUR} probes): lorabroker-load $* --rate R --duration $PROBE_DUR" >&2
+  while ((n < PROBES)) && awk -v l="$bottom" -v h="$top" -v p="$PRECISION" 'BEGIN { exit !(h > l * p) }'; do
+    rate=$(awk -v l="$bottom" -v h="$top" 'BEGIN { printf "%.0f", sqrt(l * h) }')
+    n=$((n + 1))
+    if line=$(probe "$case" "$label" "$rate" "$@"); then
+      bottom=$rate good_line=$line
+    else
+      top=$rate bad_line=$line
+    fi
+  done
+  if [[ -z $good_line ]]; then
+    n=$((n + 1))
+    if line=$(probe "$case" "$label" "$lo" "$@"); then good_line=$line; else bad_line=$line; fi
+  fi
+  jq -c -n --argjson g "${good_line:-null}" --argjson b "$bad_line" --arg case "${case}_zero_loss" \
+    --arg t "$label" --argjson lo "$lo" --argjson hi "$hi" --argjson n "$n" --arg d "$PROBE_DUR" '
+    def per(s): if s == null or $g.delivered == 0 then null else (s * 1e8 / $g.delivered | round / 100) end;
+    {scenario: ($g.scenario // $b.scenario // "probe"), target: $t, case: $case,
+     zero_loss_per_s: $g.probe_rate,
+     zero_loss_deliveries_per_s: $g.delivered_per_s,
+     published_per_s: $g.published_per_s, pace: $g.pace,
+     broker_cpu_us_per_delivery: per($g.broker_cpu_s),
+     aux_cpu_us_per_delivery: per($g.aux_cpu_s),
+     cpu_us_per_delivery: per(if $g.broker_cpu_s then $g.broker_cpu_s + ($g.aux_cpu_s // 0) else null end),
+     latency_us: $g.latency_us,
+     below_per_s: (if $g == null then $lo else null end),
+     first_failing_per_s: $b.probe_rate, first_failing_why: $b.why,
+     at_upper_bound: ($b == null),
+     range: [$lo, $hi], probes: $n, probe_duration: $d}' >>"$RESULTS"
+  tail -n 1 "$RESULTS" | jq -r '"   zero loss up to \(.zero_loss_per_s // "(none, below \(.below_per_s))")/s"
+    + " (\(.zero_loss_deliveries_per_s // "-") deliveries/s), first failing \(.first_failing_per_s // "-")/s after \(.probes) probes"' >&2
 }
 
 # backends: a private Redis and NATS (JetStream) for lorabroker; sets BACKENDS (the

@@ -16,8 +16,9 @@ use futures::StreamExt;
 use rumqttc::{QoS, SubscribeReasonCode};
 use serde_json::{json, Value};
 
-use common::broker::{Backend, TestEnv, TestNode};
+use common::broker::{Backend, TestEnv, TestNode, WAIT};
 use common::http::request;
+use common::wait::eventually;
 use lorabroker::auth::Rights;
 use lorabroker::bus::{Bus, Subscription};
 use lorabroker::downlink::service::MAX_EVENT_ENVELOPE;
@@ -84,13 +85,21 @@ async fn unregistered_devices_get_device_not_found(backend: Backend) {
     assert_eq!(error["message_format"], "end device dev1 not found");
     assert_eq!(failed["downlink_failed"]["downlink"]["f_port"], 1);
     assert!(node.app.queue.list(&dev1).await.unwrap().is_empty());
-    assert!(
-        metrics(&node).await.contains(&format!(
-            "lorabroker_downlinks_total{{tenant=\"{}\",application=\"app1\",outcome=\"device_not_found\"}} 1",
-            env.tenant
-        )),
-        "counted by reason"
+    // The outcome is counted once the service returns, just after it published the
+    // `down/failed` event seen above, so the counter may trail the event briefly.
+    let counted = format!(
+        "lorabroker_downlinks_total{{tenant=\"{}\",application=\"app1\",outcome=\"device_not_found\"}} 1",
+        env.tenant
     );
+    eventually("device_not_found counted by reason", WAIT, || async {
+        let text = metrics(&node).await;
+        if text.contains(&counted) {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
 
     // The admin API registers it: the same push is queued.
     let devices = format!("/api/v1/applications/{uid}/devices");

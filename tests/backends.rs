@@ -1384,7 +1384,11 @@ async fn nats_counted_subscription_counts_exactly_what_it_drops() {
         .await
         .is_err());
     assert_eq!(bus.dropped_messages(), dropped.get());
-    println!("{n} published: {} received, {} dropped and counted", received.len(), dropped.get());
+    println!(
+        "{n} published: {} received, {} dropped and counted",
+        received.len(),
+        dropped.get()
+    );
 }
 
 #[tokio::test]

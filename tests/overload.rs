@@ -220,7 +220,12 @@ async fn a_flooded_application_loses_alone_and_every_loss_is_counted() {
     .await;
     assert!(outbox > 0, "the stalled client was flooded past its outbox");
     assert!(
-        metric(&node, "lorabroker_bus_dropped_total{reason=\"slow_consumer\"}").await >= bus,
+        metric(
+            &node,
+            "lorabroker_bus_dropped_total{reason=\"slow_consumer\"}"
+        )
+        .await
+            >= bus,
         "the node's total includes A's bus drops"
     );
     println!(
@@ -321,7 +326,12 @@ async fn an_overflowing_bus_subscription_counts_its_drops_for_its_application() 
     .await;
     assert!(bus > 0);
     assert!(
-        metric(&node, "lorabroker_bus_dropped_total{reason=\"slow_consumer\"}").await >= bus,
+        metric(
+            &node,
+            "lorabroker_bus_dropped_total{reason=\"slow_consumer\"}"
+        )
+        .await
+            >= bus,
         "the node's total includes A's bus drops"
     );
     println!(

@@ -3,7 +3,8 @@
 //! async-nats hands each subscription's messages over a bounded channel and, when the
 //! channel is full, drops the message and reports `Event::SlowConsumer(sid)` through its
 //! own event queue, which is bounded too (128 events) and silently loses reports when a
-//! burst of drops outruns it: counts taken from those events are only a lower bound.
+//! burst of drops outruns it: counts taken from those events are only a lower bound (in
+//! `tests/overload.rs`'s flood, counting those events alone found 53k of 191k drops).
 //!
 //! So every poll first moves whatever the client has buffered for the subscription into a
 //! queue of its own (without tokio's cooperative budget, which would stop after a few

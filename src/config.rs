@@ -15,7 +15,7 @@ use crate::topic::{Id, Tenancy, MAX_TRAFFIC_TOPIC_LEN};
 mod load;
 mod nats;
 
-pub use nats::{NatsAuth, NatsConfig};
+pub use nats::{NatsAuth, NatsConfig, DEFAULT_SUBSCRIPTION_CAPACITY};
 
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config/lorabroker.toml";

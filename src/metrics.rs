@@ -111,9 +111,13 @@ pub struct Metrics {
     /// Sockets waiting for their CONNECT (bounded by `mqtt.max_pending_handshakes`).
     pub pending_handshakes: Gauge,
     /// Bus messages lost before they reached this node's routers, by reason
-    /// (`slow_consumer`: a NATS subscription's buffer was full; the application is not
-    /// known there).
+    /// (`slow_consumer`: a NATS subscription's buffer was full, the node's total of
+    /// [`Metrics::bus_slow_consumer_dropped`] and of any other subscription's drops;
+    /// `too_large_for_mqtt`).
     pub bus_dropped: Family<ReasonLabels, Counter>,
+    /// Bus messages of an application lost because this node's subscription for it fell
+    /// more than `nats.subscription_capacity` messages behind.
+    pub bus_slow_consumer_dropped: Family<AppLabels, Counter>,
     /// Log lines about refusals held back by the per-peer log limiter.
     pub log_lines_suppressed: Counter,
     /// Open HTTP connections, all listeners (bounded by `http.max_connections` each).
@@ -163,6 +167,7 @@ impl Default for Metrics {
             quota_unavailable: Counter::default(),
             pending_handshakes: Gauge::default(),
             bus_dropped: Family::default(),
+            bus_slow_consumer_dropped: Family::default(),
             log_lines_suppressed: Counter::default(),
             http_connections: Gauge::default(),
             tombstones_dropped: Counter::default(),
@@ -251,6 +256,11 @@ impl Default for Metrics {
             "bus_dropped",
             "Bus messages lost before reaching this node's routers, by reason",
             m.bus_dropped.clone(),
+        );
+        registry.register(
+            "bus_slow_consumer_dropped",
+            "Bus messages of an application lost because this node's subscription for it fell more than nats.subscription_capacity behind",
+            m.bus_slow_consumer_dropped.clone(),
         );
         registry.register(
             "log_lines_suppressed",

@@ -2,7 +2,11 @@
 //!
 //! A node holds one bus subscription per (tenant, application) with at least one
 //! subscribed client on the node: taken when the first client of that application
-//! subscribes, dropped when the last one leaves. Each bus message is parsed once, its
+//! subscribes, dropped when the last one leaves. What an application loses is counted for
+//! it where it is lost: on the bus when its subscription falls behind
+//! (`lorabroker_bus_slow_consumer_dropped_total`), in a client's outbox when that client
+//! reads too slowly (`lorabroker_dropped_messages_total`); one application's flood never
+//! costs another application's messages. Each bus message is parsed once, its
 //! subscribers are found through the application's [`Index`] (one device bucket plus the
 //! any-device subscribers, never a scan of every filter), it is encoded as a PUBLISH once
 //! (only if someone matches), and the same bytes are handed to every matching client's
@@ -181,7 +185,15 @@ impl Router {
         if task.is_some() || state.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        let sub = self.bus.subscribe(app.traffic_subject_filter()).await?;
+        let dropped = self
+            .metrics
+            .bus_slow_consumer_dropped
+            .get_or_create(&state.labels)
+            .clone();
+        let sub = self
+            .bus
+            .subscribe_counted(app.traffic_subject_filter(), dropped)
+            .await?;
         // While the bus is down the subscription is sent when it is back (DESIGN §7);
         // the client's filter is valid, so it is granted all the same.
         if let Err(e) = self.bus.flush().await {

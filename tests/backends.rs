@@ -1339,6 +1339,58 @@ async fn nats_slow_consumer_drops_are_counted_not_fatal() {
     assert!(bus.is_ready());
 }
 
+/// A router's subscription (`subscribe_counted`) holds `nats.subscription_capacity`
+/// messages, keeps the oldest, and counts every one it drops for its owner, exactly: here
+/// all of them arrive (the client's own buffer takes them) before the reader reads, so its
+/// queue overflows at once, and received + dropped is what was published.
+#[tokio::test]
+async fn nats_counted_subscription_counts_exactly_what_it_drops() {
+    let nats = NatsService::start().await;
+    let config = lorabroker::config::NatsConfig {
+        url: nats.url.clone(),
+        subscription_capacity: 100,
+        ..Default::default()
+    };
+    let bus = NatsBus::connect_with(&config, "test-node").await.unwrap();
+    ready(&bus, true, "connected").await;
+    let filter = format!("v3.{}.app-1.>", unique("tenant"));
+    let subject = filter.replace('>', "devices.dev-1.up");
+    let dropped = prometheus_client::metrics::counter::Counter::<u64>::default();
+    let mut sub = bus
+        .subscribe_counted(filter, dropped.clone())
+        .await
+        .unwrap();
+    bus.flush().await.unwrap();
+    let n = 20_000u64;
+    for i in 0..n {
+        bus.publish(subject.clone(), Bytes::from(i.to_string()))
+            .await
+            .unwrap();
+    }
+    // The round trip comes back behind every message this connection was sent before it.
+    bus.flush().await.unwrap();
+    let mut received = Vec::new();
+    while received.len() as u64 + dropped.get() < n {
+        received.push(recv(&mut sub, "the rest").await.payload);
+    }
+    assert_eq!(received.len() as u64 + dropped.get(), n);
+    assert!(dropped.get() > 0);
+    // The oldest are kept, in order.
+    for (i, p) in received.iter().take(100).enumerate() {
+        assert_eq!(p, &i.to_string());
+    }
+    // Nothing else comes, and the node's total is this subscription's.
+    assert!(tokio::time::timeout(Duration::from_millis(200), sub.next())
+        .await
+        .is_err());
+    assert_eq!(bus.dropped_messages(), dropped.get());
+    println!(
+        "{n} published: {} received, {} dropped and counted",
+        received.len(),
+        dropped.get()
+    );
+}
+
 #[tokio::test]
 async fn nats_rejects_an_unparsable_url() {
     assert!(matches!(

@@ -841,6 +841,7 @@ fn the_grafana_dashboard_queries_only_metrics_a_node_exports() {
         .get_or_create(&OutcomeLabels { outcome: "x" })
         .inc();
     m.dropped.get_or_create(&app).inc();
+    m.bus_slow_consumer_dropped.get_or_create(&app).inc();
     m.downlinks
         .get_or_create(&DownlinkLabels {
             tenant: "t".into(),

@@ -51,6 +51,16 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, subject: String, payload: Bytes) -> Result<(), BusError>;
     /// Subscribes to a subject filter (`*` and `>` allowed).
     async fn subscribe(&self, filter: String) -> Result<Subscription, BusError>;
+    /// Subscribes like [`Bus::subscribe`], counting in `dropped` every message this
+    /// subscription loses because its reader fell too far behind (a NATS slow consumer),
+    /// for whoever owns it (an application's router). A bus that never drops ignores it.
+    async fn subscribe_counted(
+        &self,
+        filter: String,
+        _dropped: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Subscription, BusError> {
+        self.subscribe(filter).await
+    }
     /// Makes sure everything published and subscribed so far has reached the bus: once it
     /// returns, a message anyone publishes reaches the subscriptions taken before (what a
     /// SUBACK promises), and what was published is no longer only in this process.
@@ -66,7 +76,8 @@ pub trait Bus: Send + Sync + 'static {
     }
 
     /// Counts in `counter` every message the bus drops before a subscription's owner gets
-    /// it (a NATS slow consumer). A bus that never drops ignores it.
+    /// it (a NATS slow consumer), whichever subscription lost it: the node's total. A bus
+    /// that never drops ignores it.
     fn count_drops_in(&self, _counter: prometheus_client::metrics::counter::Counter) {}
 }
 

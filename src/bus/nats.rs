@@ -14,8 +14,13 @@
 //! the first connection is up. `subscribe` is accepted at any time and takes effect as soon
 //! as the connection is (re-)established.
 //!
+//! A router's subscriptions ([`Bus::subscribe_counted`]) read through a bounded queue of
+//! their own (`counted`), so that what an application loses when its node falls behind is
+//! counted exactly, for that application, in `/metrics`.
+//!
 //! This module owns the NATS client; nothing else in the crate imports async-nats.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -33,15 +38,32 @@ use tokio::time::timeout;
 use super::{is_valid_subject, Bus, BusError, BusMessage, Subscription};
 use crate::config::NatsConfig;
 
+mod counted;
 mod settings;
 
-/// Messages one subscription may buffer before the node is a slow consumer and NATS
-/// messages for it are dropped (and counted, see [`NatsBus::dropped_messages`]). A node has
-/// one subscription per (tenant, application) and its router drains it into per-client
-/// bounded outboxes at once, so this buffer only absorbs scheduling hiccups; 65536
-/// messages (async-nats' default, made explicit) is ~64 MB at 1 KB uplinks in the worst
-/// case, and seconds of traffic for even a very busy application.
-pub const SUBSCRIPTION_CAPACITY: usize = 65_536;
+use counted::{sid_of, Counted};
+
+/// Messages one subscription may buffer, by default (`nats.subscription_capacity`), before
+/// the node is a slow consumer and NATS messages for it are dropped (and counted, see
+/// [`NatsBus::dropped_messages`]). A node has one subscription per (tenant, application)
+/// and its router drains it into per-client bounded outboxes at once, so this buffer only
+/// absorbs scheduling hiccups; 65536 messages (async-nats' default, made explicit) is ~64
+/// MB at 1 KB uplinks in the worst case, and seconds of traffic for even a very busy
+/// application.
+pub const SUBSCRIPTION_CAPACITY: usize = crate::config::DEFAULT_SUBSCRIPTION_CAPACITY;
+
+/// The client's own channel per subscription holds at least this many messages (and at
+/// least `nats.subscription_capacity`): for a router's subscription it is only a hand-over
+/// to the subscription's counted queue, which takes everything at every poll, so it must
+/// absorb what arrives while the reader is not running (async-nats' drops there are counted
+/// only from its lossy events); it costs memory only while it holds messages.
+const MIN_CLIENT_BUFFER: usize = 65_536;
+
+/// Commands (publishes, subscriptions) the client queues for its connection task before
+/// `publish` has to wait (async-nats' default is 2048): a node publishes downlinks, events
+/// and cluster signals from many sessions at once, and a burst should not make them wait
+/// behind each other.
+const CLIENT_CAPACITY: usize = 16_384;
 
 /// Longest wait between two reconnection attempts (before jitter).
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
@@ -67,6 +89,8 @@ pub struct NatsBus {
     client: Client,
     created: Instant,
     events: Arc<EventLog>,
+    /// `nats.subscription_capacity`: the queue of each [`Bus::subscribe_counted`].
+    capacity: usize,
     /// This connection's own inbox for the round trip of [`Bus::flush`] (taken on the
     /// first flush), and the token of the last round trip.
     barrier: Arc<tokio::sync::Mutex<Option<Barrier>>>,
@@ -99,7 +123,8 @@ impl NatsBus {
             .reconnect_delay_callback(reconnect_delay)
             .connection_timeout(CONNECT_TIMEOUT)
             .ping_interval(PING_INTERVAL)
-            .subscription_capacity(SUBSCRIPTION_CAPACITY);
+            .client_capacity(CLIENT_CAPACITY)
+            .subscription_capacity(config.subscription_capacity.max(MIN_CLIENT_BUFFER));
         let prepared = settings::prepare(config, base)
             .map_err(|problems| BusError::Settings(problems.join("; ")))?;
         let events = Arc::new(EventLog::new(
@@ -126,6 +151,7 @@ impl NatsBus {
             client,
             created: Instant::now(),
             events,
+            capacity: config.subscription_capacity.max(1),
             barrier: Arc::default(),
         })
     }
@@ -179,6 +205,20 @@ impl NatsBus {
         self.events.dropped.load(Ordering::Relaxed)
     }
 
+    /// A client subscription to `filter`.
+    async fn subscriber(&self, filter: String) -> Result<async_nats::Subscriber, BusError> {
+        if !is_valid_subject(&filter, true) {
+            return Err(BusError::InvalidSubject(filter));
+        }
+        match timeout(SEND_TIMEOUT, self.client.subscribe(filter)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(BusError::Unavailable(format!("NATS subscribe failed: {e}"))),
+            Err(_) => Err(BusError::Unavailable(format!(
+                "NATS client did not take the subscription within {SEND_TIMEOUT:?}"
+            ))),
+        }
+    }
+
     /// Whether a publish or flush may be handed to the client now (see the module docs).
     fn check_sendable(&self) -> Result<(), BusError> {
         match self.client.connection_state() {
@@ -211,25 +251,22 @@ impl Bus for NatsBus {
     }
 
     async fn subscribe(&self, filter: String) -> Result<Subscription, BusError> {
-        if !is_valid_subject(&filter, true) {
-            return Err(BusError::InvalidSubject(filter));
-        }
-        let subscriber = match timeout(SEND_TIMEOUT, self.client.subscribe(filter)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(BusError::Unavailable(format!("NATS subscribe failed: {e}")));
-            }
-            Err(_) => {
-                return Err(BusError::Unavailable(format!(
-                    "NATS client did not take the subscription within {SEND_TIMEOUT:?}"
-                )));
-            }
-        };
+        let subscriber = self.subscriber(filter).await?;
         // Dropping the stream drops the async-nats `Subscriber`, whose `Drop` sends UNSUB.
         Ok(Box::pin(subscriber.map(|m| BusMessage {
             subject: m.subject.into_string(),
             payload: m.payload,
         })))
+    }
+
+    async fn subscribe_counted(
+        &self,
+        filter: String,
+        dropped: Counter,
+    ) -> Result<Subscription, BusError> {
+        let subscriber = self.subscriber(filter).await?;
+        let owner = Owner::new(self.events.clone(), dropped, sid_of(&subscriber));
+        Ok(Box::pin(Counted::new(subscriber, self.capacity, owner)))
     }
 
     async fn flush(&self) -> Result<(), BusError> {
@@ -255,6 +292,48 @@ impl Bus for NatsBus {
         // Drops before this call are in `dropped` and are carried over.
         counter.inc_by(self.events.dropped.load(Ordering::Relaxed));
         let _ = self.events.drop_counter.set(counter);
+    }
+}
+
+/// Who counts the drops of one [`Counted`] subscription: its owner's counter, the node's
+/// total, and (by the client's subscription ID) the drops async-nats itself reports for it.
+/// Dropping it forgets the ID.
+struct Owner {
+    events: Arc<EventLog>,
+    dropped: Counter,
+    sid: Option<u64>,
+}
+
+impl Owner {
+    fn new(events: Arc<EventLog>, dropped: Counter, sid: Option<u64>) -> Self {
+        match sid {
+            Some(sid) => {
+                events.owners.lock().insert(sid, dropped.clone());
+            }
+            None => tracing::warn!(
+                "cannot read the NATS subscription ID: drops async-nats reports itself \
+                 count for the node only"
+            ),
+        }
+        Self {
+            events,
+            dropped,
+            sid,
+        }
+    }
+
+    /// `n` messages of this subscription were dropped.
+    fn lost(&self, n: u64) {
+        self.dropped.inc_by(n);
+        self.events.lost(n, self.sid);
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if let Some(sid) = self.sid {
+            self.events.owners.lock().remove(&sid);
+        }
     }
 }
 
@@ -295,10 +374,12 @@ struct EventLog {
     /// Connections made so far (see [`Bus::connections`]).
     connections: watch::Sender<u64>,
     dropped: AtomicU64,
-    /// Where drops are reported (`lorabroker_bus_dropped_total{reason="slow_consumer"}`):
-    /// per node, because async-nats names the subscription only by an ID it keeps private,
-    /// so the application is not known here.
+    /// Where the node's total of drops is reported
+    /// (`lorabroker_bus_dropped_total{reason="slow_consumer"}`).
     drop_counter: OnceLock<Counter>,
+    /// The owner's counter of each [`Counted`] subscription, by client subscription ID,
+    /// for the drops async-nats reports itself.
+    owners: Mutex<HashMap<u64, Counter>>,
     /// When the last slow-consumer warning was logged, and drops since then.
     slow: Mutex<(Option<Instant>, u64)>,
     /// Failed connection attempts come about once a second while NATS is away: the first
@@ -316,6 +397,7 @@ impl EventLog {
             connections: watch::Sender::new(0),
             dropped: AtomicU64::new(0),
             drop_counter: OnceLock::new(),
+            owners: Mutex::default(),
             slow: Mutex::default(),
             outage: Mutex::new(crate::health::Outage::with_reminders()),
         }
@@ -334,6 +416,29 @@ impl EventLog {
             format!("{error}: the server is unreachable, or {}", self.tls_hint)
         } else {
             error.to_owned()
+        }
+    }
+
+    /// `n` messages of subscription `sid` were dropped: counted for the node, and logged
+    /// at most once per [`SLOW_CONSUMER_LOG_INTERVAL`].
+    fn lost(&self, n: u64, sid: Option<u64>) {
+        let total = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
+        if let Some(counter) = self.drop_counter.get() {
+            counter.inc_by(n);
+        }
+        let mut slow = self.slow.lock();
+        slow.1 += n;
+        let due = slow
+            .0
+            .is_none_or(|at| at.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL);
+        if due {
+            tracing::warn!(
+                sid,
+                dropped = slow.1,
+                dropped_total = total,
+                "NATS subscription is a slow consumer: messages dropped"
+            );
+            *slow = (Some(Instant::now()), 0);
         }
     }
 
@@ -358,24 +463,12 @@ impl EventLog {
                 }
             }
             Event::SlowConsumer(sid) => {
-                let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if let Some(counter) = self.drop_counter.get() {
-                    counter.inc();
+                // The client dropped one message (it may also have lost some of these
+                // reports: a lower bound).
+                if let Some(owner) = self.owners.lock().get(&sid) {
+                    owner.inc();
                 }
-                let mut slow = self.slow.lock();
-                slow.1 += 1;
-                let due = slow
-                    .0
-                    .is_none_or(|at| at.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL);
-                if due {
-                    tracing::warn!(
-                        sid,
-                        dropped = slow.1,
-                        dropped_total = total,
-                        "NATS subscription is a slow consumer: messages dropped"
-                    );
-                    *slow = (Some(Instant::now()), 0);
-                }
+                self.lost(1, Some(sid));
             }
             Event::LameDuckMode => {
                 tracing::warn!("NATS server is entering lame duck mode; will reconnect")

@@ -11,8 +11,11 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// URL schemes the NATS client speaks.
 const SCHEMES: [&str; 4] = ["nats://", "tls://", "ws://", "wss://"];
 
+/// Default of [`NatsConfig::subscription_capacity`] (async-nats' own default).
+pub const DEFAULT_SUBSCRIPTION_CAPACITY: usize = 65_536;
+
 /// `[nats]`
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// NATS server URL, or several (a cluster's seeds) separated by commas or given as a
@@ -41,6 +44,31 @@ pub struct NatsConfig {
     /// Refuse servers that do not speak TLS even with `nats://` URLs and no CA file (TLS
     /// is always required for `tls://` URLs and when any `tls_*_file` is set).
     pub tls_required: bool,
+    /// Messages one bus subscription of this node (one per application with subscribers
+    /// here) may hold before its application loses the newest ones, each counted in
+    /// `lorabroker_bus_slow_consumer_dropped_total{tenant,application}`. The NATS client
+    /// holds up to as many again (at least 65536) while it hands them over, so the worst
+    /// case is this plus max(this, 65536) messages per application (~128 MB at 1 KB
+    /// uplinks with the default), reached only while the node falls behind.
+    pub subscription_capacity: usize,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            user: String::new(),
+            password_file: String::new(),
+            token_file: String::new(),
+            nkey_seed_file: String::new(),
+            creds_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_required: false,
+            subscription_capacity: DEFAULT_SUBSCRIPTION_CAPACITY,
+        }
+    }
 }
 
 /// How a node authenticates to NATS, as configured (at most one, see
@@ -105,6 +133,9 @@ impl NatsConfig {
 
     /// Appends one line per problem, each starting with its key. Files are not read here.
     pub fn validate(&self, errors: &mut Vec<String>) {
+        if self.subscription_capacity == 0 {
+            errors.push("nats.subscription_capacity: must be at least 1".into());
+        }
         let urls = self.urls();
         for (i, url) in urls.iter().enumerate() {
             if url.is_empty() {

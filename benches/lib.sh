@@ -1,4 +1,5 @@
-# Shared shell of the comparison scripts (benches/compare.sh, benches/transports.sh):
+# Shared shell of the comparison scripts (benches/compare.sh, benches/transports.sh,
+# benches/scale.sh):
 # sourced by them, not run. It parses their common options, builds and copies the
 # binaries, starts servers on free loopback ports, runs `lorabroker-load` and reads its
 # JSON lines back for the tables. Each script sets SCRIPT (its path, for the header) first.
@@ -79,8 +80,12 @@ setup() {
   for tool in cargo jq "$@"; do
     command -v "$tool" >/dev/null || { echo "$SCRIPT needs $tool on PATH" >&2; exit 1; }
   done
-  # Many connections from one process: raise the descriptor limit as far as allowed.
-  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  # Many connections from one process: raise the descriptor limit as far as allowed (the
+  # hard limit; fs.nr_open when that is unlimited). The servers started later inherit it.
+  local hard
+  hard=$(ulimit -Hn)
+  [[ $hard == unlimited ]] && hard=$(cat /proc/sys/fs/nr_open 2>/dev/null || echo 1048576)
+  ulimit -n "$hard" 2>/dev/null || ulimit -n 65536 2>/dev/null || true
 
   echo "== building $PROFILE binaries" >&2
   local profile_flag=(--release)
@@ -252,6 +257,25 @@ bisect() {
      range: [$lo, $hi], probes: $n, probe_duration: $d}' >>"$RESULTS"
   tail -n 1 "$RESULTS" | jq -r '"   zero loss up to \(.zero_loss_per_s // "(none, below \(.below_per_s))")/s"
     + " (\(.zero_loss_deliveries_per_s // "-") deliveries/s), first failing \(.first_failing_per_s // "-")/s after \(.probes) probes"' >&2
+}
+
+# certificates DIR (inside $WORK): a throw-away CA (ca.pem) and a P-256 server certificate
+# for localhost and 127.0.0.1 (server.pem, server-key.pem) signed by it with openssl, valid
+# for two days; readable by everyone, since Mosquitto started as root reads them after
+# dropping to its own user. (transports.sh and scale.sh)
+certificates() {
+  local dir=$1
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=lorabroker bench CA (throw-away)" -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+    2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+    -keyout "$dir/server-key.pem" -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$dir/server.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" \
+    -CAcreateserial -days 2 -extfile "$dir/server.ext" -out "$dir/server.pem" 2>/dev/null
+  chmod 755 "$dir" && chmod 644 "$dir"/*.pem && chmod 711 "$WORK"
 }
 
 # backends: a private Redis and NATS (JetStream) for lorabroker; sets BACKENDS (the

@@ -33,24 +33,6 @@ parse_args "$@"
 LB_TRANSPORTS=(tcp tls ws wss)
 MOSQ_TRANSPORTS=(tcp tls ws wss)
 
-# certificates DIR: a CA (ca.pem) and a server certificate for localhost and 127.0.0.1
-# (server.pem, server-key.pem) signed by it, valid for two days; readable by everyone, since
-# Mosquitto started as root reads them after dropping to its own user.
-certificates() {
-  local dir=$1
-  mkdir -p "$dir"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-    -subj "/CN=lorabroker bench CA (throw-away)" -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
-    2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-    -keyout "$dir/server-key.pem" -out "$dir/server.csr" 2>/dev/null
-  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$dir/server.ext"
-  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" \
-    -CAcreateserial -days 2 -extfile "$dir/server.ext" -out "$dir/server.pem" 2>/dev/null
-  chmod 755 "$dir" && chmod 644 "$dir"/*.pem && chmod 711 "$WORK"
-}
-
 # shapes LABEL PIDS CONNECT-ARGS...: the measured shapes against one fresh broker.
 shapes() {
   local label=$1 pids=$2; shift 2

@@ -1,14 +1,19 @@
 //! The load generator (`lorabroker-load`) end to end at a tiny scale, against an
 //! in-process cluster node (private NATS and Redis): it must connect, authenticate with
 //! keys it creates, play the upstream on NATS, lose nothing on an idle machine, and end
-//! with one parseable JSON line, over every transport (`--transport`). Figures are not
+//! with one parseable JSON line, over every transport (`--transport`), and spread its
+//! connections over several source addresses (`--source-addrs`). Figures are not
 //! asserted: these are not benchmarks.
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
 use serde_json::Value;
 
 use common::broker::{Backend, TestEnv, TestNode};
+use common::sse::Sse;
 use common::tls::TestCa;
 use lorabroker::transport::Kind;
 
@@ -203,4 +208,111 @@ async fn fanout_over_tls_ws_and_wss() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("TLS handshake"), "{stderr}");
     node.shutdown().await;
+}
+
+/// The scale scenario with a few connections bound to three loopback source addresses:
+/// every connection subscribes, every uplink arrives, and the node saw connections from
+/// each of the three addresses (its `as.mqtt.connect` events carry every client's remote
+/// address).
+#[tokio::test]
+async fn scale_from_several_source_addresses() {
+    const TOKEN: &str = "scale-test-admin-token";
+    const CONNECTIONS: usize = 24;
+    let sources: BTreeSet<IpAddr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .map(|a| a.parse().unwrap())
+        .into();
+    let env = TestEnv::new(Backend::Cluster).await;
+    let node = env.node_with(|c| c.http.admin_token = TOKEN.into()).await;
+    let app = "scale-sources";
+    let uid = format!("{app}@{}", env.tenant.as_str());
+    let mut events = Sse::open(
+        node.http_addr,
+        &format!("/api/v1/applications/{uid}/events"),
+        TOKEN,
+    )
+    .await;
+    assert_eq!(events.status, 200);
+
+    // The node runs in this process: its RSS is this process's.
+    let pid = std::process::id().to_string();
+    let connections = CONNECTIONS.to_string();
+    let v = load(
+        &env,
+        &node,
+        &[
+            "--app",
+            app,
+            "--broker-pid",
+            &pid,
+            "--source-addrs",
+            "127.0.0.2,127.0.0.3,127.0.0.4",
+            "scale",
+            "--connections",
+            &connections,
+            "--rate",
+            "200",
+            "--duration",
+            "1s",
+            "--settle",
+            "10ms",
+        ],
+    )
+    .await;
+    assert_eq!(v["scenario"], "scale", "{v}");
+    assert_eq!(v["connections"], CONNECTIONS, "{v}");
+    assert_eq!(v["source_addrs"], 3, "{v}");
+    let published = v["published"].as_u64().unwrap();
+    assert!(published > 0, "{v}");
+    assert_eq!(
+        v["expected"].as_u64(),
+        Some(published),
+        "one subscriber per device: {v}"
+    );
+    assert_eq!(v["delivered"], v["expected"], "{v}");
+    assert_eq!(v["lost"], 0, "{v}");
+    assert_eq!(v["subscribers_closed"], 0, "{v}");
+    assert_eq!(v["latency_us"]["count"].as_u64(), Some(published), "{v}");
+    for field in ["rss_before_bytes", "rss_connected_bytes", "rss_peak_bytes"] {
+        assert!(v[field].as_u64().is_some_and(|b| b > 0), "{field}: {v}");
+    }
+    assert!(v["broker_cpu_percent"].is_number(), "{v}");
+    assert!(v["cpu_us_per_delivery"].is_number(), "{v}");
+
+    // The node's side: where its connections came from.
+    let mut seen = BTreeSet::new();
+    for _ in 0..CONNECTIONS {
+        let connect = events.event("as.mqtt.connect", |_| true).await;
+        let remote: SocketAddr = connect["data"]["remote_addr"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("a remote address: {connect}"));
+        seen.insert(remote.ip());
+    }
+    assert_eq!(
+        seen, sources,
+        "every source address connected, and only those"
+    );
+    node.shutdown().await;
+}
+
+/// A run whose connections cannot fit under any descriptor limit is refused before it
+/// connects, naming the numbers and how to raise the limit.
+#[tokio::test]
+async fn a_run_beyond_the_descriptor_limit_is_refused_up_front() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lorabroker-load"))
+        .args(["--mqtt", "127.0.0.1:9", "--broker-pid", "1"])
+        .args(["idle", "--connections", "2000000000"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("2000000000 connections need 2000000128 file descriptors"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("ulimit -Hn") && stderr.contains("LimitNOFILE"),
+        "{stderr}"
+    );
 }

@@ -165,6 +165,7 @@ pub async fn idle(
         .set("rss_before_bytes", before)
         .set("rss_after_bytes", after)
         .set("bytes_per_connection", per_conn.round())
+        .set("setup_seconds", (secs * 1000.0).round() / 1000.0)
         .rate("connects_per_s", n as u64, secs)
         .latency(&opened.latency);
     Ok(r)

@@ -3,11 +3,14 @@
 //! [`lorabroker::transport::Stream`], so plain TCP stays an unboxed `TcpStream` read and
 //! written directly, and only TLS and WebSocket go through a boxed layer: rustls (ring
 //! provider) for TLS, tokio-tungstenite's client (`client_async`: binary, masked frames,
-//! subprotocol `mqtt`) wrapped in the library's [`WsStream`] for WebSocket.
+//! subprotocol `mqtt`) wrapped in the library's [`WsStream`] for WebSocket. With
+//! `--source-addrs` the TCP sockets are bound to several source addresses in turn (see
+//! `oslimits.rs`), and a failed connect says which limit it hit.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -21,6 +24,8 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use crate::oslimits::{self, DialError};
 
 /// What carries MQTT between the load generator and the broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -63,6 +68,10 @@ pub struct Dialer {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     /// The HTTP path of the WebSocket upgrade (WS and WSS).
     ws_path: String,
+    /// Source addresses the TCP sockets are bound to, round-robin (empty: unbound).
+    sources: Arc<[IpAddr]>,
+    /// How many sockets chose a source address so far (shared by the clones).
+    next_source: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for Dialer {
@@ -71,6 +80,7 @@ impl fmt::Debug for Dialer {
             .field("kind", &self.kind)
             .field("server_name", &self.tls.as_ref().map(|(_, n)| n))
             .field("ws_path", &self.ws_path)
+            .field("sources", &self.sources)
             .finish()
     }
 }
@@ -102,7 +112,21 @@ impl Dialer {
             kind,
             tls,
             ws_path: ws_path.to_owned(),
+            sources: Arc::from([]),
+            next_source: Arc::default(),
         })
+    }
+
+    /// This dialer, binding each TCP socket to the next of `sources` in turn (see
+    /// [`oslimits::connect_from`]); none: the kernel chooses.
+    pub fn with_sources(mut self, sources: Vec<IpAddr>) -> Self {
+        self.sources = sources.into();
+        self
+    }
+
+    /// The source addresses sockets are bound to (empty when unbound).
+    pub fn sources(&self) -> &[IpAddr] {
+        &self.sources
     }
 
     /// The transport of this dialer.
@@ -112,9 +136,15 @@ impl Dialer {
 
     /// Opens a connection to `addr` and runs the TLS and WebSocket handshakes, if any.
     pub async fn dial(&self, addr: SocketAddr) -> anyhow::Result<Stream> {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("TCP connect to {addr}"))?;
+        let source = (!self.sources.is_empty()).then(|| {
+            let i = self.next_source.fetch_add(1, Ordering::Relaxed);
+            self.sources[i % self.sources.len()]
+        });
+        let tcp = match source {
+            None => TcpStream::connect(addr).await,
+            Some(source) => oslimits::connect_from(source, addr).await,
+        }
+        .map_err(|e| DialError::new(e, addr, source))?;
         tcp.set_nodelay(true)?;
         let layered: Box<dyn Duplex> = match &self.tls {
             None if !self.kind.uses_ws() => return Ok(Stream::Tcp(tcp)),

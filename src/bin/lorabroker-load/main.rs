@@ -7,19 +7,26 @@
 //! - `devices`: S subscribers each on one device's topic, uplinks spread over the devices;
 //! - `storm`: K clients connect (API key cache hit or miss for lorabroker);
 //! - `idle`: N connected, subscribed clients; broker RSS per connection;
+//! - `scale`: N subscribed clients, then uplinks at a rate spread over their devices;
+//!   broker RSS (per connection, peak) and CPU;
 //! - `downlink`: C clients push downlinks at a rate into lorabroker's Redis queues.
 //!
 //! Each run prints human text on stderr and one JSON line on stdout (delivered msg/s,
 //! loss, latency percentiles from timestamps inside the payloads, connects/s, bytes per
 //! connection). `benches/compare.sh` runs them all against lorabroker, Mosquitto and
 //! nats-server's MQTT mode; `benches/transports.sh` compares TCP, TLS, WS and WSS
-//! (`--transport`, see `dial.rs`).
+//! (`--transport`, see `dial.rs`); `benches/scale.sh` runs `idle` and `scale` at up to
+//! 100,000 connections. At start the descriptor limit is raised as far as allowed and a
+//! run that cannot fit is refused; past one port range of connections to a loopback
+//! listener the sockets are spread over several source addresses (`oslimits.rs`).
 
 mod clients;
 mod dial;
 mod downlink;
+mod oslimits;
 mod payload;
 mod report;
+mod scale;
 mod target;
 mod traffic;
 mod wire;
@@ -104,6 +111,13 @@ struct TargetArgs {
     /// Connections opened at once while setting up a scenario.
     #[arg(long, global = true, default_value_t = 64)]
     concurrency: usize,
+    /// Source addresses the connections are bound to, round-robin, so that each has its
+    /// own range of local ports: a list (127.0.0.2,127.0.0.3), a range
+    /// (127.0.0.2-127.0.0.9), a count (4: from 127.0.0.2), `none`, or `auto`: as many
+    /// loopback addresses as the connections need when they exceed one port range
+    /// (about 25k) to loopback listeners.
+    #[arg(long, global = true, default_value = "auto")]
+    source_addrs: oslimits::SourceAddrs,
 }
 
 #[derive(Subcommand)]
@@ -133,6 +147,25 @@ enum Scenario {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         settle: Duration,
     },
+    /// N subscribed clients, one device each, then uplinks at a rate spread over the
+    /// devices; broker RSS (before, connected, peak) and CPU (needs --broker-pid).
+    Scale {
+        /// Number of connections (and devices).
+        #[arg(long, default_value_t = 100_000)]
+        connections: usize,
+        /// Uplinks per second, all devices together.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        /// How long to publish.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Payload size in bytes (at least 44).
+        #[arg(long, default_value_t = 200)]
+        payload: usize,
+        /// Wait this long after the last connection before reading RSS.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
     /// C clients push downlinks at a rate (lorabroker only).
     Downlink {
         /// Publishing clients.
@@ -148,6 +181,20 @@ enum Scenario {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+}
+
+impl Scenario {
+    /// Connections the scenario holds at once (its upstream included).
+    fn connections(&self) -> usize {
+        match self {
+            Scenario::Fanout(a) | Scenario::Devices(a) => a.subscribers + 1,
+            Scenario::Storm { connections, .. } => *connections,
+            Scenario::Idle { connections, .. } | Scenario::Scale { connections, .. } => {
+                *connections
+            }
+            Scenario::Downlink { clients, .. } => clients + 1,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -200,7 +247,25 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let t = cli.target;
     anyhow::ensure!(!t.mqtt.is_empty(), "--mqtt needs at least one address");
-    let dialer = Dialer::new(t.transport, t.cafile.as_deref(), &t.server_name, &t.ws_path)?;
+    let connections = cli.scenario.connections();
+    let nofile = oslimits::prepare_descriptors(connections)?;
+    let sources = oslimits::resolve(
+        &t.source_addrs,
+        connections,
+        &t.mqtt,
+        oslimits::ephemeral_ports(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    if !sources.is_empty() {
+        eprintln!(
+            "binding connections to {} source addresses ({} to {})",
+            sources.len(),
+            sources[0],
+            sources[sources.len() - 1]
+        );
+    }
+    let dialer = Dialer::new(t.transport, t.cafile.as_deref(), &t.server_name, &t.ws_path)?
+        .with_sources(sources);
     let target = Target {
         label: t.label,
         addrs: t.mqtt,
@@ -228,6 +293,23 @@ async fn main() -> anyhow::Result<()> {
             connections,
             settle,
         } => clients::idle(&target, connections, t.concurrency, settle).await?,
+        Scenario::Scale {
+            connections,
+            rate,
+            duration,
+            payload,
+            settle,
+        } => {
+            let shape = scale::Shape {
+                connections,
+                rate,
+                duration,
+                payload,
+                settle,
+                concurrency: t.concurrency,
+            };
+            scale::run(&target, &shape).await?
+        }
         Scenario::Downlink {
             clients,
             devices,
@@ -243,7 +325,10 @@ async fn main() -> anyhow::Result<()> {
             downlink::run(&target, &shape).await?
         }
     };
-    report.set("transport", target.dialer.kind().as_str());
+    report
+        .set("transport", target.dialer.kind().as_str())
+        .set("source_addrs", target.dialer.sources().len() as u64)
+        .set("nofile_limit", nofile);
     report.print();
     Ok(())
 }

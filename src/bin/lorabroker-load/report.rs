@@ -81,6 +81,11 @@ impl Report {
         self.set(name, (r * 10.0).round() / 10.0)
     }
 
+    /// The figure named `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.fields.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
     /// Adds another report's figures.
     pub fn extend(&mut self, other: Report) {
         self.fields.extend(other.fields);
@@ -186,6 +191,7 @@ pub struct CpuMeter {
     broker: Vec<u32>,
     aux: Vec<u32>,
     at_start: (f64, f64, f64),
+    started: std::time::Instant,
 }
 
 impl CpuMeter {
@@ -199,22 +205,34 @@ impl CpuMeter {
                 cpu_seconds(aux),
                 cpu_seconds(&[std::process::id()]),
             ),
+            started: std::time::Instant::now(),
         }
     }
 
-    /// Adds the CPU seconds used since the start, and per `unit` of work (`ops` of them),
-    /// in microseconds; nothing when no broker PID was given.
+    /// Adds the CPU seconds used since the start, as a share of one core over the wall
+    /// time since the start (`…_cpu_percent`), and per `unit` of work (`ops` of them), in
+    /// microseconds; nothing when no broker PID was given.
     pub fn report(&self, r: &mut Report, ops: u64, unit: &'static str) {
         if self.broker.is_empty() {
             return;
         }
+        let wall = self.started.elapsed().as_secs_f64();
+        let percent = |s: f64| {
+            if wall > 0.0 {
+                (s / wall * 1000.0).round() / 10.0
+            } else {
+                0.0
+            }
+        };
         let broker = cpu_seconds(&self.broker) - self.at_start.0;
         let per = |s: f64| ((s * 1e6 / ops.max(1) as f64) * 100.0).round() / 100.0;
         r.set("broker_cpu_s", (broker * 100.0).round() / 100.0);
         r.set(unit, per(broker));
+        r.set("broker_cpu_percent", percent(broker));
         if !self.aux.is_empty() {
             let aux = cpu_seconds(&self.aux) - self.at_start.1;
             r.set("aux_cpu_s", (aux * 100.0).round() / 100.0);
+            r.set("aux_cpu_percent", percent(aux));
         }
         let own = cpu_seconds(&[std::process::id()]) - self.at_start.2;
         r.set("loadgen_cpu_s", (own * 100.0).round() / 100.0);
@@ -253,5 +271,8 @@ mod tests {
         meter.report(&mut r, 10, "broker_cpu_us_per_op");
         let v: Value = serde_json::from_str(&r.json_line()).unwrap();
         assert!(v["broker_cpu_s"].as_f64().unwrap() >= 0.0);
+        assert!(v["broker_cpu_percent"].as_f64().unwrap() >= 0.0);
+        assert_eq!(r.get("broker_cpu_s"), Some(&v["broker_cpu_s"]));
+        assert_eq!(r.get("nothing"), None);
     }
 }

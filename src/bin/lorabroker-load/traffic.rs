@@ -23,8 +23,12 @@ use crate::report::{Latency, Report};
 use crate::target::{Target, Upstream};
 use crate::wire::Conn;
 
-/// How long warm-up may take before the run fails.
+/// How long warm-up may take before the run fails, plus [`WARMUP_PER_SUBSCRIBER`] per
+/// subscriber.
 const WARMUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Warm-up time allowed per subscriber on top of [`WARMUP_TIMEOUT`] (a hundred thousand
+/// per-device probes take a while).
+const WARMUP_PER_SUBSCRIBER: Duration = Duration::from_micros(500);
 /// Stop waiting for stragglers after this long without a delivery.
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
 /// In the as-fast-as-delivered mode: when nothing arrives for this long, the messages in
@@ -86,6 +90,19 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
         shape.concurrency,
     )
     .await?;
+    run_on(target, shape, opened.conns).await
+}
+
+/// [`run`] on subscribers already connected (`shape.subscribers` of them, subscriber `i`
+/// on device `i`'s topic when `shape.per_device`, else on the application's uplinks);
+/// closes them at the end.
+pub async fn run_on(target: &Target, shape: &Shape, conns: Vec<Conn>) -> anyhow::Result<Report> {
+    let n = conns.len();
+    anyhow::ensure!(
+        n == shape.subscribers,
+        "{n} connections for {} subscribers",
+        shape.subscribers
+    );
     let shared = Arc::new(Shared {
         delivered: AtomicU64::new(0),
         last_us: AtomicU64::new(0),
@@ -95,8 +112,7 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
         latency: Mutex::new(Latency::new()),
     });
     let stop = CancellationToken::new();
-    let receivers: Vec<_> = opened
-        .conns
+    let receivers: Vec<_> = conns
         .into_iter()
         .enumerate()
         .map(|(i, conn)| tokio::spawn(receive(i, conn, shared.clone(), stop.clone())))
@@ -214,9 +230,12 @@ async fn receive(
     }
 }
 
-/// Publishes probes until every subscriber has received one.
+/// Publishes probes until every subscriber has received one: a probe to every cold
+/// subscriber (one to all in fan-out), then waits while more of them turn warm, and
+/// probes the rest again.
 async fn warm_up(up: &mut Upstream, shared: &Shared, shape: &Shape) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WARMUP_TIMEOUT;
+    let timeout = WARMUP_TIMEOUT + WARMUP_PER_SUBSCRIBER * shared.warm.len() as u32;
+    let deadline = Instant::now() + timeout;
     let probe = payload::build(Kind::Warmup, 0, shape.payload);
     loop {
         let cold: Vec<usize> = (0..shared.warm.len())
@@ -227,10 +246,11 @@ async fn warm_up(up: &mut Upstream, shared: &Shared, shape: &Shape) -> anyhow::R
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{} of {} subscribers received no warm-up message within {WARMUP_TIMEOUT:?}",
+            "{} of {} subscribers received no warm-up message within {timeout:?}",
             cold.len(),
             shared.warm.len()
         );
+        let mut warm = shared.warm.len() - cold.len();
         if shape.per_device {
             for i in cold {
                 up.publish(i, &probe).await?;
@@ -239,7 +259,20 @@ async fn warm_up(up: &mut Upstream, shared: &Shared, shape: &Shape) -> anyhow::R
             up.publish(0, &probe).await?;
         }
         up.settle().await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Many probes (one per device) take a while to arrive: no probing again while
+        // they still do.
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = shared
+                .warm
+                .iter()
+                .filter(|w| w.load(Ordering::Relaxed))
+                .count();
+            if now == warm || now == shared.warm.len() {
+                break;
+            }
+            warm = now;
+        }
     }
     // Let late probes arrive before the clock starts.
     tokio::time::sleep(Duration::from_millis(200)).await;

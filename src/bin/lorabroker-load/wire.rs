@@ -22,6 +22,9 @@ const KEEP_ALIVE_SECS: u16 = 600;
 const MAX_PACKET: usize = 1 << 20;
 /// How long a control exchange (CONNACK, SUBACK) may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes [`Conn::read_frames`] makes room for at once, by default: large reads for the
+/// subscribers of the throughput scenarios.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// Username and password of a CONNECT.
 #[derive(Clone, Debug)]
@@ -36,6 +39,8 @@ pub struct Login {
 pub struct Conn {
     stream: Stream,
     buf: BytesMut,
+    /// Bytes to make room for when the buffer runs low (see [`Conn::set_read_chunk`]).
+    read_chunk: usize,
 }
 
 impl Conn {
@@ -51,6 +56,7 @@ impl Conn {
         let mut conn = Conn {
             stream,
             buf: BytesMut::with_capacity(256),
+            read_chunk: READ_CHUNK,
         };
         let mut connect = v4::Connect::new(client_id);
         connect.keep_alive = KEEP_ALIVE_SECS;
@@ -103,6 +109,13 @@ impl Conn {
         }
     }
 
+    /// Makes [`Conn::read_frames`] grow its buffer by `bytes` at a time (16 KiB by default):
+    /// a connection that receives a message now and then keeps a small buffer, so that a
+    /// hundred thousand of them fit in the load generator's memory.
+    pub fn set_read_chunk(&mut self, bytes: usize) {
+        self.read_chunk = bytes.max(64);
+    }
+
     /// Writes raw bytes (e.g. a batch of [`encode_publish`] frames).
     pub async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.stream.write_all(bytes).await?;
@@ -119,8 +132,8 @@ impl Conn {
     /// PUBLISH frame now buffered; other frames are skipped. Returns `Ok(false)` when the
     /// broker closed the connection.
     pub async fn read_frames(&mut self, mut on_publish: impl FnMut(&[u8])) -> anyhow::Result<bool> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(16 * 1024);
+        if self.buf.capacity() - self.buf.len() < self.read_chunk / 16 {
+            self.buf.reserve(self.read_chunk);
         }
         let n = self.fill().await?;
         if n == 0 {
@@ -144,7 +157,7 @@ impl Conn {
     /// Reads once into the spare capacity of the buffer (0: the broker closed). Cancel-safe,
     /// as the subscribers' `select!` needs.
     async fn fill(&mut self) -> std::io::Result<usize> {
-        let Conn { stream, buf } = self;
+        let Conn { stream, buf, .. } = self;
         std::future::poll_fn(|cx| stream.poll_read_buf(cx, buf)).await
     }
 

@@ -89,7 +89,8 @@ pub struct Metrics {
     pub disconnects: Family<OutcomeLabels, Counter>,
     /// PUBLISH packets handed to client outboxes.
     pub delivered: Counter,
-    /// PUBLISH packets dropped because a client's outbound buffer was full.
+    /// PUBLISH packets dropped because a client's outbound buffer was full, or still
+    /// queued (or half written) when its connection ended.
     pub dropped: Family<AppLabels, Counter>,
     /// Messages received from the bus by this node's routers.
     pub bus_messages: Counter,
@@ -204,7 +205,7 @@ impl Default for Metrics {
         );
         registry.register(
             "dropped_messages",
-            "PUBLISH packets dropped for slow subscribers",
+            "PUBLISH packets dropped for slow subscribers: over the outbound buffer, or unwritten when the connection ended",
             m.dropped.clone(),
         );
         registry.register(

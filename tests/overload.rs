@@ -340,3 +340,62 @@ async fn an_overflowing_bus_subscription_counts_its_drops_for_its_application() 
     );
     node.shutdown().await;
 }
+
+/// A connection that ends with messages still queued for it (here: its writes stay
+/// blocked past `mqtt.write_timeout`) counts them for its application, like the ones a full
+/// outbox drops: the client gets what the kernel already took, and the rest is counted.
+/// The outbox is larger than the flood, so without that count nothing would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_queued_when_a_connection_ends_are_counted() {
+    let env = TestEnv::new(Backend::Cluster).await;
+    // An outbox far larger than the flood, so that nothing is dropped for being over it:
+    // whatever is counted was left queued when the connection ended.
+    let node = env
+        .node_with(|c| {
+            c.mqtt.write_timeout = Duration::from_secs(1);
+            c.mqtt.outbound_buffer_bytes = 256 << 20;
+        })
+        .await;
+    let nats = &env.nats.as_ref().expect("cluster backend").url;
+    let a = env.app("ended");
+    let key = node.key(&a, Rights::DEFAULT).await;
+    let mut slow = Stalled::subscribe(&node, &a, &key).await;
+
+    // About 26 MB: more than loopback's socket buffers hold on both sides.
+    const FLOODED: usize = 100_000;
+    flood(
+        NatsBus::connect(nats, "flood").await.unwrap(),
+        a.clone(),
+        FLOODED,
+    )
+    .await;
+
+    // The node gives up on the blocked write after a second and closes; the client then
+    // reads what had reached its socket, up to the end of the stream.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut received = 0u64;
+    loop {
+        match tokio::time::timeout(WAIT, slow.eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => received += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+            Err(_) => panic!("the node did not close the blocked connection"),
+        }
+    }
+    let (bus, dropped) = eventually("the unwritten messages counted", WAIT, || async {
+        match drops(&node, &a).await {
+            (bus, dropped) if dropped > 0 => Ok((bus, dropped)),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert_eq!(bus, 0, "the bus kept up: only the client was slow");
+    assert!(
+        received + dropped <= FLOODED as u64,
+        "more accounted than published: {received} received + {dropped} dropped"
+    );
+    // What came after the client left had no subscriber on the node, so it is neither
+    // received nor dropped: the two need not add up to the flood.
+    println!("{FLOODED} published: {received} received, {dropped} counted as dropped at the end");
+    node.shutdown().await;
+}

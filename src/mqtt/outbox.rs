@@ -38,6 +38,8 @@ struct State {
     packets: Vec<Bytes>,
     bytes: usize,
     close: Option<CloseReason>,
+    /// The connection has ended: nothing is queued any more.
+    finished: bool,
 }
 
 /// A connection's outbound queue and close signal. Any task may push or close; one task,
@@ -68,7 +70,7 @@ impl Outbox {
     pub fn push(&self, packet: Bytes) -> Result<(), Dropped> {
         let was_empty = {
             let mut s = self.state.lock();
-            if s.close.is_some() || s.bytes + packet.len() > self.limit {
+            if s.close.is_some() || s.finished || s.bytes + packet.len() > self.limit {
                 return Err(Dropped);
             }
             s.bytes += packet.len();
@@ -125,6 +127,17 @@ impl Outbox {
         s.close
     }
 
+    /// Ends the outbox when its connection ends: later pushes are refused (and counted by
+    /// whoever pushes), and what is still queued is moved to the end of `out`, so that the
+    /// connection can count what it will never write.
+    pub fn finish(&self, out: &mut Vec<Bytes>) {
+        let mut s = self.state.lock();
+        s.finished = true;
+        out.append(&mut s.packets);
+        s.packets = Vec::new();
+        s.bytes = 0;
+    }
+
     /// Frees the queue's buffer if nothing is queued: for a connection going idle.
     pub fn release_idle(&self) {
         let mut s = self.state.lock();
@@ -153,6 +166,21 @@ mod tests {
         );
         // Draining frees the budget.
         o.push(Bytes::from_static(b"abcdefghij")).unwrap();
+    }
+
+    #[test]
+    fn finish_hands_over_what_is_queued_and_refuses_more() {
+        let o = Outbox::new(10);
+        o.push(Bytes::from_static(b"12")).unwrap();
+        let mut out = vec![Bytes::from_static(b"0")];
+        o.finish(&mut out);
+        assert_eq!(
+            out,
+            vec![Bytes::from_static(b"0"), Bytes::from_static(b"12")]
+        );
+        assert_eq!(o.push(Bytes::from_static(b"x")), Err(Dropped));
+        o.take(&mut out);
+        assert_eq!(out.len(), 2, "nothing queued after finish");
     }
 
     #[tokio::test]

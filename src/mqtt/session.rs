@@ -30,7 +30,7 @@ use crate::app::App;
 use crate::auth::{StoredKey, Ticket};
 use crate::cluster::{self, Signal};
 use crate::events::{bounded, data, names};
-use crate::metrics::OutcomeLabels;
+use crate::metrics::{AppLabels, OutcomeLabels};
 use crate::registry::Connection;
 use crate::router::{Refusal, Refusals};
 use crate::topic::{parse_downlink_topic, Filter};
@@ -275,6 +275,30 @@ impl Session {
         self.app.events.emit(&self.registration.app, name, data);
     }
 
+    /// Counts the messages this client will never get because its connection ended with
+    /// them queued or half written (a blocked write, a takeover, a drain), as
+    /// `lorabroker_dropped_messages_total` of its application, like the ones a full
+    /// outbox drops; from here on the router counts its refused pushes itself.
+    fn count_unwritten(&mut self) {
+        self.outbox.finish(&mut self.out);
+        let publishes = self
+            .out
+            .iter()
+            .filter(|p| p.first().is_some_and(|b| b >> 4 == 3))
+            .count() as u64;
+        self.out = Vec::new();
+        if publishes > 0 {
+            self.app
+                .metrics
+                .dropped
+                .get_or_create(&AppLabels {
+                    tenant: self.registration.app.tenant.to_string(),
+                    application: self.registration.app.app.to_string(),
+                })
+                .inc_by(publishes);
+        }
+    }
+
     async fn run(&mut self, wire: &mut Wire) {
         if let Some(old) = self.app.registry.register(self.registration.clone()) {
             tracing::info!(old_connection = old.id, "client ID taken over on this node");
@@ -299,6 +323,7 @@ impl Session {
 
         self.out.push(connack(ConnectReturnCode::Success));
         let end = self.main_loop(wire).await;
+        self.count_unwritten();
 
         self.app.registry.unregister(&self.registration);
         if self.quota_held {
@@ -434,6 +459,8 @@ impl Session {
                 })
                 .await;
                 if let Err(end) = written {
+                    // Keep only what was not written, for the count at the end.
+                    self.out.drain(..start);
                     return end;
                 }
                 if armed {

@@ -82,9 +82,14 @@ Checks of values that would otherwise give a cluster that renders but can't work
 {{- if lt (int .Values.shutdown.gracePeriodSeconds) 1 }}
 {{- fail "shutdown.gracePeriodSeconds must be at least 1" }}
 {{- end }}
-{{- range $key := list "node_name" "shutdown" "nats" }}
+{{- range $key := list "node_name" "shutdown" }}
 {{- if hasKey $.Values.config $key }}
 {{- fail (printf "config.%s is set by the chart (see the comments above config in values.yaml); remove it from config" $key) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "url" "user" "tls_required" "password_file" "token_file" "nkey_seed_file" "creds_file" "tls_ca_file" "tls_cert_file" "tls_key_file" }}
+{{- if and (hasKey $.Values.config "nats") (hasKey $.Values.config.nats $key) }}
+{{- fail (printf "config.nats.%s is set by the chart from externalNats (see values.yaml); remove it from config" $key) }}
 {{- end }}
 {{- end }}
 {{- range $key := list "mode" "username" "password_file" "tls_ca_file" "tls_cert_file" "tls_key_file" "sentinel_master" "sentinel_urls" "sentinel_username" "sentinel_password_file" "cluster_urls" }}

@@ -18,7 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use common::broker::{Backend, TestEnv, TestNode, WAIT};
-use common::http;
 use common::services::unique;
 use lorabroker::auth::Rights;
 use lorabroker::topic::{AppRef, DeviceRef, Event, Id};
@@ -137,20 +136,10 @@ impl Raw {
 
 /// The value of the `lorabroker_subscriptions_refused_total` series of `reason`.
 async fn refused(node: &TestNode, reason: &str) -> u64 {
-    metric(
-        node,
-        &format!("lorabroker_subscriptions_refused_total{{reason=\"{reason}\"}}"),
-    )
+    node.metric(&format!(
+        "lorabroker_subscriptions_refused_total{{reason=\"{reason}\"}}"
+    ))
     .await
-}
-
-/// The value of one series of the node's /metrics (0 when absent).
-async fn metric(node: &TestNode, series: &str) -> u64 {
-    let (status, body) = http::get(node.http_addr, "/metrics").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn per_device(uid: &str, n: usize, tag: &str) -> Vec<String> {
@@ -197,10 +186,10 @@ async fn limits_refuse_with_0x80_and_are_counted_by_reason(backend: Backend) {
         [GRANTED, GRANTED, GRANTED, REFUSED]
     );
     assert_eq!(refused(&node, "max_subscriptions").await, 1);
-    assert_eq!(metric(&node, "lorabroker_subscriptions ").await, 3);
+    assert_eq!(node.metric("lorabroker_subscriptions ").await, 3);
     // Subscribing again to a filter the connection has replaces it: not counted twice.
     assert_eq!(c.subscribe(&filters[..1]).await, [GRANTED]);
-    assert_eq!(metric(&node, "lorabroker_subscriptions ").await, 3);
+    assert_eq!(node.metric("lorabroker_subscriptions ").await, 3);
     assert_eq!(c.subscribe(&filters[3..]).await, [REFUSED]);
     assert_eq!(refused(&node, "max_subscriptions").await, 2);
 
@@ -212,7 +201,7 @@ async fn limits_refuse_with_0x80_and_are_counted_by_reason(backend: Backend) {
     assert_eq!(refused(&node, "filter_too_long").await, 1);
     // The room freed by the UNSUBSCRIBE is there.
     assert_eq!(c.subscribe(&filters[3..]).await, [GRANTED]);
-    assert_eq!(metric(&node, "lorabroker_subscriptions ").await, 3);
+    assert_eq!(node.metric("lorabroker_subscriptions ").await, 3);
 
     // Only granted filters deliver.
     let upstream = node.upstream();
@@ -239,7 +228,7 @@ async fn limits_refuse_with_0x80_and_are_counted_by_reason(backend: Backend) {
     // A node's gauge counts only what is granted; leaving gives it back.
     drop(c);
     common::wait::eventually("the gauge drops to 0", WAIT, || async {
-        match metric(&node, "lorabroker_subscriptions ").await {
+        match node.metric("lorabroker_subscriptions ").await {
             0 => Ok(()),
             n => Err(n),
         }
@@ -405,6 +394,6 @@ async fn thousands_of_filters_do_not_delay_another_tenant() {
     );
     assert!(n_pings > 0 && n_uplinks > 0);
     // Only the victim's filter is left on the node.
-    assert_eq!(metric(&node, "lorabroker_subscriptions ").await, 1);
+    assert_eq!(node.metric("lorabroker_subscriptions ").await, 1);
     drop(receiver);
 }

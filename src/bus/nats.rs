@@ -151,7 +151,7 @@ impl NatsBus {
             client,
             created: Instant::now(),
             events,
-            capacity: config.subscription_capacity.max(1),
+            capacity: config.subscription_capacity,
             barrier: Arc::default(),
         })
     }

@@ -221,6 +221,15 @@ impl TestNode {
             .unwrap_or_else(|| panic!("the node has no {} listener", kind.as_str()))
     }
 
+    /// The value of one series of this node's `/metrics`, read over HTTP (0 when absent).
+    pub async fn metric(&self, series: &str) -> u64 {
+        let (status, body) = super::http::get(self.http_addr, "/metrics").await;
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Drains and stops the node.
     pub async fn shutdown(mut self) {
         if let Some(n) = self.node.take() {

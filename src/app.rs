@@ -25,6 +25,7 @@ use crate::mqtt::admission::Admission;
 use crate::redis_conn::{RedisConn, RedisConnError};
 use crate::registry::Registry;
 use crate::router::Router;
+use crate::sessions::{JetStreamSessions, MemorySessions, NoSessions, SessionStore};
 use crate::topic::Tenancy;
 
 /// One refusal line per peer (IP address) per this interval; the others are counted in
@@ -72,6 +73,8 @@ pub struct Backends {
     pub devices: Arc<dyn DeviceRegistry>,
     /// Connection counts for the quotas.
     pub quota: Arc<dyn QuotaStore>,
+    /// Where persistent sessions are kept ([`NoSessions`] when they are off).
+    pub sessions: Arc<dyn SessionStore>,
 }
 
 impl Backends {
@@ -90,6 +93,21 @@ impl Backends {
             queue: Arc::new(MemoryDownlinkQueue::with_limits(limits)),
             devices: Arc::new(MemoryDeviceRegistry::new()),
             quota: Arc::new(MemoryQuotaStore::new()),
+            sessions: Arc::new(NoSessions),
+        }
+    }
+
+    /// The embedded backends with the bounds of `config`, persistent sessions in memory
+    /// when `config` enables them.
+    pub fn embedded_for(config: &Config) -> Self {
+        let embedded = Self::embedded_with(QueueLimits::from_config(&config.downlink));
+        Self {
+            sessions: if config.sessions.enabled {
+                Arc::new(MemorySessions::new(embedded.bus.clone(), &config.sessions))
+            } else {
+                Arc::new(NoSessions)
+            },
+            ..embedded
         }
     }
 
@@ -98,14 +116,28 @@ impl Backends {
     /// starts not-ready and connects when it can.
     pub async fn from_config(config: &Config, client_name: &str) -> Result<Self, BackendError> {
         let limits = QueueLimits::from_config(&config.downlink);
-        let embedded = Self::embedded_with(limits);
-        let bus: Arc<dyn Bus> = if config.nats.url.is_empty() {
-            embedded.bus
+        let embedded = Self::embedded_for(config);
+        let (bus, sessions): (Arc<dyn Bus>, Arc<dyn SessionStore>) = if config.nats.url.is_empty() {
+            (embedded.bus, embedded.sessions)
         } else {
-            Arc::new(NatsBus::connect_with(&config.nats, client_name).await?)
+            let nats = NatsBus::connect_with(&config.nats, client_name).await?;
+            let sessions: Arc<dyn SessionStore> = if config.sessions.enabled {
+                Arc::new(JetStreamSessions::new(
+                    nats.jetstream(),
+                    &config.sessions,
+                    config.mqtt.max_inflight,
+                ))
+            } else {
+                Arc::new(NoSessions)
+            };
+            (Arc::new(nats), sessions)
         };
         if !config.redis.is_enabled() {
-            return Ok(Self { bus, ..embedded });
+            return Ok(Self {
+                bus,
+                sessions,
+                ..embedded
+            });
         }
         let prefix = &config.redis.key_prefix;
         // One connection per store, as before: a long reply for one never queues another's.
@@ -123,6 +155,7 @@ impl Backends {
                 &format!("{client_name}-{}", ulid::Ulid::new()),
                 config.limits.quota_lease,
             )),
+            sessions,
         })
     }
 }
@@ -169,6 +202,8 @@ pub struct App {
     pub event_hub: Arc<Hub>,
     /// Message counters per application (`/stats`).
     pub stats: Arc<TrafficStats>,
+    /// Where persistent sessions are kept.
+    pub sessions: Arc<dyn SessionStore>,
 }
 
 impl App {
@@ -194,6 +229,9 @@ impl App {
                 })
                 .clone(),
         );
+        backends
+            .sessions
+            .count_expiries_in(metrics.sessions_expired.clone());
         let admission = Admission::new(
             config.mqtt.max_connections,
             config.mqtt.max_pending_handshakes,
@@ -223,6 +261,7 @@ impl App {
             events,
             event_hub,
             stats,
+            sessions: backends.sessions.clone(),
             downlinks: DownlinkService::new(
                 backends.queue.clone(),
                 backends.devices.clone(),

@@ -69,6 +69,8 @@ pub struct Config {
     pub limits: crate::limits::LimitsConfig,
     /// Live events and their streams.
     pub events: crate::events::EventsConfig,
+    /// Persistent sessions (`clean_session=0`) and their bounds.
+    pub sessions: crate::sessions::SessionsConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Logging.
@@ -104,6 +106,9 @@ pub struct MqttConfig {
     /// Most QoS 2 PUBLISH packet IDs one connection may hold unreleased (PUBREC sent, no
     /// PUBREL yet); one more closes the connection.
     pub max_inflight_qos2: usize,
+    /// QoS 1 messages sent to one connection and not acknowledged yet; more wait (within
+    /// `outbound_buffer_bytes`) until PUBACKs make room.
+    pub max_inflight: usize,
     /// Longest keepalive a client is held to; a client asking 0 (none) or more gets this.
     #[serde(with = "humantime_serde")]
     pub max_keepalive: Duration,
@@ -501,6 +506,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             limits: crate::limits::LimitsConfig::default(),
             events: crate::events::EventsConfig::default(),
+            sessions: crate::sessions::SessionsConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             console: crate::console::ConsoleConfig::default(),
@@ -521,6 +527,7 @@ impl Default for MqttConfig {
             outbound_buffer_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(30),
             max_inflight_qos2: 64,
+            max_inflight: 100,
             max_keepalive: Duration::from_secs(3600),
             max_connect_size: 4096,
             max_pending_handshakes: 1024,
@@ -703,6 +710,13 @@ impl Config {
             format!(
                 "mqtt.max_inflight_qos2: {} out of range 1..=65535",
                 self.mqtt.max_inflight_qos2
+            ),
+        );
+        check(
+            (1..=65_535).contains(&self.mqtt.max_inflight),
+            format!(
+                "mqtt.max_inflight: {} out of range 1..=65535",
+                self.mqtt.max_inflight
             ),
         );
         check(
@@ -901,6 +915,7 @@ impl Config {
         self.nats.validate(&mut errors);
         self.limits.validate(&mut errors);
         self.events.validate(&mut errors);
+        self.sessions.validate(&mut errors);
         self.redis.validate(&mut errors);
         if errors.is_empty() {
             Ok(())

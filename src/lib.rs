@@ -39,6 +39,7 @@ pub mod redis_conn;
 pub mod registry;
 pub mod router;
 pub mod server;
+pub mod sessions;
 pub mod signals;
 pub mod topic;
 pub mod transport;

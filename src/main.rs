@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use lorabroker::app::{App, Backends};
 use lorabroker::auth::{create_key, GeneratedKey, PresentedKey, Rights, StoredKey};
 use lorabroker::config::{is_log_filter, Config, ConfigError, LOG_FILTER_WORDS};
-use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
 use lorabroker::signals::{run_until_signalled, OnSignal, Signals};
 use lorabroker::topic::{AppRef, DeviceRef, Id, Tenancy};
@@ -493,7 +492,7 @@ fn print_in_memory_keys_hint(node: &Node) {
 async fn dev(config: Config, args: DevArgs, tls: Option<DevCa>) -> anyhow::Result<()> {
     let tenancy = config.tenancy();
     let application = application(&config, &args.fleet.app, args.fleet.tenant.as_deref())?;
-    let backends = Backends::embedded_with(QueueLimits::from_config(&config.downlink));
+    let backends = Backends::embedded_for(&config);
     // The demo key also signs in to the console (its keys and live events).
     let rights = Rights::DEFAULT.union(Rights::SETTINGS_API_KEYS);
     let key = match &args.api_key {

@@ -147,6 +147,21 @@ pub struct Metrics {
     pub events_published: Counter,
     /// Event streams (SSE) open on this node.
     pub event_streams: Gauge,
+    /// Persistent sessions attached to a connection of this node.
+    pub sessions_attached: Gauge,
+    /// Persistent sessions opened on this node, by outcome (`resumed`, `created`).
+    pub sessions_opened: Family<OutcomeLabels, Counter>,
+    /// Persistent sessions discarded by a `clean_session=1` CONNECT.
+    pub sessions_discarded: Counter,
+    /// Persistent sessions found expired.
+    pub sessions_expired: Counter,
+    /// Messages stored for persistent sessions that this node handed to their clients,
+    /// and how many of them were redeliveries.
+    pub session_messages: Family<OutcomeLabels, Counter>,
+    /// Messages stored for a session and dropped, oldest first, over its bounds.
+    pub session_overflow_dropped: Family<AppLabels, Counter>,
+    /// QoS 1 PUBLISHes sent and not acknowledged yet, on this node.
+    pub inflight: Gauge,
 }
 
 impl Default for Metrics {
@@ -181,6 +196,13 @@ impl Default for Metrics {
             events_dropped: Family::default(),
             events_published: Counter::default(),
             event_streams: Gauge::default(),
+            sessions_attached: Gauge::default(),
+            sessions_opened: Family::default(),
+            sessions_discarded: Counter::default(),
+            sessions_expired: Counter::default(),
+            session_messages: Family::default(),
+            session_overflow_dropped: Family::default(),
+            inflight: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -322,6 +344,41 @@ impl Default for Metrics {
             "event_streams",
             "Event streams (SSE) open on this node",
             m.event_streams.clone(),
+        );
+        registry.register(
+            "sessions_attached",
+            "Persistent sessions attached to a connection of this node",
+            m.sessions_attached.clone(),
+        );
+        registry.register(
+            "sessions_opened",
+            "Persistent sessions opened on this node, by outcome (resumed, created, unavailable)",
+            m.sessions_opened.clone(),
+        );
+        registry.register(
+            "sessions_discarded",
+            "Persistent sessions discarded by a clean_session=1 CONNECT",
+            m.sessions_discarded.clone(),
+        );
+        registry.register(
+            "sessions_expired",
+            "Persistent sessions found expired (sessions.expiry after their connection ended)",
+            m.sessions_expired.clone(),
+        );
+        registry.register(
+            "session_messages",
+            "Stored messages of persistent sessions handed to their clients, by outcome (first, redelivered)",
+            m.session_messages.clone(),
+        );
+        registry.register(
+            "session_overflow_dropped",
+            "Stored messages of persistent sessions dropped, oldest first, over sessions.max_pending_*",
+            m.session_overflow_dropped.clone(),
+        );
+        registry.register(
+            "inflight_messages",
+            "QoS 1 PUBLISHes sent to clients of this node and not acknowledged yet",
+            m.inflight.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -22,7 +22,6 @@ use common::tls::{peer_certificate, tls_connect, TestCa};
 use lorabroker::app::{App, Backends};
 use lorabroker::auth::Rights;
 use lorabroker::config::Config;
-use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
 use lorabroker::topic::{DeviceRef, Event, Id};
 use lorabroker::transport::Kind;
@@ -619,7 +618,7 @@ async fn a_bad_certificate_file_stops_the_start_naming_it() {
         let mut config = env.config();
         tweak(&mut config);
         config.validate().expect("valid settings, bad files");
-        let backends = Backends::embedded_with(QueueLimits::from_config(&config.downlink));
+        let backends = Backends::embedded_for(&config);
         let error = match Node::start(App::new(config, backends)).await {
             Ok(node) => panic!("started with a bad {key}: {:?}", node.mqtt_listeners),
             Err(e) => e.to_string(),

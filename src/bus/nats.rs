@@ -18,7 +18,8 @@
 //! their own (`counted`), so that what an application loses when its node falls behind is
 //! counted exactly, for that application, in `/metrics`.
 //!
-//! This module owns the NATS client; nothing else in the crate imports async-nats.
+//! This module owns the NATS client; the only other module that imports async-nats is the
+//! JetStream session store ([`crate::sessions::jetstream`]), through [`NatsBus::jetstream`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -217,6 +218,11 @@ impl NatsBus {
                 "NATS client did not take the subscription within {SEND_TIMEOUT:?}"
             ))),
         }
+    }
+
+    /// A JetStream context on this bus's connection (for the persistent sessions).
+    pub fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.client.clone())
     }
 
     /// Whether a publish or flush may be handed to the client now (see the module docs).

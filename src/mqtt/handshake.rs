@@ -247,6 +247,25 @@ pub(super) async fn handshake(
             .await;
         return count_connect(&app, "refused_quota");
     }
+    let persistent = match open_session(&app, &accepted, connect.clean_session).await {
+        Ok(persistent) => persistent,
+        Err(e) => {
+            // The client asked for a session we cannot give now: refuse, so that it retries
+            // rather than believe it has one.
+            tracing::warn!(error = %e, "CONNECT refused: the session store is unavailable");
+            fail(&accepted.app, "session store unavailable");
+            if quota == Quota::Held {
+                app.limits
+                    .quotas
+                    .release(&accepted.app, &accepted.key.id)
+                    .await;
+            }
+            let _ = conn
+                .send_now(connack(ConnectReturnCode::ServiceUnavailable))
+                .await;
+            return count_connect(&app, "refused_session_unavailable");
+        }
+    };
     let span = tracing::Span::current();
     span.record("tenant", field::display(&accepted.app.tenant));
     span.record("app", field::display(&accepted.app.app));
@@ -290,13 +309,55 @@ pub(super) async fn handshake(
     let session = Session::new(
         app,
         accepted,
-        keep_alive,
+        (keep_alive, persistent),
         will,
         quota == Quota::Held,
         (epoch, ticket),
         (remote, transport.kind()),
     );
     Some((session, conn, permit))
+}
+
+/// The persistent session of a `clean_session=0` CONNECT, resumed or created, when
+/// `sessions.enabled`; `None` for a clean session, whose stored session (if any) is
+/// discarded meanwhile, as MQTT 3.1.1 §3.1.2.4 says.
+async fn open_session(
+    app: &Arc<App>,
+    accepted: &super::connect::Accepted,
+    clean_session: bool,
+) -> Result<Option<crate::sessions::Opened>, crate::sessions::SessionError> {
+    if !app.config.sessions.enabled {
+        return Ok(None);
+    }
+    let key = crate::sessions::SessionKey {
+        app: accepted.app.clone(),
+        client_id: accepted.client_id.clone(),
+    };
+    if clean_session {
+        // In the background: a clean session needs nothing from the store.
+        let app = app.clone();
+        tokio::spawn(async move {
+            match app.sessions.discard(&key).await {
+                Ok(true) => {
+                    app.metrics.sessions_discarded.inc();
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "could not discard the stored session"),
+            }
+        });
+        return Ok(None);
+    }
+    let opened = app.sessions.open(&key).await;
+    let outcome = match &opened {
+        Ok(o) if o.present => "resumed",
+        Ok(_) => "created",
+        Err(_) => "unavailable",
+    };
+    app.metrics
+        .sessions_opened
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+    opened.map(Some)
 }
 
 /// Emits `as.mqtt.connect.fail` for `app`: `connect` was refused for `error`.
@@ -361,9 +422,14 @@ pub(super) fn count_malformed(app: &App, e: &DecodeError) {
         .inc();
 }
 
-/// An encoded CONNACK with `code` (session present 0: every session is clean).
+/// An encoded CONNACK with `code`, session present 0.
 pub(super) fn connack(code: ConnectReturnCode) -> Bytes {
-    encode(&Packet::ConnAck(ConnAck::new(code, false)))
+    connack_present(code, false)
+}
+
+/// An encoded CONNACK with `code` and the session-present flag.
+pub(super) fn connack_present(code: ConnectReturnCode, present: bool) -> Bytes {
+    encode(&Packet::ConnAck(ConnAck::new(code, present)))
 }
 
 #[cfg(test)]

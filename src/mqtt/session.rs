@@ -22,8 +22,10 @@ use tracing::{field, Instrument};
 
 use super::codec::{encode, DecodeError};
 use super::connect::Accepted;
-use super::handshake::{connack, count_malformed, handshake};
+use super::handshake::{connack_present, count_malformed, handshake};
+use super::inflight::{publish_topic, Inflight, Overflow, Waiting};
 use super::outbox::{CloseReason, Outbox};
+use super::persistent::{pump, ToPump};
 use super::publish::Qos2Ids;
 use super::wire::{ReadError, Wire};
 use crate::app::App;
@@ -31,8 +33,10 @@ use crate::auth::{StoredKey, Ticket};
 use crate::cluster::{self, Signal};
 use crate::events::{bounded, data, names};
 use crate::metrics::{AppLabels, OutcomeLabels};
+use crate::mqtt::codec::encode_publish;
 use crate::registry::Connection;
-use crate::router::{Refusal, Refusals};
+use crate::router::{Refusal, Refusals, SubscribeError, TooManyFilters};
+use crate::sessions::{Opened, SavedFilter, SessionKey, Stored};
 use crate::topic::{parse_downlink_topic, Filter};
 use crate::transport::{Kind, Transport};
 use serde_json::Value;
@@ -194,6 +198,8 @@ enum Wake {
     Outbox,
     /// The socket was read.
     Read(Result<bool, ReadError>),
+    /// The persistent session's pump handed over a stored message (`None`: it stopped).
+    Stored(Option<Stored>),
     /// The keepalive or key expiry timer fired.
     Timer,
 }
@@ -226,13 +232,46 @@ pub(super) struct Session {
     /// the live events.
     remote: SocketAddr,
     transport: Kind,
+    /// QoS 1 and persistent-session state, for the connections that use them (boxed: the
+    /// others, most of them, carry a pointer).
+    durable: Option<Box<Durable>>,
+    /// CONNACK's session present.
+    session_present: bool,
 }
+
+/// A connection's QoS 1 deliveries and persistent session.
+struct Durable {
+    /// Granted QoS 1 filters of a clean session (the router delivers their messages as QoS
+    /// 0 PUBLISHes, which this connection sends as QoS 1).
+    qos1: Vec<Filter>,
+    inflight: Inflight,
+    /// `v3/{app uid}/`
+    topic_prefix: String,
+    /// The persistent session, when the client has one.
+    attached: Option<Attached>,
+}
+
+/// A connection's end of its persistent session's pump.
+struct Attached {
+    /// Every granted filter with its QoS (the router is not used: the session's store
+    /// delivers its application's traffic).
+    filters: Vec<(Filter, u8)>,
+    to_pump: tokio::sync::mpsc::UnboundedSender<ToPump>,
+    from_pump: tokio::sync::mpsc::Receiver<Stored>,
+    /// `v3.{tenant}.{app}.`
+    subject_prefix: String,
+    /// The pump stopped (the session was taken over).
+    ended: bool,
+}
+
+/// How many stored messages the pump hands over ahead of the window.
+const PUMP_AHEAD: usize = 16;
 
 impl Session {
     pub(super) fn new(
         app: Arc<App>,
         accepted: Accepted,
-        keep_alive: Duration,
+        (keep_alive, persistent): (Duration, Option<Opened>),
         will: Option<mqttbytes::v4::LastWill>,
         quota_held: bool,
         (epoch, ticket): (Option<u64>, Ticket),
@@ -249,7 +288,7 @@ impl Session {
             connected_at_ms: unix_millis(),
             ticket,
         });
-        Self {
+        let mut session = Self {
             app,
             key: accepted.key,
             keep_alive,
@@ -264,7 +303,197 @@ impl Session {
             out: Vec::new(),
             remote,
             transport,
+            durable: None,
+            session_present: false,
+        };
+        if let Some(opened) = persistent {
+            session.attach(opened);
         }
+        session
+    }
+
+    /// The QoS 1 state, made on first use.
+    fn durable(&mut self) -> &mut Durable {
+        let app = &self.app;
+        let registration = &self.registration;
+        self.durable.get_or_insert_with(|| {
+            Box::new(Durable {
+                qos1: Vec::new(),
+                inflight: Inflight::new(
+                    app.config.mqtt.max_inflight,
+                    app.config.mqtt.outbound_buffer_bytes,
+                ),
+                topic_prefix: format!("v3/{}/", app.tenancy.app_uid(&registration.app)),
+                attached: None,
+            })
+        })
+    }
+
+    /// Attaches this connection to its persistent session: restores its filters and
+    /// starts the pump of its stored messages.
+    fn attach(&mut self, opened: Opened) {
+        self.session_present = opened.present;
+        let mut filters = Vec::with_capacity(opened.filters.len());
+        for saved in &opened.filters {
+            // A stored record is input too: a filter the node would no longer grant is
+            // dropped, never trusted.
+            match Filter::grant(
+                &self.app.tenancy,
+                &self.registration.app,
+                &saved.filter,
+                self.app.config.mqtt.max_filter_length,
+            ) {
+                Ok(f) => filters.push((f, saved.qos.min(1))),
+                Err(e) => tracing::info!(error = %e, "a stored filter of the session is dropped"),
+            }
+        }
+        let (to_pump, commands) = tokio::sync::mpsc::unbounded_channel();
+        let (deliveries, from_pump) = tokio::sync::mpsc::channel(PUMP_AHEAD);
+        let key = SessionKey {
+            app: self.registration.app.clone(),
+            client_id: self.registration.client_id.clone(),
+        };
+        tracing::info!(
+            present = opened.present,
+            pending = opened.pending,
+            filters = filters.len(),
+            "persistent session attached"
+        );
+        tokio::spawn(
+            pump(self.app.clone(), key, opened.consumer, commands, deliveries)
+                .instrument(tracing::Span::current()),
+        );
+        let subject_prefix = self.registration.app.subject_prefix();
+        self.durable().attached = Some(Attached {
+            filters,
+            to_pump,
+            from_pump,
+            subject_prefix,
+            ended: false,
+        });
+    }
+
+    /// Hands one stored message of the persistent session to the client: at the highest
+    /// QoS of the filters it matches, or acknowledged at once if it matches none.
+    fn deliver_stored(&mut self, stored: Stored) {
+        let Some(d) = self.durable.as_deref_mut() else {
+            return;
+        };
+        let Some(attached) = d.attached.as_ref() else {
+            return;
+        };
+        let ack = |attached: &Attached| {
+            let _ = attached.to_pump.send(ToPump::Ack(stored.seq));
+        };
+        let Some(rest) = stored
+            .subject
+            .strip_prefix(attached.subject_prefix.as_str())
+        else {
+            return ack(attached);
+        };
+        let qos = attached
+            .filters
+            .iter()
+            .filter(|(f, _)| f.matches(rest, '.'))
+            .map(|(_, q)| *q)
+            .max();
+        let Some(qos) = qos else {
+            return ack(attached);
+        };
+        let Some(packet) = encode_publish(&d.topic_prefix, rest, b'.', &stored.payload) else {
+            tracing::warn!(
+                len = stored.payload.len(),
+                "stored message too large to frame as MQTT"
+            );
+            return ack(attached);
+        };
+        self.app.metrics.delivered.inc();
+        if qos == 0 {
+            self.out.push(packet);
+            return ack(attached);
+        }
+        let waiting = Waiting {
+            packet,
+            seq: Some(stored.seq),
+            dup: stored.redelivered,
+        };
+        // Stored messages are taken only while the window has room, so this one goes now.
+        match d.inflight.offer(waiting) {
+            Ok(Some(p)) => {
+                self.app.metrics.inflight.inc();
+                self.out.push(p);
+            }
+            Ok(None) => {}
+            Err(Overflow) => ack(attached),
+        }
+    }
+
+    /// Sends as QoS 1 the packets from `from` on in `out` that a QoS 1 filter of this
+    /// clean session matches (in order, within the window; what does not fit waits, and
+    /// what does not fit the waiting bytes is dropped and counted).
+    fn upgrade_to_qos1(&mut self, from: usize) {
+        let Some(d) = self.durable.as_deref_mut() else {
+            return;
+        };
+        if d.qos1.is_empty() || from >= self.out.len() {
+            return;
+        }
+        let mut dropped = 0u64;
+        let mut kept = Vec::with_capacity(self.out.len());
+        for packet in self.out.drain(from..) {
+            let rest = publish_topic(&packet).and_then(|t| t.strip_prefix(d.topic_prefix.as_str()));
+            let wants_qos1 = rest.is_some_and(|rest| d.qos1.iter().any(|f| f.matches(rest, '/')));
+            if !wants_qos1 {
+                kept.push(packet);
+                continue;
+            }
+            let waiting = Waiting {
+                packet,
+                seq: None,
+                dup: false,
+            };
+            match d.inflight.offer(waiting) {
+                Ok(Some(p)) => {
+                    self.app.metrics.inflight.inc();
+                    kept.push(p);
+                }
+                Ok(None) => {}
+                Err(Overflow) => dropped += 1,
+            }
+        }
+        self.out.extend(kept);
+        if dropped > 0 {
+            self.app
+                .metrics
+                .dropped
+                .get_or_create(&AppLabels {
+                    tenant: self.registration.app.tenant.to_string(),
+                    application: self.registration.app.app.to_string(),
+                })
+                .inc_by(dropped);
+        }
+    }
+
+    /// A PUBACK: frees its place in the window, acknowledges a stored message to its
+    /// session, and sends what waited for room.
+    fn handle_puback(&mut self, id: u16) {
+        let Some(d) = self.durable.as_deref_mut() else {
+            return;
+        };
+        match d.inflight.acked(id) {
+            Some(seq) => {
+                self.app.metrics.inflight.dec();
+                if let (Some(seq), Some(attached)) = (seq, &d.attached) {
+                    let _ = attached.to_pump.send(ToPump::Ack(seq));
+                }
+            }
+            // A PUBACK for nothing in flight (a client acknowledging twice): ignored.
+            None => return,
+        }
+        let before = d.inflight.len();
+        d.inflight.release(&mut self.out);
+        let sent = d.inflight.len() - before;
+        self.app.metrics.inflight.inc_by(sent as i64);
     }
 
     /// Emits the live event `name` of this connection's application, with its client ID
@@ -321,9 +550,17 @@ impl Session {
             ],
         );
 
-        self.out.push(connack(ConnectReturnCode::Success));
+        self.out.push(connack_present(
+            ConnectReturnCode::Success,
+            self.session_present,
+        ));
         let end = self.main_loop(wire).await;
         self.count_unwritten();
+        if let Some(d) = self.durable.take() {
+            // Dropping the session's end stops its pump, which hands what the client did
+            // not acknowledge back to the store for the next connection.
+            self.app.metrics.inflight.dec_by(d.inflight.len() as i64);
+        }
 
         self.app.registry.unregister(&self.registration);
         if self.quota_held {
@@ -471,10 +708,21 @@ impl Session {
             // Waiting is a poll function over the outbox, the socket and the timer rather
             // than a select over three futures: an idle connection's task holds no future
             // state but the timer.
-            let (outbox, out) = (&self.outbox, &mut self.out);
+            let (outbox, out, durable) = (&self.outbox, &mut self.out, &mut self.durable);
             let woke = poll_fn(|cx| {
                 if outbox.poll_ready(cx).is_ready() {
                     return Poll::Ready(Wake::Outbox);
+                }
+                if let Some(d) = durable.as_deref_mut() {
+                    // Stored messages are taken only while the window has room: the rest
+                    // wait in the store, not here.
+                    if let Some(a) = d.attached.as_mut().filter(|a| !a.ended) {
+                        if d.inflight.has_room() {
+                            if let Poll::Ready(stored) = a.from_pump.poll_recv(cx) {
+                                return Poll::Ready(Wake::Stored(stored));
+                            }
+                        }
+                    }
                 }
                 if let Poll::Ready(filled) = wire.poll_fill(cx) {
                     return Poll::Ready(Wake::Read(filled));
@@ -494,10 +742,27 @@ impl Session {
             .await;
             let filled = match woke {
                 Wake::Outbox => {
+                    let from = self.out.len();
                     if let Some(reason) = self.outbox.take(&mut self.out) {
                         return End::Closed(reason);
                     }
+                    self.upgrade_to_qos1(from);
                     continue;
+                }
+                Wake::Stored(Some(stored)) => {
+                    self.deliver_stored(stored);
+                    continue;
+                }
+                Wake::Stored(None) => {
+                    // The pump stops only when the session was taken over elsewhere.
+                    if let Some(a) = self
+                        .durable
+                        .as_deref_mut()
+                        .and_then(|d| d.attached.as_mut())
+                    {
+                        a.ended = true;
+                    }
+                    return End::Closed(CloseReason::Takeover);
                 }
                 Wake::Timer => {
                     let now = Instant::now();
@@ -558,8 +823,9 @@ impl Session {
             if i % 64 == 63 {
                 tokio::task::yield_now().await;
             }
-            codes.push(match self.subscribe(&f.path).await {
-                Ok(()) => SubscribeReasonCode::Success(QoS::AtMostOnce),
+            codes.push(match self.subscribe(&f.path, f.qos).await {
+                Ok(QoS::AtMostOnce) => SubscribeReasonCode::Success(QoS::AtMostOnce),
+                Ok(_) => SubscribeReasonCode::Success(QoS::AtLeastOnce),
                 Err(refusal) => {
                     refusals.add(&refusal, &f.path);
                     first_refused.get_or_insert((f.path.as_str(), refusal.reason()));
@@ -569,6 +835,10 @@ impl Session {
         }
         // One log line and one event per packet, however many filters it refused.
         refusals.report(&self.app.metrics, subscribe.filters.len());
+        if codes.iter().any(|c| *c != SubscribeReasonCode::Failure) {
+            // The session's filters are stored before the SUBACK promises them.
+            self.save_session_filters().await;
+        }
         if let Some((filter, reason)) = first_refused {
             self.event(
                 names::SUBSCRIBE_FAIL,
@@ -582,6 +852,24 @@ impl Session {
         self.out
             .push(encode(&Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
         None
+    }
+
+    /// Stores the persistent session's filters (nothing for a clean session); a store that
+    /// does not answer is logged, and the filters are stored with the session's next
+    /// refresh.
+    async fn save_session_filters(&mut self) {
+        let Some(attached) = self.durable.as_ref().and_then(|d| d.attached.as_ref()) else {
+            return;
+        };
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let _ = attached
+            .to_pump
+            .send(ToPump::Save(saved_filters(attached), done));
+        match tokio::time::timeout(SAVE_TIMEOUT, answer).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "could not store the session's filters"),
+            _ => tracing::warn!("the session store did not store the filters in time"),
+        }
     }
 
     /// Handles one packet; an end of `Some` ends the session.
@@ -599,7 +887,15 @@ impl Session {
     fn handle_now(&mut self, packet: Packet) -> Option<End> {
         match packet {
             Packet::Unsubscribe(unsubscribe) => {
-                if self.subscribed {
+                if let Some(attached) = self.durable.as_mut().and_then(|d| d.attached.as_mut()) {
+                    attached
+                        .filters
+                        .retain(|(f, _)| !unsubscribe.topics.contains(&f.requested));
+                    let (done, _) = tokio::sync::oneshot::channel();
+                    let _ = attached
+                        .to_pump
+                        .send(ToPump::Save(saved_filters(attached), done));
+                } else if self.subscribed {
                     for f in &unsubscribe.topics {
                         let left = self.app.router.unsubscribe(
                             &self.registration.app,
@@ -608,6 +904,10 @@ impl Session {
                         );
                         self.subscribed = left > 0;
                     }
+                    if let Some(d) = self.durable.as_deref_mut() {
+                        d.qos1
+                            .retain(|f| !unsubscribe.topics.contains(&f.requested));
+                    }
                 }
                 self.out
                     .push(encode(&Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))));
@@ -615,8 +915,9 @@ impl Session {
             Packet::PingReq => self.out.push(encode(&Packet::PingResp)),
             Packet::Disconnect => return Some(End::Disconnect),
             Packet::PubRel(rel) => self.handle_pubrel(rel.pkid),
-            // We only send QoS 0, so there is nothing to acknowledge; tolerate strays.
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::PubAck(ack) => self.handle_puback(ack.pkid),
+            // We send QoS 0 and 1 only; tolerate strays.
+            Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Connect(_) => return Some(End::Violation("second CONNECT".into())),
             other => {
                 return Some(End::Violation(format!(
@@ -628,26 +929,70 @@ impl Session {
         None
     }
 
-    /// Grants or refuses one filter (DESIGN §4, issue 9): QoS 0 for a rewritten filter of
-    /// the client's own application that can match some of its traffic, within the
-    /// connection's limits (`mqtt.max_filter_length`, `mqtt.max_subscriptions`), when the
-    /// key may read; 0x80 otherwise, for the reason returned.
-    async fn subscribe(&mut self, requested: &str) -> Result<(), Refusal> {
+    /// Grants or refuses one filter (DESIGN §4, issue 9, issue 14): QoS 0, or QoS 1 when
+    /// QoS 1 or 2 is asked, for a rewritten filter of the client's own application that
+    /// can match some of its traffic, within the connection's limits
+    /// (`mqtt.max_filter_length`, `mqtt.max_subscriptions`), when the key may read; 0x80
+    /// otherwise, for the reason returned. A persistent session keeps its filters itself
+    /// (its store delivers); a clean one subscribes in the router.
+    async fn subscribe(&mut self, requested: &str, qos: QoS) -> Result<QoS, Refusal> {
         if !self.key.rights.can_read() {
             return Err(Refusal::NoReadRight);
         }
+        let granted = match qos {
+            QoS::AtMostOnce => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        };
         let mqtt = &self.app.config.mqtt;
         let (app, id) = (&self.registration.app, self.registration.id);
         let filter = Filter::grant(&self.app.tenancy, app, requested, mqtt.max_filter_length)?;
+        let max = mqtt.max_subscriptions;
+        if let Some(attached) = self.durable.as_mut().and_then(|d| d.attached.as_mut()) {
+            let q = granted as u8;
+            let same = attached
+                .filters
+                .iter()
+                .position(|(f, _)| f.requested == filter.requested);
+            match same {
+                Some(at) => attached.filters[at] = (filter, q),
+                None if attached.filters.len() >= max => {
+                    return Err(SubscribeError::from(TooManyFilters { max }).into())
+                }
+                None => attached.filters.push((filter, q)),
+            }
+            return Ok(granted);
+        }
         // Set before the router is asked, so that the connection leaves it at its end
         // whatever happens (leaving an application one has no filter in is a lookup).
         self.subscribed = true;
         self.app
             .router
-            .subscribe(app, id, &self.outbox, &filter, mqtt.max_subscriptions)
+            .subscribe(app, id, &self.outbox, &filter, max)
             .await?;
-        Ok(())
+        if granted == QoS::AtLeastOnce {
+            let d = self.durable();
+            d.qos1.retain(|f| f.requested != filter.requested);
+            d.qos1.push(filter);
+        } else if let Some(d) = self.durable.as_deref_mut() {
+            d.qos1.retain(|f| f.requested != filter.requested);
+        }
+        Ok(granted)
     }
+}
+
+/// How long a SUBSCRIBE waits for the session store to keep its filters.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A persistent session's filters as stored.
+fn saved_filters(attached: &Attached) -> Vec<SavedFilter> {
+    attached
+        .filters
+        .iter()
+        .map(|(f, qos)| SavedFilter {
+            filter: f.requested.clone(),
+            qos: *qos,
+        })
+        .collect()
 }
 
 fn unix_millis() -> u64 {

@@ -15,7 +15,6 @@ use tokio::sync::mpsc;
 use lorabroker::app::{App, Backends};
 use lorabroker::auth::{create_key, Rights};
 use lorabroker::config::Config;
-use lorabroker::downlink::QueueLimits;
 use lorabroker::server::Node;
 use lorabroker::topic::{AppRef, DeviceRef, Id};
 use lorabroker::upstream::Upstream;
@@ -115,9 +114,7 @@ impl TestEnv {
         tweak(&mut config);
         config.validate().expect("test config is valid");
         let backends = match self.backend {
-            Backend::Embedded => {
-                Backends::embedded_with(QueueLimits::from_config(&config.downlink))
-            }
+            Backend::Embedded => Backends::embedded_for(&config),
             Backend::Cluster => Backends::from_config(&config, "test-node")
                 .await
                 .expect("cluster backends"),

@@ -1,0 +1,350 @@
+//! [`MemorySessions`]: persistent sessions in the memory of one embedded node. They
+//! survive their connections (and takeovers), not the process.
+//!
+//! Each session captures its application's traffic from the bus into a queue of its own,
+//! bounded by `sessions.max_pending_messages` and `sessions.max_pending_bytes` (the oldest
+//! go first, counted as overflow); a message leaves the queue when acknowledged. An
+//! attachment hands out the queue from its oldest message, so what an earlier connection
+//! had in flight comes again first, marked redelivered.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+use super::{
+    Opened, SavedFilter, SessionConsumer, SessionError, SessionKey, SessionRecord, SessionStore,
+    SessionsConfig, Stored,
+};
+use crate::bus::{Bus, Subscription};
+
+/// Persistent sessions in memory (see the module docs).
+pub struct MemorySessions {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bus: Arc<dyn Bus>,
+    limits: Limits,
+    sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    expired: Mutex<Counter>,
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    expiry: Duration,
+    max_messages: u64,
+    max_bytes: u64,
+}
+
+struct Session {
+    state: Mutex<State>,
+    /// Wakes the attached consumer when a message arrives or it is detached.
+    arrived: Notify,
+    /// The task that captures the application's traffic.
+    capture: Mutex<Option<AbortHandle>>,
+}
+
+#[derive(Default)]
+struct State {
+    record: SessionRecord,
+    /// Unacknowledged messages, oldest first.
+    queue: VecDeque<Entry>,
+    bytes: u64,
+    next_seq: u64,
+    /// The first sequence the current attachment has not handed out yet.
+    cursor: u64,
+    /// Number of the current attachment; 0 while detached.
+    attached: u64,
+    attachments: u64,
+    /// Messages dropped for the bounds and not reported yet.
+    overflowed: u64,
+}
+
+struct Entry {
+    seq: u64,
+    subject: String,
+    payload: Bytes,
+    handed_out: bool,
+}
+
+impl MemorySessions {
+    /// Sessions capturing traffic from `bus`, bounded and expiring as `config` says.
+    pub fn new(bus: Arc<dyn Bus>, config: &SessionsConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                bus,
+                limits: Limits {
+                    expiry: config.expiry,
+                    max_messages: config.max_pending_messages,
+                    max_bytes: config.max_pending_bytes,
+                },
+                sessions: Mutex::default(),
+                expired: Mutex::new(Counter::default()),
+            }),
+        }
+    }
+
+    /// How many sessions are held.
+    pub fn len(&self) -> usize {
+        self.inner.sessions.lock().len()
+    }
+
+    /// Whether no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    async fn create(&self, key: &SessionKey) -> Result<Arc<Session>, SessionError> {
+        let sub = self
+            .inner
+            .bus
+            .subscribe(key.app.traffic_subject_filter())
+            .await
+            .map_err(|e| SessionError::Unavailable(e.to_string()))?;
+        let session = Arc::new(Session {
+            state: Mutex::new(State {
+                record: SessionRecord {
+                    client_id: key.client_id.clone(),
+                    ..SessionRecord::default()
+                },
+                ..State::default()
+            }),
+            arrived: Notify::new(),
+            capture: Mutex::new(None),
+        });
+        let task = tokio::spawn(capture(sub, Arc::downgrade(&session), self.inner.limits));
+        *session.capture.lock() = Some(task.abort_handle());
+        Ok(session)
+    }
+}
+
+impl Session {
+    fn stop(&self) {
+        if let Some(task) = self.capture.lock().take() {
+            task.abort();
+        }
+        self.arrived.notify_waiters();
+    }
+}
+
+/// Appends every message of the session's application to its queue, dropping the oldest
+/// past the bounds.
+async fn capture(mut sub: Subscription, session: Weak<Session>, limits: Limits) {
+    while let Some(msg) = sub.next().await {
+        let Some(session) = session.upgrade() else {
+            return;
+        };
+        {
+            let mut s = session.state.lock();
+            let seq = s.next_seq;
+            s.next_seq += 1;
+            s.bytes += msg.payload.len() as u64;
+            s.queue.push_back(Entry {
+                seq,
+                subject: msg.subject,
+                payload: msg.payload,
+                handed_out: false,
+            });
+            while s.queue.len() as u64 > limits.max_messages || s.bytes > limits.max_bytes {
+                let Some(old) = s.queue.pop_front() else {
+                    break;
+                };
+                s.bytes -= old.payload.len() as u64;
+                s.overflowed += 1;
+            }
+        }
+        session.arrived.notify_waiters();
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemorySessions {
+    async fn open(&self, key: &SessionKey) -> Result<Opened, SessionError> {
+        let found = self.inner.sessions.lock().get(key).cloned();
+        let (session, present) = match found {
+            Some(s) => (s, true),
+            None => {
+                let s = self.create(key).await?;
+                let mut sessions = self.inner.sessions.lock();
+                // Two CONNECTs of one client ID raced: the first one in wins.
+                match sessions.get(key) {
+                    Some(other) => {
+                        s.stop();
+                        (other.clone(), true)
+                    }
+                    None => {
+                        sessions.insert(key.clone(), s.clone());
+                        (s, false)
+                    }
+                }
+            }
+        };
+        let (number, filters, pending) = {
+            let mut s = session.state.lock();
+            s.attachments += 1;
+            s.attached = s.attachments;
+            // Hand out everything unacknowledged again, oldest first.
+            s.cursor = s.queue.front().map_or(s.next_seq, |e| e.seq);
+            (s.attached, s.record.filters.clone(), s.queue.len() as u64)
+        };
+        // A consumer of an earlier attachment sees that it is no longer attached.
+        session.arrived.notify_waiters();
+        Ok(Opened {
+            present,
+            filters,
+            pending,
+            consumer: Box::new(MemoryConsumer {
+                session,
+                number,
+                key: key.clone(),
+                store: Arc::downgrade(&self.inner),
+            }),
+        })
+    }
+
+    async fn discard(&self, key: &SessionKey) -> Result<bool, SessionError> {
+        let removed = self.inner.sessions.lock().remove(key);
+        if let Some(s) = &removed {
+            s.stop();
+        }
+        Ok(removed.is_some())
+    }
+
+    /// Counts in `counter` every session discarded for its expiry.
+    fn count_expiries_in(&self, counter: Counter) {
+        *self.inner.expired.lock() = counter;
+    }
+}
+
+/// One connection's attachment to a session in memory.
+struct MemoryConsumer {
+    session: Arc<Session>,
+    /// Its attachment number: another one means it was taken over.
+    number: u64,
+    key: SessionKey,
+    store: Weak<Inner>,
+}
+
+impl MemoryConsumer {
+    fn taken_over(&self, s: &State) -> bool {
+        s.attached != self.number
+    }
+}
+
+#[async_trait]
+impl SessionConsumer for MemoryConsumer {
+    async fn next(&mut self) -> Result<Stored, SessionError> {
+        loop {
+            let arrived = self.session.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            // Asked before the state is locked: the expiry locks the map, then the state.
+            let held = self.is_held();
+            {
+                let mut s = self.session.state.lock();
+                if self.taken_over(&s) {
+                    return Err(SessionError::TakenOver);
+                }
+                let cursor = s.cursor;
+                // The queue is in sequence order: find the first entry not handed out.
+                let at = s.queue.partition_point(|e| e.seq < cursor);
+                if let Some(e) = s.queue.get_mut(at) {
+                    let stored = Stored {
+                        seq: e.seq,
+                        subject: e.subject.clone(),
+                        payload: e.payload.clone(),
+                        redelivered: e.handed_out,
+                    };
+                    e.handed_out = true;
+                    s.cursor = stored.seq + 1;
+                    return Ok(stored);
+                }
+                if !held {
+                    return Err(SessionError::Unavailable(
+                        "the session was discarded".into(),
+                    ));
+                }
+            }
+            arrived.await;
+        }
+    }
+
+    async fn ack(&mut self, seq: u64) -> Result<(), SessionError> {
+        let mut s = self.session.state.lock();
+        if let Ok(at) = s.queue.binary_search_by_key(&seq, |e| e.seq) {
+            if let Some(e) = s.queue.remove(at) {
+                s.bytes -= e.payload.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    async fn save(&mut self, filters: &[SavedFilter]) -> Result<(), SessionError> {
+        let mut s = self.session.state.lock();
+        if self.taken_over(&s) {
+            return Err(SessionError::TakenOver);
+        }
+        s.record.filters = filters.to_vec();
+        Ok(())
+    }
+
+    async fn refresh(&mut self) -> Result<(), SessionError> {
+        Ok(())
+    }
+
+    fn take_overflow(&mut self) -> u64 {
+        std::mem::take(&mut self.session.state.lock().overflowed)
+    }
+
+    async fn detach(self: Box<Self>) {
+        {
+            let mut s = self.session.state.lock();
+            if self.taken_over(&s) {
+                return;
+            }
+            s.attached = 0;
+        }
+        let Some(store) = self.store.upgrade() else {
+            return;
+        };
+        let expiry = store.limits.expiry;
+        let (store, session, key, number) =
+            (Arc::downgrade(&store), self.session, self.key, self.number);
+        // Expires the session unless a connection attached to it meanwhile.
+        tokio::spawn(async move {
+            tokio::time::sleep(expiry).await;
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            let mut sessions = store.sessions.lock();
+            let idle = session.state.lock().attachments == number;
+            let same = sessions.get(&key).is_some_and(|s| Arc::ptr_eq(s, &session));
+            if idle && same {
+                sessions.remove(&key);
+                session.stop();
+                store.expired.lock().inc();
+            }
+        });
+    }
+}
+
+impl MemoryConsumer {
+    /// Whether the store still holds this consumer's session.
+    fn is_held(&self) -> bool {
+        self.store.upgrade().is_some_and(|store| {
+            store
+                .sessions
+                .lock()
+                .get(&self.key)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.session))
+        })
+    }
+}

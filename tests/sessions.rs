@@ -1,0 +1,549 @@
+//! QoS 1 subscriptions and persistent sessions (issue 14, DESIGN §11), on both backends:
+//! the embedded node keeps sessions in memory, a cluster in NATS JetStream shared by every
+//! node. Real rumqttc clients, manual acknowledgements where the window is tested.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
+    SubscribeReasonCode,
+};
+use tokio::sync::mpsc;
+
+use common::broker::{Backend, TestEnv, TestNode, WAIT};
+use common::services::unique;
+use common::wait::eventually;
+use lorabroker::auth::Rights;
+use lorabroker::config::Config;
+use lorabroker::topic::{AppRef, DeviceRef, Event as DeviceEvent, Id};
+use lorabroker::transport::Kind;
+
+/// How long "nothing more arrives" is watched.
+const SILENCE: Duration = Duration::from_millis(500);
+
+fn sessions_on(c: &mut Config) {
+    c.sessions.enabled = true;
+    c.sessions.storage = "memory".into();
+}
+
+/// A rumqttc client whose event loop runs in the background, handing over PUBLISHes.
+struct Client {
+    client: AsyncClient,
+    got: mpsc::UnboundedReceiver<Option<Publish>>,
+    task: tokio::task::JoinHandle<()>,
+    present: bool,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Login<'a> {
+    node: &'a TestNode,
+    app: &'a AppRef,
+    key: &'a str,
+}
+
+impl Login<'_> {
+    /// Connects `client_id` with `clean` session; `manual` turns off rumqttc's PUBACKs.
+    async fn connect(&self, client_id: &str, clean: bool, manual: bool) -> Client {
+        let addr = self.node.addr(Kind::Tcp);
+        let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        opts.set_credentials(self.node.username(self.app), self.key);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(clean);
+        opts.set_manual_acks(manual);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let present = loop {
+            match tokio::time::timeout(WAIT, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
+                    break ack.session_present;
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => panic!("connect failed: {e}"),
+                Err(_) => panic!("no CONNACK within {WAIT:?}"),
+            }
+        };
+        let (tx, got) = mpsc::unbounded_channel();
+        let task = tokio::spawn(pump(eventloop, tx));
+        Client {
+            client,
+            got,
+            task,
+            present,
+        }
+    }
+}
+
+async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Option<Publish>>) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(Some(p)).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(ConnectionError::MqttState(_)) | Err(_) => {
+                let _ = tx.send(None);
+                return;
+            }
+        }
+    }
+}
+
+impl Client {
+    async fn subscribe(&self, filter: &str, qos: QoS) {
+        self.client.subscribe(filter, qos).await.expect("subscribe");
+    }
+
+    /// The next PUBLISH within [`WAIT`]; panics on a close or a timeout.
+    async fn next(&mut self) -> Publish {
+        match tokio::time::timeout(WAIT, self.got.recv()).await {
+            Ok(Some(Some(p))) => p,
+            Ok(_) => panic!("connection closed"),
+            Err(_) => panic!("no PUBLISH within {WAIT:?}"),
+        }
+    }
+
+    async fn expect_silence(&mut self) {
+        if let Ok(Some(Some(p))) = tokio::time::timeout(SILENCE, self.got.recv()).await {
+            panic!("expected nothing, got {p:?}");
+        }
+    }
+
+    /// Ends the connection without DISCONNECT (as a crash would).
+    fn drop_connection(self) {
+        drop(self);
+    }
+}
+
+fn device(app: &AppRef, dev: &str) -> DeviceRef {
+    DeviceRef::new(app.clone(), Id::parse(dev).expect("valid device ID"))
+}
+
+/// Publishes uplinks `from..to` of `dev`, numbered in their payloads.
+async fn uplinks(node: &TestNode, dev: &DeviceRef, range: std::ops::Range<u32>) {
+    let upstream = node.upstream();
+    for i in range {
+        upstream
+            .publish(dev, DeviceEvent::Up, Bytes::from(i.to_string()))
+            .await
+            .expect("uplink published");
+    }
+    upstream.flush().await.expect("flushed");
+}
+
+fn number(p: &Publish) -> u32 {
+    std::str::from_utf8(&p.payload)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("payload {:?} is no number", p.payload))
+}
+
+/// Receives until `want` distinct numbers arrived; returns them in arrival order with
+/// how many came twice, asserting that every repeat carries DUP.
+async fn receive_all(client: &mut Client, want: usize) -> (Vec<u32>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let (mut order, mut duplicates) = (Vec::new(), 0);
+    while seen.len() < want {
+        let p = client.next().await;
+        let n = number(&p);
+        if !seen.insert(n) {
+            assert!(p.dup, "message {n} came again without DUP");
+            duplicates += 1;
+            continue;
+        }
+        order.push(n);
+    }
+    (order, duplicates)
+}
+
+/// Waits until no persistent session is attached on `node`.
+async fn detached(node: &TestNode) {
+    eventually("the session detached", WAIT, || async {
+        let n = node.metric("lorabroker_sessions_attached").await;
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} attached"))
+        }
+    })
+    .await;
+}
+
+async fn world(backend: Backend) -> (TestEnv, TestNode, AppRef, String) {
+    let env = TestEnv::new(backend).await;
+    let node = env.node_with(sessions_on).await;
+    let app = env.app("app1");
+    let key = node.key(&app, Rights::DEFAULT).await;
+    (env, node, app, key)
+}
+
+/// A SUBSCRIBE at QoS 1 or 2 is granted QoS 1 and delivered as QoS 1 with packet IDs,
+/// within `mqtt.max_inflight`; PUBACKs make room for the rest, in order.
+async fn qos1_window(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let node = env.node_with(|c| c.mqtt.max_inflight = 5).await;
+    let app = env.app("app1");
+    let key = node.key(&app, Rights::DEFAULT).await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let mut sub = login.connect(&unique("c"), true, true).await;
+    let mut raw = common::broker::TestClient::connect(
+        node.addr(Kind::Tcp),
+        &node.username(&app),
+        &key,
+        &unique("c"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        raw.subscribe("v3/+/devices/+/up").await,
+        SubscribeReasonCode::Success(QoS::AtMostOnce),
+        "QoS 0 stays QoS 0"
+    );
+    sub.client
+        .subscribe("v3/+/devices/+/up", QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    // A QoS 0 subscriber beside it sees the SUBACK came back (the router holds both).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dev = device(&app, "dev1");
+    uplinks(&node, &dev, 0..20).await;
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let p = sub.next().await;
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        assert_ne!(p.pkid, 0);
+        assert!(!p.dup);
+        assert_eq!(number(&p), i);
+        held.push(p);
+    }
+    sub.expect_silence().await;
+    assert_eq!(node.metric("lorabroker_inflight_messages").await, 5);
+    // The QoS 0 subscriber is not held back by the other's window.
+    for i in 0..20 {
+        let (_, payload) = raw.next_publish().await;
+        assert_eq!(payload, i.to_string());
+    }
+    // Each PUBACK lets one more go, in order.
+    sub.client.ack(&held.remove(0)).await.unwrap();
+    let fifth = sub.next().await;
+    assert_eq!(number(&fifth), 5);
+    sub.expect_silence().await;
+    held.push(fifth);
+    for p in held.drain(..) {
+        sub.client.ack(&p).await.unwrap();
+    }
+    let mut next = 6;
+    while next < 20 {
+        let p = sub.next().await;
+        assert_eq!(number(&p), next);
+        sub.client.ack(&p).await.unwrap();
+        next += 1;
+    }
+    eventually("every PUBLISH acknowledged", WAIT, || async {
+        let n = node.metric("lorabroker_inflight_messages").await;
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} in flight"))
+        }
+    })
+    .await;
+    node.shutdown().await;
+}
+
+/// A client that comes back with `clean_session=0` finds its session (CONNACK session
+/// present), its subscriptions, and every message it missed, in order.
+async fn missed_messages_come_back_in_order(backend: Backend) {
+    let (_env, node, app, key) = world(backend).await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let id = unique("backend");
+    let first = login.connect(&id, false, false).await;
+    assert!(!first.present, "a new session");
+    first.subscribe("v3/+/devices/+/up", QoS::AtLeastOnce).await;
+    // The SUBACK comes once the filter is stored.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.client.disconnect().await.unwrap();
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    uplinks(&node, &device(&app, "dev1"), 0..1000).await;
+    // Another device's join does not match the session's filter.
+    node.upstream()
+        .publish(&device(&app, "dev2"), DeviceEvent::Join, "join".into())
+        .await
+        .unwrap();
+
+    let mut back = login.connect(&id, false, false).await;
+    assert!(back.present, "the session is resumed");
+    let (order, duplicates) = receive_all(&mut back, 1000).await;
+    assert_eq!(order, (0..1000).collect::<Vec<_>>(), "in order");
+    assert_eq!(
+        duplicates, 0,
+        "nothing was sent before, so nothing comes twice"
+    );
+    back.expect_silence().await;
+    // New traffic flows to the resumed session without a new SUBSCRIBE.
+    uplinks(&node, &device(&app, "dev3"), 1000..1001).await;
+    assert_eq!(number(&back.next().await), 1000);
+    assert_eq!(
+        node.metric(r#"lorabroker_sessions_opened_total{outcome="resumed"}"#)
+            .await,
+        1
+    );
+    node.shutdown().await;
+}
+
+/// What a connection received and never acknowledged comes again, first, with DUP=1.
+async fn unacknowledged_messages_are_redelivered_with_dup(backend: Backend) {
+    let (_env, node, app, key) = world(backend).await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let id = unique("backend");
+    let mut first = login.connect(&id, false, true).await;
+    first.subscribe("#", QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    uplinks(&node, &device(&app, "dev1"), 0..10).await;
+    for i in 0..10 {
+        let p = first.next().await;
+        assert_eq!(number(&p), i);
+        if i < 4 {
+            first.client.ack(&p).await.unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.drop_connection();
+    // Once the node saw the connection end, what comes next was never sent to anyone.
+    detached(&node).await;
+    uplinks(&node, &device(&app, "dev1"), 10..15).await;
+
+    let mut back = login.connect(&id, false, false).await;
+    assert!(back.present);
+    for i in 4..15 {
+        let p = back.next().await;
+        assert_eq!(number(&p), i, "in order, from the first unacknowledged");
+        assert_eq!(
+            p.dup,
+            i < 10,
+            "message {i}: DUP only on what was sent before"
+        );
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+    }
+    back.expect_silence().await;
+    assert!(
+        node.metric(r#"lorabroker_session_messages_total{outcome="redelivered"}"#)
+            .await
+            >= 6
+    );
+    node.shutdown().await;
+}
+
+/// A `clean_session=1` CONNECT discards the stored session and what it held.
+async fn a_clean_connect_discards_the_session(backend: Backend) {
+    let (_env, node, app, key) = world(backend).await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let id = unique("backend");
+    let first = login.connect(&id, false, false).await;
+    first.subscribe("#", QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first);
+    uplinks(&node, &device(&app, "dev1"), 0..5).await;
+    let clean = login.connect(&id, true, false).await;
+    assert!(!clean.present);
+    drop(clean);
+    eventually("the session discarded", WAIT, || async {
+        let n = node.metric("lorabroker_sessions_discarded_total").await;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} discarded"))
+        }
+    })
+    .await;
+    let mut again = login.connect(&id, false, false).await;
+    assert!(!again.present, "the session was discarded");
+    again.expect_silence().await;
+    node.shutdown().await;
+}
+
+/// Past `sessions.max_pending_messages` the oldest stored messages are dropped, counted,
+/// and announced to the application.
+async fn pending_messages_are_bounded(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let node = env
+        .node_with(|c| {
+            sessions_on(c);
+            c.sessions.max_pending_messages = 10;
+        })
+        .await;
+    let app = env.app("app1");
+    let key = node.key(&app, Rights::DEFAULT).await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let id = unique("backend");
+    let first = login.connect(&id, false, false).await;
+    first.subscribe("#", QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    uplinks(&node, &device(&app, "dev1"), 0..30).await;
+    let mut back = login.connect(&id, false, false).await;
+    assert!(back.present);
+    for i in 20..30 {
+        assert_eq!(number(&back.next().await), i, "the newest ten are kept");
+    }
+    back.expect_silence().await;
+    let series = format!(
+        r#"lorabroker_session_overflow_dropped_total{{tenant="{}",application="app1"}}"#,
+        env.tenant
+    );
+    assert_eq!(node.metric(&series).await, 20);
+    node.shutdown().await;
+}
+
+/// A session is discarded `sessions.expiry` after its connection ended.
+async fn sessions_expire(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let node = env
+        .node_with(|c| {
+            sessions_on(c);
+            c.sessions.expiry = Duration::from_secs(1);
+        })
+        .await;
+    let app = env.app("app1");
+    let key = node.key(&app, Rights::DEFAULT).await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let id = unique("backend");
+    let first = login.connect(&id, false, false).await;
+    first.subscribe("#", QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first);
+    // Still there within the expiry.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = login.connect(&id, false, false).await;
+    assert!(again.present);
+    drop(again);
+    // Four times the expiry: the embedded store's timer and JetStream's inactivity check
+    // both run at the expiry.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let late = login.connect(&id, false, false).await;
+    assert!(!late.present, "the session expired");
+    assert_eq!(node.metric("lorabroker_sessions_expired_total").await, 1);
+    node.shutdown().await;
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Embedded).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Cluster).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    qos1_window,
+    missed_messages_come_back_in_order,
+    unacknowledged_messages_are_redelivered_with_dup,
+    a_clean_connect_discards_the_session,
+    pending_messages_are_bounded,
+    sessions_expire,
+);
+
+/// Several nodes on one NATS (JetStream) and one Redis: a session left on one node is
+/// resumed on another, and a second connection with the session's client ID on another
+/// node takes it over.
+#[tokio::test]
+async fn a_session_moves_between_nodes_and_is_taken_over() {
+    let env = TestEnv::new(Backend::Cluster).await;
+    let (a, b) = tokio::join!(env.node_with(sessions_on), env.node_with(sessions_on));
+    let app = env.app("app1");
+    let key = a.key(&app, Rights::DEFAULT).await;
+    let (on_a, on_b) = (
+        Login {
+            node: &a,
+            app: &app,
+            key: &key,
+        },
+        Login {
+            node: &b,
+            app: &app,
+            key: &key,
+        },
+    );
+    let id = unique("backend");
+    let first = on_a.connect(&id, false, false).await;
+    first.subscribe("#", QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first);
+    uplinks(&a, &device(&app, "dev1"), 0..100).await;
+    let mut on_node_b = on_b.connect(&id, false, false).await;
+    assert!(on_node_b.present, "node B resumes node A's session");
+    let (order, _) = receive_all(&mut on_node_b, 100).await;
+    assert_eq!(order, (0..100).collect::<Vec<_>>());
+
+    // Takeover: the same client ID on node A closes node B's connection.
+    let mut taker = on_a.connect(&id, false, false).await;
+    assert!(taker.present);
+    match tokio::time::timeout(WAIT, on_node_b.got.recv()).await {
+        Ok(Some(None)) | Ok(None) => {}
+        other => panic!("node B's connection should be closed, got {other:?}"),
+    }
+    uplinks(&b, &device(&app, "dev1"), 100..150).await;
+    // What node B's client acknowledged may not all have reached the store before the
+    // takeover: such messages come again, with DUP; then the new ones, in order.
+    let mut new = Vec::new();
+    while new.len() < 50 {
+        let p = taker.next().await;
+        match number(&p) {
+            n if n < 100 => assert!(p.dup, "{n} came again without DUP"),
+            n => new.push(n),
+        }
+    }
+    assert_eq!(new, (100..150).collect::<Vec<_>>());
+    a.shutdown().await;
+    b.shutdown().await;
+}

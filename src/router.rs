@@ -17,14 +17,22 @@
 //! application's index has its own lock, held for the one filter added or removed. So one
 //! connection's SUBSCRIBE, however many filters it carries, never waits on or delays
 //! another application's subscriptions or deliveries.
+//!
+//! Shared subscriptions (`$share/{group}/{filter}`, issue 14) live the same way: a node
+//! holds one bus subscription per share with members on it, in the share's NATS queue
+//! group, so that each message goes to one node's members, and there to one member
+//! ([`ShareMembers`]).
 
 mod index;
 mod refusals;
+mod share;
 
 pub use index::{Index, Removed, TooManyFilters};
 pub use refusals::{Refusal, Refusals};
+pub use share::ShareMembers;
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -39,7 +47,9 @@ use crate::log::Bounded;
 use crate::metrics::{AppLabels, Metrics, ReasonLabels};
 use crate::mqtt::codec::encode_publish;
 use crate::mqtt::outbox::Outbox;
-use crate::topic::{parse_subject_rest, AppRef, Filter, Tenancy};
+use crate::topic::{
+    parse_subject_rest, AppRef, Filter, ShareKey, SharedFilter, SubjectEvent, Tenancy,
+};
 
 /// Why [`Router::subscribe`] refused a filter.
 #[derive(Debug, thiserror::Error)]
@@ -62,10 +72,43 @@ impl SubscribeError {
     }
 }
 
-/// One application's local subscribers and its bus subscription task.
-struct AppState {
-    index: RwLock<Index>,
-    /// Set, under the index lock, when the last member left: this state is out of the
+/// The local members of one bus subscription of a node: every subscriber of an
+/// application (an [`Index`]), or the members of one share ([`ShareMembers`]).
+pub trait Members: Send + Sync + 'static {
+    /// Whether no member is left.
+    fn is_empty(&self) -> bool;
+    /// Offers a message of `event` (its subject `rest` after the application's prefix) to
+    /// the members it goes to: `offer(outbox, last)` pushes it to one outbox and says
+    /// whether it took it; `last` says a refusal is a drop (no other member will try).
+    fn offer(
+        &self,
+        event: &SubjectEvent<'_>,
+        rest: &str,
+        offer: &mut dyn FnMut(&Arc<Outbox>, bool) -> bool,
+    );
+}
+
+impl Members for Index {
+    fn is_empty(&self) -> bool {
+        Index::is_empty(self)
+    }
+
+    fn offer(
+        &self,
+        event: &SubjectEvent<'_>,
+        _rest: &str,
+        offer: &mut dyn FnMut(&Arc<Outbox>, bool) -> bool,
+    ) {
+        self.for_each_match(event.device, event.event, |outbox| {
+            offer(outbox, true);
+        });
+    }
+}
+
+/// One bus subscription's local members and its delivery task.
+struct Subscribed<M> {
+    members: RwLock<M>,
+    /// Set, under the members' lock, when the last member left: this state is out of the
     /// node's map (or about to be) and takes no new member.
     closed: AtomicBool,
     /// Set once the delivery task runs: later subscribers need not wait on `task`.
@@ -81,13 +124,17 @@ struct AppState {
     counters: Option<Arc<AppCounters>>,
 }
 
+/// The bus subscriptions of one kind on a node, by key: applications or shares.
+type Subscriptions<K, M> = Mutex<HashMap<K, Arc<Subscribed<M>>>>;
+
 /// Per-node fan-out from bus subjects to local subscribers.
 pub struct Router {
     bus: Arc<dyn Bus>,
     tenancy: Tenancy,
     metrics: Arc<Metrics>,
     stats: Arc<TrafficStats>,
-    apps: Mutex<HashMap<AppRef, Arc<AppState>>>,
+    apps: Subscriptions<AppRef, Index>,
+    shares: Subscriptions<ShareKey, ShareMembers>,
 }
 
 impl Router {
@@ -99,6 +146,7 @@ impl Router {
             metrics,
             stats: Arc::new(TrafficStats::new(0)),
             apps: Mutex::default(),
+            shares: Mutex::default(),
         }
     }
 
@@ -120,39 +168,105 @@ impl Router {
         filter: &Filter,
         max_filters: usize,
     ) -> Result<(), SubscribeError> {
+        let (new, joined) = self
+            .join(&self.apps, app, app, Index::new, None, |index| {
+                index.add(id, outbox, filter, max_filters)
+            })
+            .await;
+        if new && joined.is_err() {
+            self.unsubscribe(app, id, &filter.requested);
+        }
+        joined
+    }
+
+    /// Makes connection `id` of the share's application a member of `share` on this node,
+    /// delivering to `outbox`: each message of the share goes to one member, on this node
+    /// or another (a NATS queue group of the nodes that hold members). Joining twice is
+    /// joining once.
+    pub async fn join_share(
+        &self,
+        share: &SharedFilter,
+        id: u64,
+        outbox: &Arc<Outbox>,
+    ) -> Result<(), SubscribeError> {
+        let key = &share.key;
+        let (new, joined) = self
+            .join(
+                &self.shares,
+                key,
+                &key.app,
+                || ShareMembers::new(share.filter.clone()),
+                Some(key.queue_group()),
+                |members| Ok(members.add(id, outbox)),
+            )
+            .await;
+        if new && joined.is_err() {
+            self.leave_share(key, id);
+        }
+        joined
+    }
+
+    /// Ends the membership of connection `id` in `share` on this node; the last member
+    /// out drops the node's place in the share's queue group.
+    pub fn leave_share(&self, share: &ShareKey, id: u64) {
+        let left = self.update(&self.shares, share, |members| members.remove(id));
+        if left {
+            self.metrics.subscriptions.dec();
+        }
+    }
+
+    /// Adds a member with `add` (called once; it says whether the member is new) to the
+    /// state of `key`, made with `make` if there is none, and makes sure its delivery task
+    /// runs; whether a member was added, and whether all of it worked.
+    async fn join<K, M>(
+        &self,
+        map: &Subscriptions<K, M>,
+        key: &K,
+        app: &AppRef,
+        make: impl Fn() -> M,
+        group: Option<String>,
+        mut add: impl FnMut(&mut M) -> Result<bool, TooManyFilters>,
+    ) -> (bool, Result<(), SubscribeError>)
+    where
+        K: Clone + Eq + Hash,
+        M: Members,
+    {
         let (state, new) = loop {
-            let state = self.state(app);
-            let mut index = state.index.write();
+            let state = self.state(map, key, app, &make);
+            let mut members = state.members.write();
             if state.closed.load(Ordering::Acquire) {
                 // Its last member left since we looked it up: it is (being) removed from
                 // the map; make way for a fresh one.
-                drop(index);
-                self.retire(app, &state);
+                drop(members);
+                retire(map, key, &state);
                 continue;
             }
-            let new = index.add(id, outbox, filter, max_filters)?;
-            break (state.clone(), new);
+            match add(&mut members) {
+                Ok(new) => break (state.clone(), new),
+                Err(e) => return (false, Err(e.into())),
+            }
         };
         if new {
             self.metrics.subscriptions.inc();
         }
-        if let Err(e) = self.deliver(app, &state).await {
-            if new {
-                self.unsubscribe(app, id, &filter.requested);
-            }
-            return Err(e.into());
-        }
-        Ok(())
+        let delivering = self.deliver(app, &state, group).await;
+        (new, delivering.map_err(SubscribeError::from))
     }
 
-    /// The state of `app`, created if there is none.
-    fn state(&self, app: &AppRef) -> Arc<AppState> {
-        let mut apps = self.apps.lock();
-        if let Some(state) = apps.get(app) {
+    /// The state of `key`, created with `make` if there is none.
+    fn state<K: Clone + Eq + Hash, M>(
+        &self,
+        map: &Subscriptions<K, M>,
+        key: &K,
+        app: &AppRef,
+        make: impl Fn() -> M,
+    ) -> Arc<Subscribed<M>> {
+        let mut map = map.lock();
+        if let Some(state) = map.get(key) {
             return state.clone();
         }
-        let state = Arc::new(AppState {
-            index: RwLock::new(Index::new()),
+        let state = Arc::new(Subscribed {
+            members: RwLock::new(make()),
             closed: AtomicBool::new(false),
             delivering: AtomicBool::new(false),
             task: tokio::sync::Mutex::new(None),
@@ -164,20 +278,18 @@ impl Router {
             },
             counters: self.stats.of(app),
         });
-        apps.insert(app.clone(), state.clone());
+        map.insert(key.clone(), state.clone());
         state
     }
 
-    /// Removes the closed `state` from the map, if it is still there.
-    fn retire(&self, app: &AppRef, state: &Arc<AppState>) {
-        let mut apps = self.apps.lock();
-        if apps.get(app).is_some_and(|s| Arc::ptr_eq(s, state)) {
-            apps.remove(app);
-        }
-    }
-
-    /// Makes sure `state`'s delivery task runs, subscribed on the bus.
-    async fn deliver(&self, app: &AppRef, state: &Arc<AppState>) -> Result<(), BusError> {
+    /// Makes sure `state`'s delivery task runs, subscribed on the bus (in the queue group
+    /// `group` if there is one).
+    async fn deliver<M: Members>(
+        &self,
+        app: &AppRef,
+        state: &Arc<Subscribed<M>>,
+        group: Option<String>,
+    ) -> Result<(), BusError> {
         if state.delivering.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -190,10 +302,15 @@ impl Router {
             .bus_slow_consumer_dropped
             .get_or_create(&state.labels)
             .clone();
-        let sub = self
-            .bus
-            .subscribe_counted(app.traffic_subject_filter(), dropped)
-            .await?;
+        let filter = app.traffic_subject_filter();
+        let sub = match group {
+            Some(group) => {
+                self.bus
+                    .queue_subscribe_counted(filter, group, dropped)
+                    .await?
+            }
+            None => self.bus.subscribe_counted(filter, dropped).await?,
+        };
         // While the bus is down the subscription is sent when it is back (DESIGN §7);
         // the client's filter is valid, so it is granted all the same.
         if let Err(e) = self.bus.flush().await {
@@ -219,7 +336,7 @@ impl Router {
     /// Removes the filter `requested` of connection `id`; returns how many filters it
     /// still has. The last subscriber out drops the application's bus subscription.
     pub fn unsubscribe(&self, app: &AppRef, id: u64, requested: &str) -> usize {
-        let removed = self.update(app, |index| index.remove(id, requested));
+        let removed = self.update(&self.apps, app, |index| index.remove(id, requested));
         if removed.removed {
             self.metrics.subscriptions.dec();
         }
@@ -228,18 +345,34 @@ impl Router {
 
     /// Removes every filter of connection `id`.
     pub fn leave(&self, app: &AppRef, id: u64) {
-        let removed = self.update(app, |index| index.remove_all(id));
+        let removed = self.update(&self.apps, app, |index| index.remove_all(id));
         self.metrics.subscriptions.dec_by(removed as i64);
     }
 
-    fn update<T: Default>(&self, app: &AppRef, change: impl FnOnce(&mut Index) -> T) -> T {
-        let Some(state) = self.apps.lock().get(app).cloned() else {
+    /// How many filters connection `id` holds in `app`'s subscription (shares apart).
+    pub fn filters(&self, app: &AppRef, id: u64) -> usize {
+        let state = self.apps.lock().get(app).cloned();
+        state.map_or(0, |s| s.members.read().filters(id))
+    }
+
+    fn update<K, M, T>(
+        &self,
+        map: &Subscriptions<K, M>,
+        key: &K,
+        change: impl FnOnce(&mut M) -> T,
+    ) -> T
+    where
+        K: Eq + Hash,
+        M: Members,
+        T: Default,
+    {
+        let Some(state) = map.lock().get(key).cloned() else {
             return T::default();
         };
         let result = {
-            let mut index = state.index.write();
-            let result = change(&mut index);
-            if !index.is_empty() || state.closed.load(Ordering::Acquire) {
+            let mut members = state.members.write();
+            let result = change(&mut members);
+            if !members.is_empty() || state.closed.load(Ordering::Acquire) {
                 return result;
             }
             state.closed.store(true, Ordering::Release);
@@ -251,7 +384,7 @@ impl Router {
                 t.abort();
             }
         }
-        self.retire(app, &state);
+        retire(map, key, &state);
         result
     }
 
@@ -263,19 +396,39 @@ impl Router {
         state.map_or(0, |s| s.dispatch(msg, &self.metrics))
     }
 
+    /// Like [`Router::dispatch`], for one message that the bus handed to this node's
+    /// members of `share`.
+    pub fn dispatch_share(&self, share: &ShareKey, msg: &BusMessage) -> u64 {
+        let state = self.shares.lock().get(share).cloned();
+        state.map_or(0, |s| s.dispatch(msg, &self.metrics))
+    }
+
     /// Number of applications with a live bus subscription on this node.
     pub fn subscribed_apps(&self) -> usize {
         self.apps.lock().len()
     }
+
+    /// Number of shares with members on this node.
+    pub fn subscribed_shares(&self) -> usize {
+        self.shares.lock().len()
+    }
 }
 
-/// The delivery loop of one application.
-struct Delivery {
-    state: Arc<AppState>,
+/// Removes the closed `state` from `map`, if it is still there.
+fn retire<K: Eq + Hash, M>(map: &Subscriptions<K, M>, key: &K, state: &Arc<Subscribed<M>>) {
+    let mut map = map.lock();
+    if map.get(key).is_some_and(|s| Arc::ptr_eq(s, state)) {
+        map.remove(key);
+    }
+}
+
+/// The delivery loop of one bus subscription.
+struct Delivery<M> {
+    state: Arc<Subscribed<M>>,
     metrics: Arc<Metrics>,
 }
 
-impl Delivery {
+impl<M: Members> Delivery<M> {
     async fn run(self, mut sub: Subscription) {
         while let Some(msg) = sub.next().await {
             self.state.dispatch(&msg, &self.metrics);
@@ -283,8 +436,8 @@ impl Delivery {
     }
 }
 
-impl AppState {
-    /// Hands `msg` to every matching member; returns how many took it.
+impl<M: Members> Subscribed<M> {
+    /// Hands `msg` to the members it goes to; returns how many took it.
     fn dispatch(&self, msg: &BusMessage, metrics: &Metrics) -> u64 {
         metrics.bus_messages.inc();
         let Some(rest) = msg.subject.strip_prefix(self.prefix.as_str()) else {
@@ -297,32 +450,38 @@ impl AppState {
         let mut encoded: Option<Bytes> = None;
         let (mut delivered, mut dropped) = (0u64, 0u64);
         let mut too_large = false;
-        self.index
-            .read()
-            .for_each_match(event.device, event.event, |outbox| {
-                let packet = match &encoded {
-                    Some(p) => p.clone(),
-                    None if too_large => return,
-                    None => match encode_publish(&self.topic_prefix, rest, b'.', &msg.payload) {
-                        Some(p) => encoded.insert(p).clone(),
-                        None => {
-                            tracing::warn!(subject = %Bounded::id(&msg.subject), len = msg.payload.len(), "message too large to frame as MQTT");
-                            metrics
-                                .bus_dropped
-                                .get_or_create(&ReasonLabels {
-                                    reason: "too_large_for_mqtt",
-                                })
-                                .inc();
-                            too_large = true;
-                            return;
-                        }
-                    },
-                };
-                match outbox.push(packet) {
-                    Ok(()) => delivered += 1,
-                    Err(_) => dropped += 1,
+        self.members.read().offer(&event, rest, &mut |outbox, last| {
+            let packet = match &encoded {
+                Some(p) => p.clone(),
+                None if too_large => return false,
+                None => match encode_publish(&self.topic_prefix, rest, b'.', &msg.payload) {
+                    Some(p) => encoded.insert(p).clone(),
+                    None => {
+                        tracing::warn!(subject = %Bounded::id(&msg.subject), len = msg.payload.len(), "message too large to frame as MQTT");
+                        metrics
+                            .bus_dropped
+                            .get_or_create(&ReasonLabels {
+                                reason: "too_large_for_mqtt",
+                            })
+                            .inc();
+                        too_large = true;
+                        return false;
+                    }
+                },
+            };
+            match outbox.push(packet) {
+                Ok(()) => {
+                    delivered += 1;
+                    true
                 }
-            });
+                Err(_) => {
+                    if last {
+                        dropped += 1;
+                    }
+                    false
+                }
+            }
+        });
         if delivered > 0 {
             metrics.delivered.inc_by(delivered);
         }

@@ -6,178 +6,15 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
-    SubscribeReasonCode,
-};
-use tokio::sync::mpsc;
+use rumqttc::{QoS, SubscribeReasonCode};
 
 use common::broker::{Backend, TestEnv, TestNode, WAIT};
+use common::persistent::{detached, device, number, receive_all, sessions_on, uplinks, Login};
 use common::services::unique;
 use common::wait::eventually;
 use lorabroker::auth::Rights;
-use lorabroker::config::Config;
-use lorabroker::topic::{AppRef, DeviceRef, Event as DeviceEvent, Id};
+use lorabroker::topic::{AppRef, Event as DeviceEvent};
 use lorabroker::transport::Kind;
-
-/// How long "nothing more arrives" is watched.
-const SILENCE: Duration = Duration::from_millis(500);
-
-fn sessions_on(c: &mut Config) {
-    c.sessions.enabled = true;
-    c.sessions.storage = "memory".into();
-}
-
-/// A rumqttc client whose event loop runs in the background, handing over PUBLISHes.
-struct Client {
-    client: AsyncClient,
-    got: mpsc::UnboundedReceiver<Option<Publish>>,
-    task: tokio::task::JoinHandle<()>,
-    present: bool,
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-struct Login<'a> {
-    node: &'a TestNode,
-    app: &'a AppRef,
-    key: &'a str,
-}
-
-impl Login<'_> {
-    /// Connects `client_id` with `clean` session; `manual` turns off rumqttc's PUBACKs.
-    async fn connect(&self, client_id: &str, clean: bool, manual: bool) -> Client {
-        let addr = self.node.addr(Kind::Tcp);
-        let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
-        opts.set_credentials(self.node.username(self.app), self.key);
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_clean_session(clean);
-        opts.set_manual_acks(manual);
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-        let present = loop {
-            match tokio::time::timeout(WAIT, eventloop.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                    assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
-                    break ack.session_present;
-                }
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => panic!("connect failed: {e}"),
-                Err(_) => panic!("no CONNACK within {WAIT:?}"),
-            }
-        };
-        let (tx, got) = mpsc::unbounded_channel();
-        let task = tokio::spawn(pump(eventloop, tx));
-        Client {
-            client,
-            got,
-            task,
-            present,
-        }
-    }
-}
-
-async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Option<Publish>>) {
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(Some(p)).is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(ConnectionError::MqttState(_)) | Err(_) => {
-                let _ = tx.send(None);
-                return;
-            }
-        }
-    }
-}
-
-impl Client {
-    async fn subscribe(&self, filter: &str, qos: QoS) {
-        self.client.subscribe(filter, qos).await.expect("subscribe");
-    }
-
-    /// The next PUBLISH within [`WAIT`]; panics on a close or a timeout.
-    async fn next(&mut self) -> Publish {
-        match tokio::time::timeout(WAIT, self.got.recv()).await {
-            Ok(Some(Some(p))) => p,
-            Ok(_) => panic!("connection closed"),
-            Err(_) => panic!("no PUBLISH within {WAIT:?}"),
-        }
-    }
-
-    async fn expect_silence(&mut self) {
-        if let Ok(Some(Some(p))) = tokio::time::timeout(SILENCE, self.got.recv()).await {
-            panic!("expected nothing, got {p:?}");
-        }
-    }
-
-    /// Ends the connection without DISCONNECT (as a crash would).
-    fn drop_connection(self) {
-        drop(self);
-    }
-}
-
-fn device(app: &AppRef, dev: &str) -> DeviceRef {
-    DeviceRef::new(app.clone(), Id::parse(dev).expect("valid device ID"))
-}
-
-/// Publishes uplinks `from..to` of `dev`, numbered in their payloads.
-async fn uplinks(node: &TestNode, dev: &DeviceRef, range: std::ops::Range<u32>) {
-    let upstream = node.upstream();
-    for i in range {
-        upstream
-            .publish(dev, DeviceEvent::Up, Bytes::from(i.to_string()))
-            .await
-            .expect("uplink published");
-    }
-    upstream.flush().await.expect("flushed");
-}
-
-fn number(p: &Publish) -> u32 {
-    std::str::from_utf8(&p.payload)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("payload {:?} is no number", p.payload))
-}
-
-/// Receives until `want` distinct numbers arrived; returns them in arrival order with
-/// how many came twice, asserting that every repeat carries DUP.
-async fn receive_all(client: &mut Client, want: usize) -> (Vec<u32>, usize) {
-    let mut seen = std::collections::HashSet::new();
-    let (mut order, mut duplicates) = (Vec::new(), 0);
-    while seen.len() < want {
-        let p = client.next().await;
-        let n = number(&p);
-        if !seen.insert(n) {
-            assert!(p.dup, "message {n} came again without DUP");
-            duplicates += 1;
-            continue;
-        }
-        order.push(n);
-    }
-    (order, duplicates)
-}
-
-/// Waits until no persistent session is attached on `node`.
-async fn detached(node: &TestNode) {
-    eventually("the session detached", WAIT, || async {
-        let n = node.metric("lorabroker_sessions_attached").await;
-        if n == 0 {
-            Ok(())
-        } else {
-            Err(format!("{n} attached"))
-        }
-    })
-    .await;
-}
 
 async fn world(backend: Backend) -> (TestEnv, TestNode, AppRef, String) {
     let env = TestEnv::new(backend).await;
@@ -463,28 +300,7 @@ async fn sessions_expire(backend: Backend) {
     node.shutdown().await;
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Backend::Embedded).await
-                }
-            )*
-        }
-        mod cluster {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Backend::Cluster).await
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+crate::on_both_backends!(
     qos1_window,
     missed_messages_come_back_in_order,
     unacknowledged_messages_are_redelivered_with_dup,
@@ -528,10 +344,7 @@ async fn a_session_moves_between_nodes_and_is_taken_over() {
     // Takeover: the same client ID on node A closes node B's connection.
     let mut taker = on_a.connect(&id, false, false).await;
     assert!(taker.present);
-    match tokio::time::timeout(WAIT, on_node_b.got.recv()).await {
-        Ok(Some(None)) | Ok(None) => {}
-        other => panic!("node B's connection should be closed, got {other:?}"),
-    }
+    on_node_b.expect_closed().await;
     uplinks(&b, &device(&app, "dev1"), 100..150).await;
     // What node B's client acknowledged may not all have reached the store before the
     // takeover: such messages come again, with DUP; then the new ones, in order.

@@ -61,6 +61,15 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<Subscription, BusError> {
         self.subscribe(filter).await
     }
+    /// Subscribes like [`Bus::subscribe_counted`] as a member of the queue group `group`:
+    /// each message matching `filter` goes to one member of the group, whichever node
+    /// holds it (a shared subscription's members, issue 14), not to every member.
+    async fn queue_subscribe_counted(
+        &self,
+        filter: String,
+        group: String,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Subscription, BusError>;
     /// Makes sure everything published and subscribed so far has reached the bus: once it
     /// returns, a message anyone publishes reaches the subscriptions taken before (what a
     /// SUBACK promises), and what was published is no longer only in this process.
@@ -93,6 +102,15 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
         }
     }
     s.next().is_none()
+}
+
+/// Valid NATS queue group name: 1 to 128 bytes of `[A-Za-z0-9_-]` (the names this
+/// product makes are digests, so nothing a client writes reaches the bus as a name).
+pub fn is_valid_queue_group(group: &str) -> bool {
+    (1..=128).contains(&group.len())
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Valid NATS subject: non-empty tokens, no whitespace; with `wildcards`, `*` as a whole

@@ -36,7 +36,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio::time::timeout;
 
-use super::{is_valid_subject, Bus, BusError, BusMessage, Subscription};
+use super::{is_valid_queue_group, is_valid_subject, Bus, BusError, BusMessage, Subscription};
 use crate::config::NatsConfig;
 
 mod counted;
@@ -206,12 +206,23 @@ impl NatsBus {
         self.events.dropped.load(Ordering::Relaxed)
     }
 
-    /// A client subscription to `filter`.
-    async fn subscriber(&self, filter: String) -> Result<async_nats::Subscriber, BusError> {
+    /// A client subscription to `filter`, in the queue group `group` if there is one.
+    async fn subscriber(
+        &self,
+        filter: String,
+        group: Option<String>,
+    ) -> Result<async_nats::Subscriber, BusError> {
         if !is_valid_subject(&filter, true) {
             return Err(BusError::InvalidSubject(filter));
         }
-        match timeout(SEND_TIMEOUT, self.client.subscribe(filter)).await {
+        let subscribed = match group {
+            Some(group) if !is_valid_queue_group(&group) => {
+                return Err(BusError::InvalidSubject(group))
+            }
+            Some(group) => timeout(SEND_TIMEOUT, self.client.queue_subscribe(filter, group)).await,
+            None => timeout(SEND_TIMEOUT, self.client.subscribe(filter)).await,
+        };
+        match subscribed {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => Err(BusError::Unavailable(format!("NATS subscribe failed: {e}"))),
             Err(_) => Err(BusError::Unavailable(format!(
@@ -257,7 +268,7 @@ impl Bus for NatsBus {
     }
 
     async fn subscribe(&self, filter: String) -> Result<Subscription, BusError> {
-        let subscriber = self.subscriber(filter).await?;
+        let subscriber = self.subscriber(filter, None).await?;
         // Dropping the stream drops the async-nats `Subscriber`, whose `Drop` sends UNSUB.
         Ok(Box::pin(subscriber.map(|m| BusMessage {
             subject: m.subject.into_string(),
@@ -270,7 +281,18 @@ impl Bus for NatsBus {
         filter: String,
         dropped: Counter,
     ) -> Result<Subscription, BusError> {
-        let subscriber = self.subscriber(filter).await?;
+        let subscriber = self.subscriber(filter, None).await?;
+        let owner = Owner::new(self.events.clone(), dropped, sid_of(&subscriber));
+        Ok(Box::pin(Counted::new(subscriber, self.capacity, owner)))
+    }
+
+    async fn queue_subscribe_counted(
+        &self,
+        filter: String,
+        group: String,
+        dropped: Counter,
+    ) -> Result<Subscription, BusError> {
+        let subscriber = self.subscriber(filter, Some(group)).await?;
         let owner = Owner::new(self.events.clone(), dropped, sid_of(&subscriber));
         Ok(Box::pin(Counted::new(subscriber, self.capacity, owner)))
     }

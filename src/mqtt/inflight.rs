@@ -12,12 +12,22 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::codec::put_remaining_length;
 
+/// Where a stored message came from: the feed of the connection's persistent session
+/// (its own, or a share's) and the message's number there, acknowledged on PUBACK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Tag {
+    /// The feed: 0 for the session's own, another number for a share's.
+    pub feed: u32,
+    /// The store's number of the message in that feed.
+    pub seq: u64,
+}
+
 /// One QoS 1 PUBLISH waiting for room in the window.
 pub(super) struct Waiting {
     /// The QoS 0 PUBLISH to send as QoS 1.
     pub packet: Bytes,
-    /// The store's number of the message, for a persistent session.
-    pub seq: Option<u64>,
+    /// The stored message it is, for a persistent session.
+    pub seq: Option<Tag>,
     /// Whether it goes out with DUP=1.
     pub dup: bool,
 }
@@ -27,7 +37,7 @@ pub(super) struct Inflight {
     max: usize,
     next_id: u16,
     /// Sent and not acknowledged: packet ID and the store's number, in sending order.
-    sent: VecDeque<(u16, Option<u64>)>,
+    sent: VecDeque<(u16, Option<Tag>)>,
     /// Waiting for room, oldest first, at most `max_waiting_bytes` of packets.
     waiting: VecDeque<Waiting>,
     waiting_bytes: usize,
@@ -97,7 +107,7 @@ impl Inflight {
 
     /// A PUBACK for `id`: `Some(store number)` when it was in flight (the number is `None`
     /// for a message of no store), `None` for an ID not in flight (a stray, ignored).
-    pub(super) fn acked(&mut self, id: u16) -> Option<Option<u64>> {
+    pub(super) fn acked(&mut self, id: u16) -> Option<Option<Tag>> {
         // Acknowledgements come in order: the front is the usual match.
         let at = self.sent.iter().position(|(i, _)| *i == id)?;
         self.sent.remove(at).map(|(_, seq)| seq)
@@ -214,7 +224,7 @@ mod tests {
         let offer = |w: &mut Inflight, seq| {
             w.offer(Waiting {
                 packet: p.clone(),
-                seq: Some(seq),
+                seq: Some(Tag { feed: 0, seq }),
                 dup: false,
             })
         };
@@ -228,16 +238,16 @@ mod tests {
             "waiting is bounded in bytes"
         );
         assert_eq!(w.acked(99), None, "a stray PUBACK");
-        assert_eq!(w.acked(1), Some(Some(1)));
+        assert_eq!(w.acked(1), Some(Some(Tag { feed: 0, seq: 1 })));
         let mut out = Vec::new();
         w.release(&mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(w.len(), 2);
         assert_eq!(w.waiting(), 1);
-        assert_eq!(w.acked(2), Some(Some(2)));
-        assert_eq!(w.acked(3), Some(Some(3)));
+        assert_eq!(w.acked(2), Some(Some(Tag { feed: 0, seq: 2 })));
+        assert_eq!(w.acked(3), Some(Some(Tag { feed: 0, seq: 3 })));
         w.release(&mut out);
-        assert_eq!(w.acked(4), Some(Some(4)));
+        assert_eq!(w.acked(4), Some(Some(Tag { feed: 0, seq: 4 })));
         assert_eq!(w.len(), 0);
     }
 }

@@ -23,9 +23,9 @@ use tracing::{field, Instrument};
 use super::codec::{encode, DecodeError};
 use super::connect::Accepted;
 use super::handshake::{connack_present, count_malformed, handshake};
-use super::inflight::{publish_topic, Inflight, Overflow, Waiting};
+use super::inflight::{publish_topic, Inflight, Overflow, Tag, Waiting};
 use super::outbox::{CloseReason, Outbox};
-use super::persistent::{pump, ToPump};
+use super::persistent::{session_feed, share_feed, Feed, ShareFeed, ToPump};
 use super::publish::Qos2Ids;
 use super::wire::{ReadError, Wire};
 use crate::app::App;
@@ -36,8 +36,8 @@ use crate::metrics::{AppLabels, OutcomeLabels};
 use crate::mqtt::codec::encode_publish;
 use crate::registry::Connection;
 use crate::router::{Refusal, Refusals, SubscribeError, TooManyFilters};
-use crate::sessions::{Opened, SavedFilter, SessionKey, Stored};
-use crate::topic::{parse_downlink_topic, Filter};
+use crate::sessions::{Opened, SavedFilter, SessionConsumer, SessionError, SessionKey, Stored};
+use crate::topic::{parse_downlink_topic, Filter, SharedFilter};
 use crate::transport::{Kind, Transport};
 use serde_json::Value;
 
@@ -198,8 +198,9 @@ enum Wake {
     Outbox,
     /// The socket was read.
     Read(Result<bool, ReadError>),
-    /// The persistent session's pump handed over a stored message (`None`: it stopped).
-    Stored(Option<Stored>),
+    /// A pump of the persistent session (its feed number) handed over a stored message
+    /// (`None`: it stopped).
+    Stored(u32, Option<Stored>),
     /// The keepalive or key expiry timer fired.
     Timer,
 }
@@ -244,6 +245,8 @@ struct Durable {
     /// Granted QoS 1 filters of a clean session (the router delivers their messages as QoS
     /// 0 PUBLISHes, which this connection sends as QoS 1).
     qos1: Vec<Filter>,
+    /// Shared subscriptions of a clean session (the router delivers them), with their QoS.
+    shares: Vec<(SharedFilter, u8)>,
     inflight: Inflight,
     /// `v3/{app uid}/`
     topic_prefix: String,
@@ -253,19 +256,52 @@ struct Durable {
 
 /// A connection's end of its persistent session's pump.
 struct Attached {
-    /// Every granted filter with its QoS (the router is not used: the session's store
+    /// Every granted plain filter with its QoS (the router is not used: the session's store
     /// delivers its application's traffic).
     filters: Vec<(Filter, u8)>,
-    to_pump: tokio::sync::mpsc::UnboundedSender<ToPump>,
-    from_pump: tokio::sync::mpsc::Receiver<Stored>,
+    /// The session's own feed (number 0); it stops when the session is taken over.
+    own: Feed,
+    /// The shared subscriptions, each fed by its share.
+    shares: Vec<ShareFeed>,
+    /// The number of the next share feed.
+    next_feed: u32,
     /// `v3.{tenant}.{app}.`
     subject_prefix: String,
-    /// The pump stopped (the session was taken over).
-    ended: bool,
 }
 
-/// How many stored messages the pump hands over ahead of the window.
-const PUMP_AHEAD: usize = 16;
+impl Attached {
+    /// The feed numbered `id`.
+    fn feed(&self, id: u32) -> Option<&Feed> {
+        if id == 0 {
+            return Some(&self.own);
+        }
+        self.shares.iter().find(|s| s.id == id).map(|s| &s.feed)
+    }
+
+    /// Joins the share of `shared` at `qos`, for the session of `key`, over `joined` if
+    /// the store was joined already.
+    fn join(
+        &mut self,
+        app: &Arc<App>,
+        key: SessionKey,
+        (shared, qos): (SharedFilter, u8),
+        joined: Option<Box<dyn SessionConsumer>>,
+    ) {
+        self.next_feed += 1;
+        let feed = share_feed(app, key, &shared, joined);
+        self.shares.push(ShareFeed {
+            shared,
+            qos,
+            id: self.next_feed,
+            feed,
+        });
+    }
+
+    /// How many filters it holds, shared ones included.
+    fn len(&self) -> usize {
+        self.filters.len() + self.shares.len()
+    }
+}
 
 impl Session {
     pub(super) fn new(
@@ -319,6 +355,7 @@ impl Session {
         self.durable.get_or_insert_with(|| {
             Box::new(Durable {
                 qos1: Vec::new(),
+                shares: Vec::new(),
                 inflight: Inflight::new(
                     app.config.mqtt.max_inflight,
                     app.config.mqtt.outbound_buffer_bytes,
@@ -330,52 +367,61 @@ impl Session {
     }
 
     /// Attaches this connection to its persistent session: restores its filters and
-    /// starts the pump of its stored messages.
+    /// starts the pumps of its stored messages (the session's own, and one per share).
     fn attach(&mut self, opened: Opened) {
         self.session_present = opened.present;
-        let mut filters = Vec::with_capacity(opened.filters.len());
+        let key = self.session_key();
+        let own = session_feed(&self.app, key.clone(), opened.consumer);
+        let mut attached = Attached {
+            filters: Vec::with_capacity(opened.filters.len()),
+            own,
+            shares: Vec::new(),
+            next_feed: 0,
+            subject_prefix: self.registration.app.subject_prefix(),
+        };
+        let (tenancy, app) = (&self.app.tenancy, &self.registration.app);
+        let max_len = self.app.config.mqtt.max_filter_length;
         for saved in &opened.filters {
             // A stored record is input too: a filter the node would no longer grant is
             // dropped, never trusted.
-            match Filter::grant(
-                &self.app.tenancy,
-                &self.registration.app,
-                &saved.filter,
-                self.app.config.mqtt.max_filter_length,
-            ) {
-                Ok(f) => filters.push((f, saved.qos.min(1))),
+            let qos = saved.qos.min(1);
+            let granted = match SharedFilter::grant(tenancy, app, &saved.filter, max_len) {
+                Some(Ok(shared)) => {
+                    // Its share exists in the store (it outlives its members by the
+                    // expiry): the pump joins it.
+                    attached.join(&self.app, key.clone(), (shared, qos), None);
+                    continue;
+                }
+                Some(Err(e)) => Err(e),
+                None => Filter::grant(tenancy, app, &saved.filter, max_len),
+            };
+            match granted {
+                Ok(f) => attached.filters.push((f, qos)),
                 Err(e) => tracing::info!(error = %e, "a stored filter of the session is dropped"),
             }
         }
-        let (to_pump, commands) = tokio::sync::mpsc::unbounded_channel();
-        let (deliveries, from_pump) = tokio::sync::mpsc::channel(PUMP_AHEAD);
-        let key = SessionKey {
-            app: self.registration.app.clone(),
-            client_id: self.registration.client_id.clone(),
-        };
         tracing::info!(
             present = opened.present,
             pending = opened.pending,
-            filters = filters.len(),
+            filters = attached.filters.len(),
+            shares = attached.shares.len(),
             "persistent session attached"
         );
-        tokio::spawn(
-            pump(self.app.clone(), key, opened.consumer, commands, deliveries)
-                .instrument(tracing::Span::current()),
-        );
-        let subject_prefix = self.registration.app.subject_prefix();
-        self.durable().attached = Some(Attached {
-            filters,
-            to_pump,
-            from_pump,
-            subject_prefix,
-            ended: false,
-        });
+        self.durable().attached = Some(attached);
     }
 
-    /// Hands one stored message of the persistent session to the client: at the highest
-    /// QoS of the filters it matches, or acknowledged at once if it matches none.
-    fn deliver_stored(&mut self, stored: Stored) {
+    /// This connection's session.
+    fn session_key(&self) -> SessionKey {
+        SessionKey {
+            app: self.registration.app.clone(),
+            client_id: self.registration.client_id.clone(),
+        }
+    }
+
+    /// Hands one stored message of feed `feed` of the persistent session to the client:
+    /// at the highest QoS of the plain filters it matches (the session's own feed) or at
+    /// the share's QoS (a share's feed), or acknowledged at once if it matches none.
+    fn deliver_stored(&mut self, feed: u32, stored: Stored) {
         let Some(d) = self.durable.as_deref_mut() else {
             return;
         };
@@ -383,7 +429,9 @@ impl Session {
             return;
         };
         let ack = |attached: &Attached| {
-            let _ = attached.to_pump.send(ToPump::Ack(stored.seq));
+            if let Some(f) = attached.feed(feed) {
+                f.ack(stored.seq);
+            }
         };
         let Some(rest) = stored
             .subject
@@ -391,12 +439,20 @@ impl Session {
         else {
             return ack(attached);
         };
-        let qos = attached
-            .filters
-            .iter()
-            .filter(|(f, _)| f.matches(rest, '.'))
-            .map(|(_, q)| *q)
-            .max();
+        let qos = if feed == 0 {
+            attached
+                .filters
+                .iter()
+                .filter(|(f, _)| f.matches(rest, '.'))
+                .map(|(_, q)| *q)
+                .max()
+        } else {
+            attached
+                .shares
+                .iter()
+                .find(|s| s.id == feed && s.shared.filter.matches(rest, '.'))
+                .map(|s| s.qos)
+        };
         let Some(qos) = qos else {
             return ack(attached);
         };
@@ -414,7 +470,10 @@ impl Session {
         }
         let waiting = Waiting {
             packet,
-            seq: Some(stored.seq),
+            seq: Some(Tag {
+                feed,
+                seq: stored.seq,
+            }),
             dup: stored.redelivered,
         };
         // Stored messages are taken only while the window has room, so this one goes now.
@@ -435,14 +494,25 @@ impl Session {
         let Some(d) = self.durable.as_deref_mut() else {
             return;
         };
-        if d.qos1.is_empty() || from >= self.out.len() {
+        let qos1_shares = || {
+            d.shares
+                .iter()
+                .filter(|(_, q)| *q == 1)
+                .map(|(s, _)| &s.filter)
+        };
+        if (d.qos1.is_empty() && qos1_shares().next().is_none()) || from >= self.out.len() {
             return;
         }
         let mut dropped = 0u64;
         let mut kept = Vec::with_capacity(self.out.len());
         for packet in self.out.drain(from..) {
             let rest = publish_topic(&packet).and_then(|t| t.strip_prefix(d.topic_prefix.as_str()));
-            let wants_qos1 = rest.is_some_and(|rest| d.qos1.iter().any(|f| f.matches(rest, '/')));
+            let wants_qos1 = rest.is_some_and(|rest| {
+                d.qos1
+                    .iter()
+                    .chain(qos1_shares())
+                    .any(|f| f.matches(rest, '/'))
+            });
             if !wants_qos1 {
                 kept.push(packet);
                 continue;
@@ -483,8 +553,10 @@ impl Session {
         match d.inflight.acked(id) {
             Some(seq) => {
                 self.app.metrics.inflight.dec();
-                if let (Some(seq), Some(attached)) = (seq, &d.attached) {
-                    let _ = attached.to_pump.send(ToPump::Ack(seq));
+                if let Some(feed) =
+                    seq.and_then(|t| Some((d.attached.as_ref()?.feed(t.feed)?, t.seq)))
+                {
+                    feed.0.ack(feed.1);
                 }
             }
             // A PUBACK for nothing in flight (a client acknowledging twice): ignored.
@@ -557,9 +629,14 @@ impl Session {
         let end = self.main_loop(wire).await;
         self.count_unwritten();
         if let Some(d) = self.durable.take() {
-            // Dropping the session's end stops its pump, which hands what the client did
-            // not acknowledge back to the store for the next connection.
+            // Dropping the session's end stops its pumps, which hand what the client did
+            // not acknowledge back to the store for the next connection (or member).
             self.app.metrics.inflight.dec_by(d.inflight.len() as i64);
+            for (shared, _) in &d.shares {
+                self.app
+                    .router
+                    .leave_share(&shared.key, self.registration.id);
+            }
         }
 
         self.app.registry.unregister(&self.registration);
@@ -716,10 +793,14 @@ impl Session {
                 if let Some(d) = durable.as_deref_mut() {
                     // Stored messages are taken only while the window has room: the rest
                     // wait in the store, not here.
-                    if let Some(a) = d.attached.as_mut().filter(|a| !a.ended) {
-                        if d.inflight.has_room() {
-                            if let Poll::Ready(stored) = a.from_pump.poll_recv(cx) {
-                                return Poll::Ready(Wake::Stored(stored));
+                    if let Some(a) = d.attached.as_mut().filter(|_| d.inflight.has_room()) {
+                        let shares = a.shares.iter_mut().map(|s| (s.id, &mut s.feed));
+                        for (id, feed) in std::iter::once((0, &mut a.own)).chain(shares) {
+                            if feed.ended {
+                                continue;
+                            }
+                            if let Poll::Ready(stored) = feed.from_pump.poll_recv(cx) {
+                                return Poll::Ready(Wake::Stored(id, stored));
                             }
                         }
                     }
@@ -749,20 +830,28 @@ impl Session {
                     self.upgrade_to_qos1(from);
                     continue;
                 }
-                Wake::Stored(Some(stored)) => {
-                    self.deliver_stored(stored);
+                Wake::Stored(feed, Some(stored)) => {
+                    self.deliver_stored(feed, stored);
                     continue;
                 }
-                Wake::Stored(None) => {
-                    // The pump stops only when the session was taken over elsewhere.
-                    if let Some(a) = self
+                Wake::Stored(feed, None) => {
+                    let Some(a) = self
                         .durable
                         .as_deref_mut()
                         .and_then(|d| d.attached.as_mut())
-                    {
-                        a.ended = true;
+                    else {
+                        continue;
+                    };
+                    if feed == 0 {
+                        // The session's pump stops only when it was taken over elsewhere.
+                        a.own.ended = true;
+                        return End::Closed(CloseReason::Takeover);
                     }
-                    return End::Closed(CloseReason::Takeover);
+                    if let Some(s) = a.shares.iter_mut().find(|s| s.id == feed) {
+                        tracing::warn!("the pump of a shared subscription stopped");
+                        s.feed.ended = true;
+                    }
+                    continue;
                 }
                 Wake::Timer => {
                     let now = Instant::now();
@@ -863,6 +952,7 @@ impl Session {
         };
         let (done, answer) = tokio::sync::oneshot::channel();
         let _ = attached
+            .own
             .to_pump
             .send(ToPump::Save(saved_filters(attached), done));
         match tokio::time::timeout(SAVE_TIMEOUT, answer).await {
@@ -887,26 +977,37 @@ impl Session {
     fn handle_now(&mut self, packet: Packet) -> Option<End> {
         match packet {
             Packet::Unsubscribe(unsubscribe) => {
+                let topics = &unsubscribe.topics;
                 if let Some(attached) = self.durable.as_mut().and_then(|d| d.attached.as_mut()) {
                     attached
                         .filters
-                        .retain(|(f, _)| !unsubscribe.topics.contains(&f.requested));
+                        .retain(|(f, _)| !topics.contains(&f.requested));
+                    // A share's pump stops with its feed, handing back what is unacknowledged.
+                    attached
+                        .shares
+                        .retain(|s| !topics.contains(&s.shared.requested));
                     let (done, _) = tokio::sync::oneshot::channel();
                     let _ = attached
+                        .own
                         .to_pump
                         .send(ToPump::Save(saved_filters(attached), done));
-                } else if self.subscribed {
-                    for f in &unsubscribe.topics {
-                        let left = self.app.router.unsubscribe(
-                            &self.registration.app,
-                            self.registration.id,
-                            f,
-                        );
-                        self.subscribed = left > 0;
-                    }
+                } else {
+                    let (app, id) = (&self.registration.app, self.registration.id);
                     if let Some(d) = self.durable.as_deref_mut() {
-                        d.qos1
-                            .retain(|f| !unsubscribe.topics.contains(&f.requested));
+                        d.qos1.retain(|f| !topics.contains(&f.requested));
+                        d.shares.retain(|(s, _)| {
+                            let keep = !topics.contains(&s.requested);
+                            if !keep {
+                                self.app.router.leave_share(&s.key, id);
+                            }
+                            keep
+                        });
+                    }
+                    if self.subscribed {
+                        for f in topics {
+                            let left = self.app.router.unsubscribe(app, id, f);
+                            self.subscribed = left > 0;
+                        }
                     }
                 }
                 self.out
@@ -945,7 +1046,12 @@ impl Session {
         };
         let mqtt = &self.app.config.mqtt;
         let (app, id) = (&self.registration.app, self.registration.id);
-        let filter = Filter::grant(&self.app.tenancy, app, requested, mqtt.max_filter_length)?;
+        let max_len = mqtt.max_filter_length;
+        if let Some(shared) = SharedFilter::grant(&self.app.tenancy, app, requested, max_len) {
+            self.subscribe_shared(shared?, granted).await?;
+            return Ok(granted);
+        }
+        let filter = Filter::grant(&self.app.tenancy, app, requested, max_len)?;
         let max = mqtt.max_subscriptions;
         if let Some(attached) = self.durable.as_mut().and_then(|d| d.attached.as_mut()) {
             let q = granted as u8;
@@ -955,19 +1061,21 @@ impl Session {
                 .position(|(f, _)| f.requested == filter.requested);
             match same {
                 Some(at) => attached.filters[at] = (filter, q),
-                None if attached.filters.len() >= max => {
+                None if attached.len() >= max => {
                     return Err(SubscribeError::from(TooManyFilters { max }).into())
                 }
                 None => attached.filters.push((filter, q)),
             }
             return Ok(granted);
         }
+        // Shared subscriptions take places of the same limit.
+        let shares = self.durable.as_ref().map_or(0, |d| d.shares.len());
         // Set before the router is asked, so that the connection leaves it at its end
         // whatever happens (leaving an application one has no filter in is a lookup).
         self.subscribed = true;
         self.app
             .router
-            .subscribe(app, id, &self.outbox, &filter, max)
+            .subscribe(app, id, &self.outbox, &filter, max.saturating_sub(shares))
             .await?;
         if granted == QoS::AtLeastOnce {
             let d = self.durable();
@@ -980,17 +1088,74 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Grants the shared subscription `shared` at `qos` (issue 14), within
+    /// `mqtt.max_subscriptions` with the plain filters: a member of its share in the
+    /// persistent session's store, or in the router for a clean session. Asking again for
+    /// the same share changes its QoS only.
+    async fn subscribe_shared(&mut self, shared: SharedFilter, qos: QoS) -> Result<(), Refusal> {
+        let max = self.app.config.mqtt.max_subscriptions;
+        let too_many = || Refusal::from(SubscribeError::from(TooManyFilters { max }));
+        let q = qos as u8;
+        let key = self.session_key();
+        if let Some(attached) = self.durable.as_mut().and_then(|d| d.attached.as_mut()) {
+            if let Some(s) = attached
+                .shares
+                .iter_mut()
+                .find(|s| s.shared.requested == shared.requested)
+            {
+                s.qos = q;
+                return Ok(());
+            }
+            if attached.len() >= max {
+                return Err(too_many());
+            }
+            // Joined before the SUBACK: a new share captures from here on.
+            let joined =
+                tokio::time::timeout(SAVE_TIMEOUT, self.app.sessions.join_share(&shared.key))
+                    .await
+                    .unwrap_or_else(|_| Err(SessionError::Unavailable("no answer in time".into())))
+                    .map_err(Refusal::Session)?;
+            if let Some(attached) = self.durable.as_mut().and_then(|d| d.attached.as_mut()) {
+                attached.join(&self.app, key, (shared, q), Some(joined));
+            }
+            return Ok(());
+        }
+        let (app, id) = (&self.registration.app, self.registration.id);
+        let plain = self.app.router.filters(app, id);
+        let d = self.durable();
+        if let Some((_, old)) = d
+            .shares
+            .iter_mut()
+            .find(|(s, _)| s.requested == shared.requested)
+        {
+            *old = q;
+            return Ok(());
+        }
+        if plain + d.shares.len() >= max {
+            return Err(too_many());
+        }
+        self.app
+            .router
+            .join_share(&shared, id, &self.outbox)
+            .await?;
+        self.durable().shares.push((shared, q));
+        Ok(())
+    }
+}
+
 /// How long a SUBSCRIBE waits for the session store to keep its filters.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A persistent session's filters as stored.
 fn saved_filters(attached: &Attached) -> Vec<SavedFilter> {
-    attached
-        .filters
-        .iter()
-        .map(|(f, qos)| SavedFilter {
-            filter: f.requested.clone(),
-            qos: *qos,
+    let plain = attached.filters.iter().map(|(f, qos)| (&f.requested, *qos));
+    let shared = attached.shares.iter().map(|s| (&s.shared.requested, s.qos));
+    plain
+        .chain(shared)
+        .map(|(filter, qos)| SavedFilter {
+            filter: filter.clone(),
+            qos,
         })
         .collect()
 }

@@ -21,6 +21,9 @@ pub enum Refusal {
     /// The connection's limit, or the bus.
     #[error(transparent)]
     Subscribe(#[from] SubscribeError),
+    /// The persistent session's store could not take the shared subscription.
+    #[error(transparent)]
+    Session(crate::sessions::SessionError),
 }
 
 impl Refusal {
@@ -30,6 +33,7 @@ impl Refusal {
             Refusal::NoReadRight => "no_read_right",
             Refusal::Filter(e) => e.reason(),
             Refusal::Subscribe(e) => e.reason(),
+            Refusal::Session(_) => "session_unavailable",
         }
     }
 }

@@ -15,6 +15,12 @@
 //!   did not acknowledge comes again first, in order, marked redelivered, and a pull
 //!   request an earlier connection left waiting at the server can take nothing from the
 //!   new consumer (a takeover leaves the old connection's pull with a deleted consumer).
+//! - One durable pull consumer per shared subscription, `{app}-share-{digest}`, that the
+//!   members of the share pull from together, whichever node they are on: JetStream hands
+//!   each message to one pull request. A member that detaches hands back (NAK) what it
+//!   did not acknowledge, so it goes to another member at once; what a dead node held
+//!   goes after `sessions.ack_wait`. JetStream deletes it after `sessions.expiry` without
+//!   members.
 //! - The session's record (its granted filters) in the tenant's key-value bucket
 //!   `{prefix}meta-{tenant}`, kept for twice `sessions.expiry` and a minute after its
 //!   last refresh (refreshed every third of the expiry while connected).
@@ -33,7 +39,7 @@ use super::{
     Opened, SavedFilter, SessionConsumer, SessionError, SessionKey, SessionRecord, SessionStore,
     SessionsConfig, Stored,
 };
-use crate::topic::Id;
+use crate::topic::{Id, ShareKey};
 
 /// How long a pull request waits at the server; heartbeats say it is alive meanwhile.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
@@ -312,8 +318,139 @@ impl SessionStore for JetStreamSessions {
         Ok(true)
     }
 
+    async fn join_share(&self, share: &ShareKey) -> Result<Box<dyn SessionConsumer>, SessionError> {
+        let (stream, _) = self.tenant(&share.app.tenant).await?;
+        let name = format!("{}-share-{}", share.app.app, share.digest());
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some("lorabroker shared subscription".into()),
+            filter_subject: share.app.traffic_subject_filter(),
+            deliver_policy: consumer::DeliverPolicy::New,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            max_deliver: -1,
+            // Every member's window, for the members a share usually has.
+            max_ack_pending: self.max_inflight.saturating_mul(SHARE_WINDOWS) as i64,
+            inactive_threshold: self.config.expiry,
+            ..Default::default()
+        };
+        let consumer: consumer::PullConsumer =
+            stream
+                .get_or_create_consumer(&name, config)
+                .await
+                .map_err(|e| failed("making the share's consumer")(&e))?;
+        // JetStream may hand a message that an earlier member held when it left out again
+        // as if for the first time (its delivery undone): anything up to what the share
+        // handed out before this member joined counts as a redelivery.
+        let last_delivered = consumer.cached_info().delivered.stream_sequence;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.max_inflight)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await
+            .map_err(|e| failed("pulling from the share's consumer")(&e))?;
+        Ok(Box::new(JetStreamMember {
+            messages,
+            unacked: HashMap::new(),
+            last_delivered,
+        }))
+    }
+
     fn count_expiries_in(&self, counter: Counter) {
         *self.expired.lock() = counter;
+    }
+}
+
+/// How many members' windows a share's consumer lets be unacknowledged at once.
+const SHARE_WINDOWS: usize = 16;
+
+/// The next message of a pull consumer's `messages`, or why there is none: pull errors
+/// that only mean "pull again" are skipped; a deleted consumer is [`SessionError::TakenOver`].
+async fn pulled(
+    messages: &mut consumer::pull::Stream,
+) -> Result<(jetstream::Message, u64, u64), SessionError> {
+    loop {
+        let message = match messages.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                use consumer::pull::MessagesErrorKind as Kind;
+                match e.kind() {
+                    // Heartbeats missed while the bus reconnects: the stream pulls again.
+                    Kind::MissingHeartbeat | Kind::Pull => {
+                        tracing::debug!(error = %e, "session consumer: pulling again");
+                        continue;
+                    }
+                    // A newer connection made the session a consumer of its own.
+                    Kind::ConsumerDeleted => return Err(SessionError::TakenOver),
+                    _ => return Err(unavailable(e)),
+                }
+            }
+            None => return Err(unavailable("the consumer's message stream ended")),
+        };
+        match message.info() {
+            Ok(info) => {
+                let (seq, delivered) = (info.stream_sequence, info.delivered as u64);
+                return Ok((message, seq, delivered));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "session consumer: a message without JetStream info")
+            }
+        }
+    }
+}
+
+/// One member's attachment to a share's consumer.
+struct JetStreamMember {
+    messages: consumer::pull::Stream,
+    /// Handed out and not acknowledged yet, by stream sequence.
+    unacked: HashMap<u64, jetstream::Message>,
+    /// The last stream sequence the share had handed out when this member joined.
+    last_delivered: u64,
+}
+
+#[async_trait]
+impl SessionConsumer for JetStreamMember {
+    async fn next(&mut self) -> Result<Stored, SessionError> {
+        let (message, seq, delivered) = pulled(&mut self.messages).await?;
+        let stored = Stored {
+            seq,
+            subject: message.subject.to_string(),
+            payload: message.payload.clone(),
+            redelivered: delivered > 1 || seq <= self.last_delivered,
+        };
+        self.unacked.insert(seq, message);
+        Ok(stored)
+    }
+
+    async fn ack(&mut self, seq: u64) -> Result<(), SessionError> {
+        if let Some(message) = self.unacked.remove(&seq) {
+            message.ack().await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn save(&mut self, _filters: &[SavedFilter]) -> Result<(), SessionError> {
+        Ok(())
+    }
+
+    async fn refresh(&mut self) -> Result<(), SessionError> {
+        Ok(())
+    }
+
+    fn take_overflow(&mut self) -> u64 {
+        0
+    }
+
+    async fn detach(self: Box<Self>) {
+        drop(self.messages);
+        for (_, message) in self.unacked {
+            // To another member now rather than after the ack wait.
+            if let Err(e) = message.ack_with(jetstream::AckKind::Nak(None)).await {
+                tracing::debug!(error = %e, "could not hand back a shared message");
+            }
+        }
     }
 }
 
@@ -347,30 +484,7 @@ struct JetStreamConsumer {
 impl SessionConsumer for JetStreamConsumer {
     async fn next(&mut self) -> Result<Stored, SessionError> {
         loop {
-            let message = match self.messages.next().await {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    use consumer::pull::MessagesErrorKind as Kind;
-                    match e.kind() {
-                        // Heartbeats missed while the bus reconnects: the stream pulls again.
-                        Kind::MissingHeartbeat | Kind::Pull => {
-                            tracing::debug!(error = %e, "session consumer: pulling again");
-                            continue;
-                        }
-                        // A newer connection made the session a consumer of its own.
-                        Kind::ConsumerDeleted => return Err(SessionError::TakenOver),
-                        _ => return Err(unavailable(e)),
-                    }
-                }
-                None => return Err(unavailable("the consumer's message stream ended")),
-            };
-            let (seq, delivered) = match message.info() {
-                Ok(info) => (info.stream_sequence, info.delivered),
-                Err(e) => {
-                    tracing::warn!(error = %e, "session consumer: a message without JetStream info");
-                    continue;
-                }
-            };
+            let (message, seq, delivered) = pulled(&mut self.messages).await?;
             if self.skip > 0 && delivered <= 1 {
                 self.skip -= 1;
                 self.overflowed += 1;

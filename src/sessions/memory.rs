@@ -5,7 +5,11 @@
 //! bounded by `sessions.max_pending_messages` and `sessions.max_pending_bytes` (the oldest
 //! go first, counted as overflow); a message leaves the queue when acknowledged. An
 //! attachment hands out the queue from its oldest message, so what an earlier connection
-//! had in flight comes again first, marked redelivered.
+//! had in flight comes again first, marked redelivered. Shared subscriptions of
+//! persistent sessions have queues of their own, handed out to many members at once
+//! ([`shares`]).
+
+mod shares;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -24,10 +28,12 @@ use super::{
     SessionsConfig, Stored,
 };
 use crate::bus::{Bus, Subscription};
+use crate::topic::ShareKey;
 
 /// Persistent sessions in memory (see the module docs).
 pub struct MemorySessions {
     inner: Arc<Inner>,
+    shares: shares::Shares,
 }
 
 struct Inner {
@@ -78,14 +84,16 @@ struct Entry {
 impl MemorySessions {
     /// Sessions capturing traffic from `bus`, bounded and expiring as `config` says.
     pub fn new(bus: Arc<dyn Bus>, config: &SessionsConfig) -> Self {
+        let limits = Limits {
+            expiry: config.expiry,
+            max_messages: config.max_pending_messages,
+            max_bytes: config.max_pending_bytes,
+        };
         Self {
+            shares: shares::Shares::new(bus.clone(), limits),
             inner: Arc::new(Inner {
                 bus,
-                limits: Limits {
-                    expiry: config.expiry,
-                    max_messages: config.max_pending_messages,
-                    max_bytes: config.max_pending_bytes,
-                },
+                limits,
                 sessions: Mutex::default(),
                 expired: Mutex::new(Counter::default()),
             }),
@@ -216,6 +224,10 @@ impl SessionStore for MemorySessions {
             s.stop();
         }
         Ok(removed.is_some())
+    }
+
+    async fn join_share(&self, share: &ShareKey) -> Result<Box<dyn SessionConsumer>, SessionError> {
+        self.shares.join(share).await
     }
 
     /// Counts in `counter` every session discarded for its expiry.

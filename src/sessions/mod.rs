@@ -11,6 +11,10 @@
 //! not the process) and [`JetStreamSessions`] for a cluster (NATS JetStream: one stream per
 //! tenant capturing its traffic, one durable consumer per session, records in a key-value
 //! bucket per tenant). Nothing outside this module knows which one runs.
+//!
+//! A shared subscription (`$share/{group}/{filter}`) of a persistent session is a member
+//! of a share that the store keeps for all its members ([`SessionStore::join_share`]):
+//! each message goes to one member, and what a member did not acknowledge goes to another.
 
 pub mod config;
 pub mod jetstream;
@@ -24,7 +28,7 @@ pub use config::SessionsConfig;
 pub use jetstream::JetStreamSessions;
 pub use memory::MemorySessions;
 
-use crate::topic::AppRef;
+use crate::topic::{AppRef, ShareKey};
 
 /// Which session: one client ID of one application.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -120,6 +124,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Discards the session of `key` and what it holds, if there is one (a
     /// `clean_session=1` CONNECT); whether there was one.
     async fn discard(&self, key: &SessionKey) -> Result<bool, SessionError>;
+    /// Attaches a member (a connection of a persistent session) to the shared subscription
+    /// `share`, made if it does not exist: the share holds its application's traffic while
+    /// it exists, hands each message to one member at a time, and hands what a member did
+    /// not acknowledge to another one once that member detaches (or, in JetStream, after
+    /// `sessions.ack_wait`). A share without members expires after `sessions.expiry`.
+    async fn join_share(&self, share: &ShareKey) -> Result<Box<dyn SessionConsumer>, SessionError>;
     /// Counts in `counter` every session that expired (as far as this store sees it).
     fn count_expiries_in(&self, _counter: prometheus_client::metrics::counter::Counter) {}
 }
@@ -154,5 +164,12 @@ impl SessionStore for NoSessions {
 
     async fn discard(&self, _key: &SessionKey) -> Result<bool, SessionError> {
         Ok(false)
+    }
+
+    async fn join_share(
+        &self,
+        _share: &ShareKey,
+    ) -> Result<Box<dyn SessionConsumer>, SessionError> {
+        Err(SessionError::Disabled)
     }
 }

@@ -25,6 +25,10 @@ pub enum FilterError {
     /// Not MQTT 3.1.1 filter syntax (§4.7: `#` only last, wildcards only as whole levels).
     #[error("not a valid MQTT topic filter")]
     Invalid,
+    /// `$share/{group}/{filter}` with no filter, or a group name that is empty, too long,
+    /// or holds a wildcard, a space or a control character.
+    #[error("not a valid shared subscription ($share/{{group}}/{{filter}})")]
+    InvalidShare,
     /// Names another application, or a topic outside `v3/`.
     #[error("not a topic of this application")]
     OtherApplication,
@@ -40,6 +44,7 @@ impl FilterError {
         match self {
             FilterError::TooLong { .. } => "filter_too_long",
             FilterError::Invalid => "invalid_filter",
+            FilterError::InvalidShare => "invalid_share",
             FilterError::OtherApplication => "not_own_application",
             FilterError::NeverMatches => "never_matches",
         }
@@ -125,6 +130,22 @@ impl Filter {
     pub fn matches(&self, rest: &str, sep: char) -> bool {
         // `v3/{app}` alone never names traffic.
         !self.levels.is_empty() && match_levels(&self.levels, rest.split(sep))
+    }
+
+    /// The filter's levels after `v3/{app}/` as one canonical string (`devices/+/up`):
+    /// two requests that rewrite to the same filter (`v3/+/…` and `v3/{app}/…`) have the
+    /// same one.
+    pub fn canonical(&self) -> String {
+        let levels: Vec<&str> = self
+            .levels
+            .iter()
+            .map(|l| match l {
+                Level::Exact(e) => e.as_str(),
+                Level::Single => "+",
+                Level::Multi => "#",
+            })
+            .collect();
+        levels.join("/")
     }
 
     /// What this filter selects of the application's device traffic, the only traffic a

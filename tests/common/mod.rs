@@ -7,6 +7,7 @@ pub mod delay_proxy;
 pub mod doc;
 pub mod http;
 pub mod log_capture;
+pub mod persistent;
 pub mod proxy;
 pub mod raw;
 pub mod services;

@@ -1,0 +1,238 @@
+//! A QoS 1 MQTT client for the tests of persistent sessions and shared subscriptions
+//! (issue 14): rumqttc with its event loop in the background, manual acknowledgements when
+//! asked, and the uplinks the upstream publishes numbered in their payloads.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
+    SubscribeReasonCode,
+};
+use tokio::sync::mpsc;
+
+use super::broker::{TestNode, WAIT};
+use super::wait::eventually;
+use lorabroker::config::Config;
+use lorabroker::topic::{AppRef, DeviceRef, Event as DeviceEvent, Id};
+use lorabroker::transport::Kind;
+
+/// Runs each named `async fn(Backend)` of the test file as a test on both backends, in
+/// the modules `embedded` and `cluster`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::common::broker::Backend::Embedded).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::common::broker::Backend::Cluster).await
+                }
+            )*
+        }
+    };
+}
+
+/// How long "nothing more arrives" is watched.
+pub const SILENCE: Duration = Duration::from_millis(500);
+
+pub fn sessions_on(c: &mut Config) {
+    c.sessions.enabled = true;
+    c.sessions.storage = "memory".into();
+}
+
+/// A rumqttc client whose event loop runs in the background, handing over PUBLISHes.
+pub struct Client {
+    pub client: AsyncClient,
+    got: mpsc::UnboundedReceiver<Option<Publish>>,
+    subacks: mpsc::UnboundedReceiver<Vec<SubscribeReasonCode>>,
+    task: tokio::task::JoinHandle<()>,
+    pub present: bool,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct Login<'a> {
+    pub node: &'a TestNode,
+    pub app: &'a AppRef,
+    pub key: &'a str,
+}
+
+impl Login<'_> {
+    /// Connects `client_id` with `clean` session; `manual` turns off rumqttc's PUBACKs.
+    pub async fn connect(&self, client_id: &str, clean: bool, manual: bool) -> Client {
+        let addr = self.node.addr(Kind::Tcp);
+        let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        opts.set_credentials(self.node.username(self.app), self.key);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(clean);
+        opts.set_manual_acks(manual);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let present = loop {
+            match tokio::time::timeout(WAIT, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
+                    break ack.session_present;
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => panic!("connect failed: {e}"),
+                Err(_) => panic!("no CONNACK within {WAIT:?}"),
+            }
+        };
+        let (tx, got) = mpsc::unbounded_channel();
+        let (subacked, subacks) = mpsc::unbounded_channel();
+        let task = tokio::spawn(pump(eventloop, tx, subacked));
+        Client {
+            client,
+            got,
+            subacks,
+            task,
+            present,
+        }
+    }
+}
+
+async fn pump(
+    mut eventloop: EventLoop,
+    tx: mpsc::UnboundedSender<Option<Publish>>,
+    subacked: mpsc::UnboundedSender<Vec<SubscribeReasonCode>>,
+) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let _ = subacked.send(ack.return_codes);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(Some(p)).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(ConnectionError::MqttState(_)) | Err(_) => {
+                let _ = tx.send(None);
+                return;
+            }
+        }
+    }
+}
+
+impl Client {
+    pub async fn subscribe(&self, filter: &str, qos: QoS) {
+        self.client.subscribe(filter, qos).await.expect("subscribe");
+    }
+
+    /// The next PUBLISH if one comes within `within`; `None` otherwise, or once the
+    /// connection closed.
+    pub async fn try_next(&mut self, within: Duration) -> Option<Publish> {
+        tokio::time::timeout(within, self.got.recv())
+            .await
+            .ok()
+            .flatten()
+            .flatten()
+    }
+
+    /// Waits for the broker to close the connection (what arrives first is no PUBLISH).
+    pub async fn expect_closed(&mut self) {
+        match tokio::time::timeout(WAIT, self.got.recv()).await {
+            Ok(Some(None)) | Ok(None) => {}
+            other => panic!("the connection should be closed, got {other:?}"),
+        }
+    }
+
+    /// Subscribes to `filter` at `qos` and returns the SUBACK's code.
+    pub async fn subscribe_acked(&mut self, filter: &str, qos: QoS) -> SubscribeReasonCode {
+        self.subscribe(filter, qos).await;
+        match tokio::time::timeout(WAIT, self.subacks.recv()).await {
+            Ok(Some(codes)) => codes[0],
+            Ok(None) => panic!("connection closed before the SUBACK"),
+            Err(_) => panic!("no SUBACK within {WAIT:?}"),
+        }
+    }
+
+    /// The next PUBLISH within [`WAIT`]; panics on a close or a timeout.
+    pub async fn next(&mut self) -> Publish {
+        match tokio::time::timeout(WAIT, self.got.recv()).await {
+            Ok(Some(Some(p))) => p,
+            Ok(_) => panic!("connection closed"),
+            Err(_) => panic!("no PUBLISH within {WAIT:?}"),
+        }
+    }
+
+    pub async fn expect_silence(&mut self) {
+        if let Ok(Some(Some(p))) = tokio::time::timeout(SILENCE, self.got.recv()).await {
+            panic!("expected nothing, got {p:?}");
+        }
+    }
+
+    /// Ends the connection without DISCONNECT (as a crash would).
+    pub fn drop_connection(self) {
+        drop(self);
+    }
+}
+
+pub fn device(app: &AppRef, dev: &str) -> DeviceRef {
+    DeviceRef::new(app.clone(), Id::parse(dev).expect("valid device ID"))
+}
+
+/// Publishes uplinks `from..to` of `dev`, numbered in their payloads.
+pub async fn uplinks(node: &TestNode, dev: &DeviceRef, range: std::ops::Range<u32>) {
+    let upstream = node.upstream();
+    for i in range {
+        upstream
+            .publish(dev, DeviceEvent::Up, Bytes::from(i.to_string()))
+            .await
+            .expect("uplink published");
+    }
+    upstream.flush().await.expect("flushed");
+}
+
+pub fn number(p: &Publish) -> u32 {
+    std::str::from_utf8(&p.payload)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("payload {:?} is no number", p.payload))
+}
+
+/// Receives until `want` distinct numbers arrived; returns them in arrival order with
+/// how many came twice, asserting that every repeat carries DUP.
+pub async fn receive_all(client: &mut Client, want: usize) -> (Vec<u32>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let (mut order, mut duplicates) = (Vec::new(), 0);
+    while seen.len() < want {
+        let p = client.next().await;
+        let n = number(&p);
+        if !seen.insert(n) {
+            assert!(p.dup, "message {n} came again without DUP");
+            duplicates += 1;
+            continue;
+        }
+        order.push(n);
+    }
+    (order, duplicates)
+}
+
+/// Waits until no persistent session is attached on `node`.
+pub async fn detached(node: &TestNode) {
+    eventually("the session detached", WAIT, || async {
+        let n = node.metric("lorabroker_sessions_attached").await;
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} attached"))
+        }
+    })
+    .await;
+}

@@ -80,11 +80,12 @@ pub trait Members: Send + Sync + 'static {
     /// Offers a message of `event` (its subject `rest` after the application's prefix) to
     /// the members it goes to: `offer(outbox, last)` pushes it to one outbox and says
     /// whether it took it; `last` says a refusal is a drop (no other member will try).
+    /// Generic, not `dyn`: the fan-out calls `offer` once per subscriber, inlined.
     fn offer(
         &self,
         event: &SubjectEvent<'_>,
         rest: &str,
-        offer: &mut dyn FnMut(&Arc<Outbox>, bool) -> bool,
+        offer: impl FnMut(&Arc<Outbox>, bool) -> bool,
     );
 }
 
@@ -97,7 +98,7 @@ impl Members for Index {
         &self,
         event: &SubjectEvent<'_>,
         _rest: &str,
-        offer: &mut dyn FnMut(&Arc<Outbox>, bool) -> bool,
+        mut offer: impl FnMut(&Arc<Outbox>, bool) -> bool,
     ) {
         self.for_each_match(event.device, event.event, |outbox| {
             offer(outbox, true);
@@ -450,7 +451,7 @@ impl<M: Members> Subscribed<M> {
         let mut encoded: Option<Bytes> = None;
         let (mut delivered, mut dropped) = (0u64, 0u64);
         let mut too_large = false;
-        self.members.read().offer(&event, rest, &mut |outbox, last| {
+        self.members.read().offer(&event, rest, |outbox, last| {
             let packet = match &encoded {
                 Some(p) => p.clone(),
                 None if too_large => return false,

@@ -55,7 +55,7 @@ impl Members for ShareMembers {
         &self,
         _event: &SubjectEvent<'_>,
         rest: &str,
-        offer: &mut dyn FnMut(&Arc<Outbox>, bool) -> bool,
+        mut offer: impl FnMut(&Arc<Outbox>, bool) -> bool,
     ) {
         let n = self.members.len();
         if n == 0 || !self.filter.matches(rest, '.') {

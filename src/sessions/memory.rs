@@ -27,7 +27,7 @@ use super::{
     Opened, SavedFilter, SessionConsumer, SessionError, SessionKey, SessionRecord, SessionStore,
     SessionsConfig, Stored,
 };
-use crate::bus::{Bus, Subscription};
+use crate::bus::{Bus, BusMessage, Subscription};
 use crate::topic::ShareKey;
 
 /// Persistent sessions in memory (see the module docs).
@@ -61,15 +61,21 @@ struct Session {
 #[derive(Default)]
 struct State {
     record: SessionRecord,
-    /// Unacknowledged messages, oldest first.
-    queue: VecDeque<Entry>,
-    bytes: u64,
-    next_seq: u64,
+    queue: Queue,
     /// The first sequence the current attachment has not handed out yet.
     cursor: u64,
     /// Number of the current attachment; 0 while detached.
     attached: u64,
     attachments: u64,
+}
+
+/// The unacknowledged messages of a session or a share, oldest first, within
+/// `sessions.max_pending_messages` and `sessions.max_pending_bytes`.
+#[derive(Default)]
+struct Queue {
+    entries: VecDeque<Entry>,
+    bytes: u64,
+    next_seq: u64,
     /// Messages dropped for the bounds and not reported yet.
     overflowed: u64,
 }
@@ -78,7 +84,60 @@ struct Entry {
     seq: u64,
     subject: String,
     payload: Bytes,
+    /// Whether it was handed out before (it goes out again as a redelivery).
     handed_out: bool,
+    /// The member of a share holding it now (0: none; a session's own queue: always 0).
+    holder: u64,
+}
+
+impl Queue {
+    /// Appends `msg`, dropping the oldest past `limits`.
+    fn push(&mut self, msg: BusMessage, limits: &Limits) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += msg.payload.len() as u64;
+        self.entries.push_back(Entry {
+            seq,
+            subject: msg.subject,
+            payload: msg.payload,
+            handed_out: false,
+            holder: 0,
+        });
+        while self.entries.len() as u64 > limits.max_messages || self.bytes > limits.max_bytes {
+            let Some(old) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= old.payload.len() as u64;
+            self.overflowed += 1;
+        }
+    }
+
+    /// Forgets message `seq`, if it is still held.
+    fn ack(&mut self, seq: u64) {
+        if let Ok(at) = self.entries.binary_search_by_key(&seq, |e| e.seq) {
+            if let Some(e) = self.entries.remove(at) {
+                self.bytes -= e.payload.len() as u64;
+            }
+        }
+    }
+
+    /// Hands out `entry` (marking it handed out) as a stored message.
+    fn hand_out(entry: &mut Entry) -> Stored {
+        let stored = Stored {
+            seq: entry.seq,
+            subject: entry.subject.clone(),
+            payload: entry.payload.clone(),
+            redelivered: entry.handed_out,
+        };
+        entry.handed_out = true;
+        stored
+    }
+}
+
+/// What a capture task appends its application's traffic to: a session or a share.
+trait Captures: Send + Sync + 'static {
+    /// Appends `msg` within `limits` and wakes whoever waits for it.
+    fn captured(&self, msg: BusMessage, limits: &Limits);
 }
 
 impl MemorySessions {
@@ -143,33 +202,21 @@ impl Session {
     }
 }
 
-/// Appends every message of the session's application to its queue, dropping the oldest
-/// past the bounds.
-async fn capture(mut sub: Subscription, session: Weak<Session>, limits: Limits) {
+impl Captures for Session {
+    fn captured(&self, msg: BusMessage, limits: &Limits) {
+        self.state.lock().queue.push(msg, limits);
+        self.arrived.notify_waiters();
+    }
+}
+
+/// Appends every message of `sub` to `target` (until it is gone), dropping the oldest past
+/// the bounds.
+async fn capture<T: Captures>(mut sub: Subscription, target: Weak<T>, limits: Limits) {
     while let Some(msg) = sub.next().await {
-        let Some(session) = session.upgrade() else {
+        let Some(target) = target.upgrade() else {
             return;
         };
-        {
-            let mut s = session.state.lock();
-            let seq = s.next_seq;
-            s.next_seq += 1;
-            s.bytes += msg.payload.len() as u64;
-            s.queue.push_back(Entry {
-                seq,
-                subject: msg.subject,
-                payload: msg.payload,
-                handed_out: false,
-            });
-            while s.queue.len() as u64 > limits.max_messages || s.bytes > limits.max_bytes {
-                let Some(old) = s.queue.pop_front() else {
-                    break;
-                };
-                s.bytes -= old.payload.len() as u64;
-                s.overflowed += 1;
-            }
-        }
-        session.arrived.notify_waiters();
+        target.captured(msg, &limits);
     }
 }
 
@@ -200,8 +247,12 @@ impl SessionStore for MemorySessions {
             s.attachments += 1;
             s.attached = s.attachments;
             // Hand out everything unacknowledged again, oldest first.
-            s.cursor = s.queue.front().map_or(s.next_seq, |e| e.seq);
-            (s.attached, s.record.filters.clone(), s.queue.len() as u64)
+            s.cursor = s.queue.entries.front().map_or(s.queue.next_seq, |e| e.seq);
+            (
+                s.attached,
+                s.record.filters.clone(),
+                s.queue.entries.len() as u64,
+            )
         };
         // A consumer of an earlier attachment sees that it is no longer attached.
         session.arrived.notify_waiters();
@@ -267,15 +318,9 @@ impl SessionConsumer for MemoryConsumer {
                 }
                 let cursor = s.cursor;
                 // The queue is in sequence order: find the first entry not handed out.
-                let at = s.queue.partition_point(|e| e.seq < cursor);
-                if let Some(e) = s.queue.get_mut(at) {
-                    let stored = Stored {
-                        seq: e.seq,
-                        subject: e.subject.clone(),
-                        payload: e.payload.clone(),
-                        redelivered: e.handed_out,
-                    };
-                    e.handed_out = true;
+                let at = s.queue.entries.partition_point(|e| e.seq < cursor);
+                if let Some(e) = s.queue.entries.get_mut(at) {
+                    let stored = Queue::hand_out(e);
                     s.cursor = stored.seq + 1;
                     return Ok(stored);
                 }
@@ -290,12 +335,7 @@ impl SessionConsumer for MemoryConsumer {
     }
 
     async fn ack(&mut self, seq: u64) -> Result<(), SessionError> {
-        let mut s = self.session.state.lock();
-        if let Ok(at) = s.queue.binary_search_by_key(&seq, |e| e.seq) {
-            if let Some(e) = s.queue.remove(at) {
-                s.bytes -= e.payload.len() as u64;
-            }
-        }
+        self.session.state.lock().queue.ack(seq);
         Ok(())
     }
 
@@ -313,7 +353,7 @@ impl SessionConsumer for MemoryConsumer {
     }
 
     fn take_overflow(&mut self) -> u64 {
-        std::mem::take(&mut self.session.state.lock().overflowed)
+        std::mem::take(&mut self.session.state.lock().queue.overflowed)
     }
 
     async fn detach(self: Box<Self>) {

@@ -4,18 +4,16 @@
 //! at a time, and goes back to the others when that member detaches without
 //! acknowledging it. A share without members expires after `sessions.expiry`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use super::Limits;
-use crate::bus::{Bus, Subscription};
+use super::{capture, Captures, Limits, Queue};
+use crate::bus::{Bus, BusMessage};
 use crate::sessions::{SavedFilter, SessionConsumer, SessionError, Stored};
 use crate::topic::ShareKey;
 
@@ -35,25 +33,11 @@ struct Share {
 
 #[derive(Default)]
 struct State {
-    /// Unacknowledged messages, oldest first.
-    queue: VecDeque<Held>,
-    bytes: u64,
-    next_seq: u64,
+    queue: Queue,
     /// Members attached now.
     members: u64,
     /// Members ever attached: a number for each, and a generation for the expiry.
     joined: u64,
-    overflowed: u64,
-}
-
-struct Held {
-    seq: u64,
-    subject: String,
-    payload: Bytes,
-    /// The member holding it (0: none).
-    holder: u64,
-    /// Whether some member was handed it before.
-    handed_out: bool,
 }
 
 impl Shares {
@@ -121,35 +105,11 @@ impl Share {
     }
 }
 
-/// Appends every message of the share's application to its queue, dropping the oldest
-/// past the bounds.
-async fn capture(mut sub: Subscription, share: Weak<Share>, limits: Limits) {
-    while let Some(msg) = sub.next().await {
-        let Some(share) = share.upgrade() else {
-            return;
-        };
-        {
-            let mut s = share.state.lock();
-            let seq = s.next_seq;
-            s.next_seq += 1;
-            s.bytes += msg.payload.len() as u64;
-            s.queue.push_back(Held {
-                seq,
-                subject: msg.subject,
-                payload: msg.payload,
-                holder: 0,
-                handed_out: false,
-            });
-            while s.queue.len() as u64 > limits.max_messages || s.bytes > limits.max_bytes {
-                let Some(old) = s.queue.pop_front() else {
-                    break;
-                };
-                s.bytes -= old.payload.len() as u64;
-                s.overflowed += 1;
-            }
-        }
+impl Captures for Share {
+    fn captured(&self, msg: BusMessage, limits: &Limits) {
+        self.state.lock().queue.push(msg, limits);
         // One message, one member: whichever wakes first takes it.
-        share.arrived.notify_one();
+        self.arrived.notify_one();
     }
 }
 
@@ -173,16 +133,9 @@ impl SessionConsumer for Member {
             {
                 let mut s = self.share.state.lock();
                 // Held messages are few (each member's window) and at the front.
-                if let Some(h) = s.queue.iter_mut().find(|h| h.holder == 0) {
-                    let stored = Stored {
-                        seq: h.seq,
-                        subject: h.subject.clone(),
-                        payload: h.payload.clone(),
-                        redelivered: h.handed_out,
-                    };
-                    h.holder = self.member;
-                    h.handed_out = true;
-                    return Ok(stored);
+                if let Some(e) = s.queue.entries.iter_mut().find(|e| e.holder == 0) {
+                    e.holder = self.member;
+                    return Ok(Queue::hand_out(e));
                 }
             }
             arrived.await;
@@ -190,12 +143,7 @@ impl SessionConsumer for Member {
     }
 
     async fn ack(&mut self, seq: u64) -> Result<(), SessionError> {
-        let mut s = self.share.state.lock();
-        if let Ok(at) = s.queue.binary_search_by_key(&seq, |h| h.seq) {
-            if let Some(h) = s.queue.remove(at) {
-                s.bytes -= h.payload.len() as u64;
-            }
-        }
+        self.share.state.lock().queue.ack(seq);
         Ok(())
     }
 
@@ -208,15 +156,20 @@ impl SessionConsumer for Member {
     }
 
     fn take_overflow(&mut self) -> u64 {
-        std::mem::take(&mut self.share.state.lock().overflowed)
+        std::mem::take(&mut self.share.state.lock().queue.overflowed)
     }
 
     async fn detach(self: Box<Self>) {
         let (idle, generation) = {
             let mut s = self.share.state.lock();
             let mut returned = 0;
-            for h in s.queue.iter_mut().filter(|h| h.holder == self.member) {
-                h.holder = 0;
+            for e in s
+                .queue
+                .entries
+                .iter_mut()
+                .filter(|e| e.holder == self.member)
+            {
+                e.holder = 0;
                 returned += 1;
             }
             s.members -= 1;

@@ -158,6 +158,20 @@ impl JetStreamSessions {
         }
     }
 
+    /// The messages of `consumer`, pulled a window at a time.
+    async fn pull(
+        &self,
+        consumer: &consumer::PullConsumer,
+    ) -> Result<consumer::pull::Stream, consumer::StreamError> {
+        consumer
+            .stream()
+            .max_messages_per_batch(self.max_inflight)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await
+    }
+
     fn consumer_config(&self, key: &SessionKey, name: &str) -> consumer::pull::Config {
         consumer::pull::Config {
             durable_name: Some(name.to_owned()),
@@ -250,12 +264,8 @@ impl SessionStore for JetStreamSessions {
             .await
             .map_err(|e| failed("reading the session's consumer")(&e))?;
         let pending = info.num_pending + info.num_ack_pending as u64;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.max_inflight)
-            .expires(PULL_EXPIRES)
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
+        let messages = self
+            .pull(&consumer)
             .await
             .map_err(|e| failed("pulling from the session's consumer")(&e))?;
         Ok(Opened {
@@ -343,12 +353,8 @@ impl SessionStore for JetStreamSessions {
         // as if for the first time (its delivery undone): anything up to what the share
         // handed out before this member joined counts as a redelivery.
         let last_delivered = consumer.cached_info().delivered.stream_sequence;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.max_inflight)
-            .expires(PULL_EXPIRES)
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
+        let messages = self
+            .pull(&consumer)
             .await
             .map_err(|e| failed("pulling from the share's consumer")(&e))?;
         Ok(Box::new(JetStreamMember {
@@ -401,6 +407,17 @@ async fn pulled(
     }
 }
 
+/// Acknowledges message `seq` to JetStream if it is among the `unacked` handed out.
+async fn ack_held(
+    unacked: &mut HashMap<u64, jetstream::Message>,
+    seq: u64,
+) -> Result<(), SessionError> {
+    if let Some(message) = unacked.remove(&seq) {
+        message.ack().await.map_err(unavailable)?;
+    }
+    Ok(())
+}
+
 /// One member's attachment to a share's consumer.
 struct JetStreamMember {
     messages: consumer::pull::Stream,
@@ -425,10 +442,7 @@ impl SessionConsumer for JetStreamMember {
     }
 
     async fn ack(&mut self, seq: u64) -> Result<(), SessionError> {
-        if let Some(message) = self.unacked.remove(&seq) {
-            message.ack().await.map_err(unavailable)?;
-        }
-        Ok(())
+        ack_held(&mut self.unacked, seq).await
     }
 
     async fn save(&mut self, _filters: &[SavedFilter]) -> Result<(), SessionError> {
@@ -504,10 +518,7 @@ impl SessionConsumer for JetStreamConsumer {
     }
 
     async fn ack(&mut self, seq: u64) -> Result<(), SessionError> {
-        if let Some(message) = self.unacked.remove(&seq) {
-            message.ack().await.map_err(unavailable)?;
-        }
-        Ok(())
+        ack_held(&mut self.unacked, seq).await
     }
 
     async fn save(&mut self, filters: &[SavedFilter]) -> Result<(), SessionError> {

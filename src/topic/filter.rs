@@ -112,12 +112,7 @@ impl Filter {
         requested: &str,
         max_len: usize,
     ) -> Result<Self, FilterError> {
-        if requested.len() > max_len {
-            return Err(FilterError::TooLong {
-                len: requested.len(),
-                max: max_len,
-            });
-        }
+        check_length(requested, max_len)?;
         let filter = Filter::rewrite(tenancy, app, requested)?;
         if filter.selection.events.is_empty() {
             return Err(FilterError::NeverMatches);
@@ -155,6 +150,18 @@ impl Filter {
     pub fn selection(&self) -> &Selection {
         &self.selection
     }
+}
+
+/// `requested` is at most `max_len` bytes long (`mqtt.max_filter_length`): checked before
+/// anything parses it.
+pub(super) fn check_length(requested: &str, max_len: usize) -> Result<(), FilterError> {
+    if requested.len() > max_len {
+        return Err(FilterError::TooLong {
+            len: requested.len(),
+            max: max_len,
+        });
+    }
+    Ok(())
 }
 
 /// What filter `levels` (after `v3/{app}/`) select of device traffic.

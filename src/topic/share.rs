@@ -7,6 +7,7 @@
 //! here, and it reaches the bus and the session store only inside a digest
 //! ([`ShareKey::digest`]), never as written.
 
+use super::filter::check_length;
 use super::{AppRef, Filter, FilterError, Tenancy};
 
 /// What a shared subscription's filter starts with.
@@ -58,12 +59,7 @@ impl SharedFilter {
         rest: &str,
         max_len: usize,
     ) -> Result<SharedFilter, FilterError> {
-        if requested.len() > max_len {
-            return Err(FilterError::TooLong {
-                len: requested.len(),
-                max: max_len,
-            });
-        }
+        check_length(requested, max_len)?;
         let (group, inner) = rest.split_once('/').ok_or(FilterError::InvalidShare)?;
         if !is_valid_group(group) || inner.is_empty() {
             return Err(FilterError::InvalidShare);

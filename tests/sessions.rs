@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use rumqttc::{QoS, SubscribeReasonCode};
 
-use common::broker::{Backend, TestEnv, TestNode, WAIT};
+use common::broker::{Backend, TestEnv, TestNode};
 use common::persistent::{detached, device, number, receive_all, sessions_on, uplinks, Login};
 use common::services::unique;
-use common::wait::eventually;
 use lorabroker::auth::Rights;
 use lorabroker::topic::{AppRef, Event as DeviceEvent};
 use lorabroker::transport::Kind;
@@ -90,14 +89,11 @@ async fn qos1_window(backend: Backend) {
         sub.client.ack(&p).await.unwrap();
         next += 1;
     }
-    eventually("every PUBLISH acknowledged", WAIT, || async {
-        let n = node.metric("lorabroker_inflight_messages").await;
-        if n == 0 {
-            Ok(())
-        } else {
-            Err(format!("{n} in flight"))
-        }
-    })
+    node.metric_becomes(
+        "every PUBLISH acknowledged",
+        "lorabroker_inflight_messages",
+        0,
+    )
     .await;
     node.shutdown().await;
 }
@@ -212,14 +208,11 @@ async fn a_clean_connect_discards_the_session(backend: Backend) {
     let clean = login.connect(&id, true, false).await;
     assert!(!clean.present);
     drop(clean);
-    eventually("the session discarded", WAIT, || async {
-        let n = node.metric("lorabroker_sessions_discarded_total").await;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(format!("{n} discarded"))
-        }
-    })
+    node.metric_becomes(
+        "the session discarded",
+        "lorabroker_sessions_discarded_total",
+        1,
+    )
     .await;
     let mut again = login.connect(&id, false, false).await;
     assert!(!again.present, "the session was discarded");

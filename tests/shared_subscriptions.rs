@@ -12,10 +12,9 @@ use std::time::Duration;
 use rumqttc::{QoS, SubscribeReasonCode};
 
 use common::broker::{Backend, TestEnv, TestNode, WAIT};
-use common::persistent::{device, number, uplinks, Client, Login, SILENCE};
+use common::persistent::{detached, device, number, uplinks, Client, Login, SILENCE};
 use common::raw::Connector;
 use common::services::unique;
-use common::wait::eventually;
 use lorabroker::auth::Rights;
 use lorabroker::config::Config;
 use lorabroker::topic::AppRef;
@@ -140,29 +139,15 @@ async fn members_leave_by_unsubscribe_and_by_disconnect(backend: Backend) {
     let mut c = c;
     c.subscribe_acked(SHARE, QoS::AtLeastOnce).await;
     c.drop_connection();
-    eventually("the closed member left", WAIT, || async {
-        let n = node.metric("lorabroker_subscriptions").await;
-        if n == 2 {
-            Ok(())
-        } else {
-            Err(format!("{n} subscriptions"))
-        }
-    })
-    .await;
+    node.metric_becomes("the closed member left", "lorabroker_subscriptions", 2)
+        .await;
     let dev = device(&app, "dev1");
     uplinks(&node, &dev, 0..100).await;
     let got = share_out(&mut [&mut a, &mut b], 100).await;
     exactly_once(&got, 100);
     a.client.unsubscribe(SHARE).await.unwrap();
-    eventually("a left the share", WAIT, || async {
-        let n = node.metric("lorabroker_subscriptions").await;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(format!("{n} subscriptions"))
-        }
-    })
-    .await;
+    node.metric_becomes("a left the share", "lorabroker_subscriptions", 1)
+        .await;
     uplinks(&node, &dev, 100..150).await;
     for i in 100..150 {
         let p = b.next().await;
@@ -284,15 +269,7 @@ async fn unacknowledged_shared_messages_go_to_another_member(backend: Backend) {
     }
     assert_eq!(acked, (0..40).collect::<HashSet<_>>());
     b.drop_connection();
-    eventually("both members detached", WAIT, || async {
-        let n = node.metric("lorabroker_sessions_attached").await;
-        if n == 0 {
-            Ok(())
-        } else {
-            Err(format!("{n} attached"))
-        }
-    })
-    .await;
+    detached(&node).await;
     // Nobody is connected: the share keeps what comes.
     uplinks(&node, &dev, 40..60).await;
     let mut a = login.connect(&id_a, false, false).await;

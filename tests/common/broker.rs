@@ -227,6 +227,18 @@ impl TestNode {
             .unwrap_or(0)
     }
 
+    /// Waits (within [`WAIT`]) until `series` of this node's `/metrics` is `want`; panics
+    /// saying `what` did not happen otherwise.
+    pub async fn metric_becomes(&self, what: &str, series: &str, want: u64) {
+        super::wait::eventually(what, WAIT, || async {
+            match self.metric(series).await {
+                n if n == want => Ok(()),
+                n => Err(format!("{series} is {n}, not {want}")),
+            }
+        })
+        .await;
+    }
+
     /// Drains and stops the node.
     pub async fn shutdown(mut self) {
         if let Some(n) = self.node.take() {

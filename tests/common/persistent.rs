@@ -12,7 +12,6 @@ use rumqttc::{
 use tokio::sync::mpsc;
 
 use super::broker::{TestNode, WAIT};
-use super::wait::eventually;
 use lorabroker::config::Config;
 use lorabroker::topic::{AppRef, DeviceRef, Event as DeviceEvent, Id};
 use lorabroker::transport::Kind;
@@ -226,13 +225,6 @@ pub async fn receive_all(client: &mut Client, want: usize) -> (Vec<u32>, usize) 
 
 /// Waits until no persistent session is attached on `node`.
 pub async fn detached(node: &TestNode) {
-    eventually("the session detached", WAIT, || async {
-        let n = node.metric("lorabroker_sessions_attached").await;
-        if n == 0 {
-            Ok(())
-        } else {
-            Err(format!("{n} attached"))
-        }
-    })
-    .await;
+    node.metric_becomes("the session detached", "lorabroker_sessions_attached", 0)
+        .await;
 }

@@ -407,6 +407,18 @@ async fn pulled(
     }
 }
 
+/// Whether message `seq`, handed out for the `delivered`th time, may have reached a client
+/// before; `highest` is the highest sequence handed out so far, and is raised to `seq`.
+///
+/// JetStream's own count is not enough: a nats-server that restarts can come back with a
+/// consumer state older than what it had handed out (it writes that state lazily), and
+/// then hands the same messages out again as first deliveries.
+fn redelivery(highest: &mut u64, seq: u64, delivered: u64) -> bool {
+    let before = delivered > 1 || seq <= *highest;
+    *highest = (*highest).max(seq);
+    before
+}
+
 /// Acknowledges message `seq` to JetStream if it is among the `unacked` handed out.
 async fn ack_held(
     unacked: &mut HashMap<u64, jetstream::Message>,
@@ -423,7 +435,8 @@ struct JetStreamMember {
     messages: consumer::pull::Stream,
     /// Handed out and not acknowledged yet, by stream sequence.
     unacked: HashMap<u64, jetstream::Message>,
-    /// The last stream sequence the share had handed out when this member joined.
+    /// The highest stream sequence handed out: the share's when this member joined, then
+    /// this member's.
     last_delivered: u64,
 }
 
@@ -435,7 +448,7 @@ impl SessionConsumer for JetStreamMember {
             seq,
             subject: message.subject.to_string(),
             payload: message.payload.clone(),
-            redelivered: delivered > 1 || seq <= self.last_delivered,
+            redelivered: redelivery(&mut self.last_delivered, seq, delivered),
         };
         self.unacked.insert(seq, message);
         Ok(stored)
@@ -485,8 +498,8 @@ struct JetStreamConsumer {
     record: SessionRecord,
     /// Handed out and not acknowledged yet, by stream sequence.
     unacked: HashMap<u64, jetstream::Message>,
-    /// The last stream sequence the session's previous consumer handed out: anything up
-    /// to it may have reached the client before.
+    /// The highest stream sequence handed out: the session's previous consumer's when it
+    /// was opened, then this one's. Anything up to it may have reached the client before.
     last_delivered: u64,
     /// Fresh messages still to drop: what the session held past
     /// `sessions.max_pending_messages` when it was opened.
@@ -509,7 +522,7 @@ impl SessionConsumer for JetStreamConsumer {
                 seq,
                 subject: message.subject.to_string(),
                 payload: message.payload.clone(),
-                redelivered: delivered > 1 || seq <= self.last_delivered,
+                redelivered: redelivery(&mut self.last_delivered, seq, delivered),
             };
             // A redelivery (the ack wait passed) replaces the earlier delivery.
             self.unacked.insert(seq, message);
@@ -541,5 +554,23 @@ impl SessionConsumer for JetStreamConsumer {
         if let Err(e) = put(&self.store, &self.record_key, &self.record).await {
             tracing::warn!(error = %e, "could not refresh the session record at its end");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redelivery;
+
+    #[test]
+    fn a_sequence_handed_out_before_is_a_redelivery_whatever_jetstream_counts() {
+        let mut highest = 0;
+        assert!(!redelivery(&mut highest, 1, 1));
+        assert!(!redelivery(&mut highest, 2, 1));
+        // A restarted server rewound the consumer: 2 comes as a first delivery again.
+        assert!(redelivery(&mut highest, 2, 1));
+        assert!(!redelivery(&mut highest, 3, 1));
+        // JetStream's own count says so after an ack wait.
+        assert!(redelivery(&mut highest, 3, 2));
+        assert_eq!(highest, 3);
     }
 }

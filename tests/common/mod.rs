@@ -10,6 +10,7 @@ pub mod log_capture;
 pub mod persistent;
 pub mod proxy;
 pub mod raw;
+pub mod serve;
 pub mod services;
 pub mod shell;
 pub mod sse;

@@ -192,6 +192,22 @@ impl Spawned {
         }
     }
 
+    /// Sends SIGTERM to the child alone (as an orchestrator stopping a pod does), waits
+    /// up to `within` for it to exit, then checks that it left nothing running.
+    pub async fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let pid = self.pgid;
+        // SAFETY: kill only sends a signal to the child we spawned and have not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let status = tokio::time::timeout(within, self.child().wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within {within:?} of SIGTERM", self.what))
+            .unwrap_or_else(|e| panic!("cannot wait for {}: {e}", self.what));
+        self.check_group_gone().await;
+        status
+    }
+
     /// After the child ended by itself: fails the test if other processes of its group are
     /// still alive (and kills them).
     async fn check_group_gone(&mut self) {

@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use lorabroker::auth::Rights;
+use lorabroker::config::Config;
 use lorabroker::topic::{AppRef, DeviceRef, Id};
 use lorabroker::upstream::{run_fleet, FleetConfig};
 
@@ -63,10 +64,20 @@ impl World {
     /// `nodes` nodes on `backend`; with `fleet`, the simulated upstream runs
     /// [`FLEET_DEVICE`] (an uplink every 200 ms, downlinks taken after each).
     pub async fn new(backend: Backend, nodes: usize, fleet: bool) -> World {
+        Self::new_with(backend, nodes, fleet, |_| {}).await
+    }
+
+    /// As [`World::new`], with every node's configuration adjusted by `tweak`.
+    pub async fn new_with(
+        backend: Backend,
+        nodes: usize,
+        fleet: bool,
+        tweak: impl Fn(&mut Config),
+    ) -> World {
         let env = TestEnv::new(backend).await;
         let mut started = Vec::new();
         for _ in 0..nodes {
-            started.push(env.node().await);
+            started.push(env.node_with(&tweak).await);
         }
         let app = env.app("app1");
         let key = started[0].key(&app, Rights::DEFAULT).await;
@@ -114,6 +125,7 @@ impl World {
             correlation_id: unique("cid"),
             will: None,
             forbidden: Vec::new(),
+            extra: Vec::new(),
         }
     }
 
@@ -217,6 +229,8 @@ pub struct Target {
     pub will: Option<(String, String)>,
     /// Topics the key may not write (`LB_FORBIDDEN_TOPICS`).
     pub forbidden: Vec<String>,
+    /// The variables of one scenario only (`LB_CLIENT_ID`, `LB_COUNT`).
+    pub extra: Vec<(&'static str, String)>,
 }
 
 impl Target {
@@ -238,6 +252,7 @@ impl Target {
             vars.push(("LB_WILL_TOPIC", topic.clone()));
             vars.push(("LB_WILL_PAYLOAD", payload.clone()));
         }
+        vars.extend(self.extra.iter().cloned());
         vars
     }
 }

@@ -89,6 +89,28 @@ impl Lib {
         }
     }
 
+    /// A new persistent session (`clean_session=0`, `LB_CLIENT_ID`) subscribes to uplinks
+    /// at QoS 1 and disconnects.
+    pub async fn persistent_subscribe(self, t: &Target) {
+        match self {
+            Lib::Program(p) => drop(p.run("persistent-subscribe", t).await),
+            Lib::Mosquitto | Lib::Rumqttc => {
+                unreachable!("played by paho (tests/sessions.rs has rumqttc)")
+            }
+        }
+    }
+
+    /// The session of `LB_CLIENT_ID` resumes (session present) and receives the
+    /// `LB_COUNT` numbered uplinks it missed, at QoS 1, in order.
+    pub async fn persistent_resume(self, t: &Target) -> String {
+        match self {
+            Lib::Program(p) => p.run("persistent-resume", t).await,
+            Lib::Mosquitto | Lib::Rumqttc => {
+                unreachable!("played by paho (tests/sessions.rs has rumqttc)")
+            }
+        }
+    }
+
     /// Home Assistant's pattern: will and retained birth on `homeassistant/status`, clean
     /// session, then traffic on the same connection.
     pub async fn home_assistant(self, t: &Target) {
@@ -139,6 +161,7 @@ embedded!(
         mqtt5_client_gets_a_clear_refusal,
         qos2_downlink_with_duplicate_is_queued_once,
         home_assistant_will_birth_and_clean_session_work,
+        persistent_session_resumes_with_what_it_missed,
     ]
 );
 embedded!(
@@ -151,6 +174,7 @@ embedded!(
         mqtt5_client_gets_a_clear_refusal,
         qos2_downlink_with_duplicate_is_queued_once,
         home_assistant_will_birth_and_clean_session_work,
+        persistent_session_resumes_with_what_it_missed,
     ]
 );
 embedded!(
@@ -200,6 +224,7 @@ cluster!(
         seed_flow_across_two_nodes,
         forbidden_publish_is_acked_dropped_and_the_client_stays,
         qos2_downlink_with_duplicate_is_queued_once,
+        persistent_session_resumes_with_what_it_missed,
     ]
 );
 cluster!(

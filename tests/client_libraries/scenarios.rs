@@ -2,6 +2,8 @@
 //! client, then check what the server did (queues, events, `/metrics`).
 
 use crate::common::broker::{Backend, Seen};
+use crate::common::persistent::{uplinks, Client};
+use crate::common::services::unique;
 use crate::harness::{carries, downlink, World, FLEET_DEVICE, REFUSED_PUBLISHES};
 use crate::{raw, Lib};
 
@@ -217,4 +219,62 @@ pub async fn home_assistant_will_birth_and_clean_session_work(lib: Lib, backend:
             "{REFUSED_PUBLISHES}{{reason={reason:?}}}"
         );
     }
+}
+
+/// (g) A persistent QoS 1 session (issue 14): the library connects with `clean_session=0`
+/// and a client ID, subscribes to uplinks at QoS 1 and disconnects; 200 uplinks are
+/// published; it connects again (to the other node on a cluster) and receives all 200, in
+/// order, its session present. Its PUBACKs count: a third connection of the session gets
+/// nothing more.
+pub async fn persistent_session_resumes_with_what_it_missed(lib: Lib, backend: Backend) {
+    const COUNT: u32 = 200;
+    let nodes = match backend {
+        Backend::Embedded => 1,
+        Backend::Cluster => 2,
+    };
+    let world = World::new_with(backend, nodes, false, |c| {
+        c.sessions.enabled = true;
+        c.sessions.storage = "memory".into();
+    })
+    .await;
+    let mut t = world.target("dev1");
+    let client_id = unique("paho-session");
+    t.extra = vec![
+        ("LB_CLIENT_ID", client_id.clone()),
+        ("LB_COUNT", COUNT.to_string()),
+    ];
+    lib.persistent_subscribe(&t).await;
+    let first = &world.nodes[0];
+    first
+        .metric_becomes("the session detached", "lorabroker_sessions_attached", 0)
+        .await;
+    uplinks(first, &world.device("dev1"), 0..COUNT).await;
+
+    let last = &world.nodes[nodes - 1];
+    t.mqtt = last.mqtt_addr;
+    let out = lib.persistent_resume(&t).await;
+    assert!(
+        out.contains(&format!("resumed: {COUNT} uplinks in order")),
+        "{out}"
+    );
+    last.metric_becomes(
+        "the session resumed",
+        r#"lorabroker_sessions_opened_total{outcome="resumed"}"#,
+        1,
+    )
+    .await;
+    last.metric_becomes("the session detached", "lorabroker_sessions_attached", 0)
+        .await;
+
+    let mut again = Client::connect(
+        first.mqtt_addr,
+        &world.uid(),
+        &world.key,
+        &client_id,
+        false,
+        false,
+    )
+    .await;
+    assert!(again.present);
+    again.expect_silence().await;
 }

@@ -14,6 +14,8 @@ tests/client_libraries runs this with the broker and what to expect in the envir
     LB_WILL_TOPIC           the will's topic (scenario will)
     LB_WILL_PAYLOAD         the will's payload (scenario will)
     LB_FORBIDDEN_TOPICS     topics the key may not write, comma-separated (scenario forbidden)
+    LB_CLIENT_ID            the client ID of a persistent session (scenarios persistent-*)
+    LB_COUNT                how many numbered uplinks to expect (scenario persistent-resume)
     LB_TIMEOUT              seconds to wait for each expected thing (default 10)
 
 Scenarios (each prints what it saw; exit status 0 when everything expected happened, 1 with
@@ -33,6 +35,13 @@ a message saying what did not, 3 when the whole run overran its deadline):
     homeassistant  Home Assistant's connection pattern: clean session, a will on
                    homeassistant/status, a retained birth message "online" there, then
                    subscribing and receiving traffic; the connection stays up.
+    persistent-subscribe
+                   clean_session=0 with LB_CLIENT_ID: a new session (CONNACK session
+                   present 0), uplinks subscribed at QoS 1 (granted 1), then DISCONNECT.
+    persistent-resume
+                   clean_session=0 with LB_CLIENT_ID again: the session is present, and the
+                   LB_COUNT uplinks numbered 0.. published meanwhile arrive at QoS 1, first
+                   arrivals in order, every repeat with DUP; paho acknowledges each.
 """
 
 import argparse
@@ -73,19 +82,26 @@ class Recorder:
         self.name = name
         self.cond = threading.Condition()
         self.connacks = []  # reason codes as ints
+        self.present = []  # CONNACK session present flags, as bools
         self.disconnects = []  # reason codes as strings
         self.published = set()  # mids acknowledged (PUBACK for QoS 1, PUBCOMP for QoS 2)
         self.subacks = {}  # mid -> granted QoS / reason codes, as ints
         self.messages = []  # (topic, payload bytes)
+        self.deliveries = []  # (payload bytes, QoS, DUP)
 
     def _add(self, update):
         with self.cond:
             update()
             self.cond.notify_all()
 
-    def connack(self, code):
-        log(f"{self.name}: CONNACK {code}")
-        self._add(lambda: self.connacks.append(code))
+    def connack(self, code, present=False):
+        log(f"{self.name}: CONNACK {code}, session present {int(present)}")
+
+        def update():
+            self.present.append(bool(present))
+            self.connacks.append(code)
+
+        self._add(update)
 
     def disconnect(self, reason):
         log(f"{self.name}: disconnected ({reason})")
@@ -99,7 +115,11 @@ class Recorder:
         self._add(lambda: self.subacks.__setitem__(mid, codes))
 
     def message(self, msg):
-        self._add(lambda: self.messages.append((msg.topic, msg.payload)))
+        def update():
+            self.messages.append((msg.topic, msg.payload))
+            self.deliveries.append((msg.payload, msg.qos, bool(msg.dup)))
+
+        self._add(update)
 
     def wait(self, what, predicate, timeout):
         """Waits until predicate() holds; fails saying `what` did not happen."""
@@ -112,9 +132,9 @@ def attach(client, rec, api):
     """Registers rec's callbacks with the signatures of callback API `api`."""
     if api == 1:
 
-        def on_connect(_c, _u, _flags, rc, _props=None):
-            # An int for MQTT 3.1.1, a ReasonCode for MQTT 5.
-            rec.connack(getattr(rc, "value", rc))
+        def on_connect(_c, _u, flags, rc, _props=None):
+            # An int for MQTT 3.1.1, a ReasonCode for MQTT 5; the flags are a dict.
+            rec.connack(getattr(rc, "value", rc), flags.get("session present", 0))
 
         def on_disconnect(_c, _u, rc, _props=None):
             rec.disconnect(str(rc))
@@ -127,8 +147,8 @@ def attach(client, rec, api):
 
     else:
 
-        def on_connect(_c, _u, _flags, reason, _props):
-            rec.connack(reason.value)
+        def on_connect(_c, _u, flags, reason, _props):
+            rec.connack(reason.value, flags.session_present)
 
         def on_disconnect(_c, _u, _flags, reason, _props):
             rec.disconnect(str(reason))
@@ -146,13 +166,15 @@ def attach(client, rec, api):
     client.on_message = lambda _c, _u, msg: rec.message(msg)
 
 
-def new_client(api, name, protocol=mqtt.MQTTv311, key=None):
+def new_client(api, name, protocol=mqtt.MQTTv311, key=None, client_id=None, clean_session=True):
     version = mqtt.CallbackAPIVersion.VERSION1 if api == 1 else mqtt.CallbackAPIVersion.VERSION2
-    client_id = f"paho-{name}-{os.getpid()}"
+    client_id = client_id or f"paho-{name}-{os.getpid()}"
     if protocol == mqtt.MQTTv5:
         client = mqtt.Client(version, client_id=client_id, protocol=protocol)
     else:
-        client = mqtt.Client(version, client_id=client_id, protocol=protocol, clean_session=True)
+        client = mqtt.Client(
+            version, client_id=client_id, protocol=protocol, clean_session=clean_session
+        )
     client.username_pw_set(env("LB_USERNAME"), key or env("LB_KEY"))
     # Reconnect quickly, as paho does by default but sooner, so that a reconnect loop
     # would show within the test.
@@ -171,12 +193,12 @@ def connect(client, rec, port, timeout):
         raise Failed(f"{rec.name}: CONNECT refused with code {rec.connacks[0]}")
 
 
-def subscribe(client, rec, topic, timeout):
-    result, mid = client.subscribe(topic, qos=0)
+def subscribe(client, rec, topic, timeout, qos=0):
+    result, mid = client.subscribe(topic, qos=qos)
     if result != mqtt.MQTT_ERR_SUCCESS:
         raise Failed(f"{rec.name}: subscribe {topic} failed: {result}")
     rec.wait(f"no SUBACK for {topic}", lambda: mid in rec.subacks, timeout)
-    if rec.subacks[mid] != [0]:
+    if rec.subacks[mid] != [qos]:
         raise Failed(f"{rec.name}: {topic} not granted: {rec.subacks[mid]}")
 
 
@@ -360,6 +382,55 @@ def scenario_homeassistant(api, timeout):
     client.loop_stop()
 
 
+def persistent_client(api, timeout):
+    """A clean_session=0 client with LB_CLIENT_ID, connected."""
+    client, rec = new_client(
+        api, "persistent", client_id=env("LB_CLIENT_ID"), clean_session=False
+    )
+    connect(client, rec, env("LB_PORT"), timeout)
+    return client, rec
+
+
+def scenario_persistent_subscribe(api, timeout):
+    client, rec = persistent_client(api, timeout)
+    if rec.present[0]:
+        raise Failed("a new session was reported present")
+    subscribe(client, rec, f"v3/{env('LB_APP')}/devices/+/up", timeout, qos=1)
+    client.disconnect()
+    client.loop_stop()
+
+
+def scenario_persistent_resume(api, timeout):
+    count = int(env("LB_COUNT"))
+    client, rec = persistent_client(api, timeout)
+    if not rec.present[0]:
+        raise Failed("the session was not present (CONNACK session present 0)")
+
+    def distinct():
+        return len({payload for payload, _, _ in rec.deliveries})
+
+    rec.wait(f"fewer than {count} uplinks", lambda: distinct() >= count, timeout)
+    first, duplicates = [], 0
+    with rec.cond:
+        deliveries = list(rec.deliveries)
+    for payload, qos, dup in deliveries:
+        number = int(payload)
+        if qos != 1:
+            raise Failed(f"uplink {number} came at QoS {qos}, not 1")
+        if number in first:
+            if not dup:
+                raise Failed(f"uplink {number} came again without DUP")
+            duplicates += 1
+        else:
+            first.append(number)
+    if first != list(range(count)):
+        raise Failed(f"not in order: {first[:20]}...")
+    log(f"resumed: {count} uplinks in order at QoS 1, {duplicates} duplicates with DUP")
+    stayed_connected(rec)
+    client.disconnect()
+    client.loop_stop()
+
+
 SCENARIOS = {
     "will": scenario_will,
     "forbidden": scenario_forbidden,
@@ -367,6 +438,8 @@ SCENARIOS = {
     "v5": scenario_v5,
     "qos2": scenario_qos2,
     "homeassistant": scenario_homeassistant,
+    "persistent-subscribe": scenario_persistent_subscribe,
+    "persistent-resume": scenario_persistent_resume,
 }
 
 

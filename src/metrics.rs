@@ -16,6 +16,13 @@ pub struct AppLabels {
     pub application: String,
 }
 
+/// Per-tenant labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    /// Tenant ID.
+    pub tenant: String,
+}
+
 /// A single `result` or `reason` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -162,6 +169,13 @@ pub struct Metrics {
     pub session_overflow_dropped: Family<AppLabels, Counter>,
     /// QoS 1 PUBLISHes sent and not acknowledged yet, on this node.
     pub inflight: Gauge,
+    /// Persistent sessions and shared subscriptions the session store keeps, per tenant
+    /// this node has had sessions of (read every `sessions.usage_interval`).
+    pub sessions_stored: Family<TenantLabels, Gauge>,
+    /// Messages the session store keeps for them, per tenant.
+    pub session_pending_messages: Family<TenantLabels, Gauge>,
+    /// Bytes of those messages, per tenant.
+    pub session_pending_bytes: Family<TenantLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -203,6 +217,9 @@ impl Default for Metrics {
             session_messages: Family::default(),
             session_overflow_dropped: Family::default(),
             inflight: Gauge::default(),
+            sessions_stored: Family::default(),
+            session_pending_messages: Family::default(),
+            session_pending_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -379,6 +396,21 @@ impl Default for Metrics {
             "inflight_messages",
             "QoS 1 PUBLISHes sent to clients of this node and not acknowledged yet",
             m.inflight.clone(),
+        );
+        registry.register(
+            "sessions_stored",
+            "Persistent sessions and shared subscriptions kept by the session store, per tenant",
+            m.sessions_stored.clone(),
+        );
+        registry.register(
+            "session_pending_messages",
+            "Messages the session store keeps for persistent sessions, per tenant (JetStream: in the tenant's stream)",
+            m.session_pending_messages.clone(),
+        );
+        registry.register(
+            "session_pending_bytes",
+            "Bytes of the messages the session store keeps for persistent sessions, per tenant",
+            m.session_pending_bytes.clone(),
         );
         Metrics { registry, ..m }
     }

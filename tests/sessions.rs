@@ -293,7 +293,61 @@ async fn sessions_expire(backend: Backend) {
     node.shutdown().await;
 }
 
+/// What the store keeps for a tenant is in `/metrics`: its sessions, and the messages and
+/// bytes waiting for them, until they are delivered and acknowledged.
+async fn what_the_store_keeps_is_in_the_metrics(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let node = env
+        .node_with(|c| {
+            sessions_on(c);
+            c.sessions.usage_interval = Duration::from_millis(100);
+        })
+        .await;
+    let app = env.app("app1");
+    let key = node.key(&app, Rights::DEFAULT).await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let id = unique("backend");
+    let mut first = login.connect(&id, false, false).await;
+    first.subscribe_acked("#", QoS::AtLeastOnce).await;
+    drop(first);
+    detached(&node).await;
+    uplinks(&node, &device(&app, "dev1"), 0..30).await;
+    let series = |name: &str| format!(r#"{name}{{tenant="{}"}}"#, env.tenant);
+    node.metric_becomes(
+        "the session counted",
+        &series("lorabroker_sessions_stored"),
+        1,
+    )
+    .await;
+    node.metric_becomes(
+        "30 messages kept",
+        &series("lorabroker_session_pending_messages"),
+        30,
+    )
+    .await;
+    let bytes = node
+        .metric(&series("lorabroker_session_pending_bytes"))
+        .await;
+    assert!(bytes >= 30, "at least the payloads are counted: {bytes}");
+
+    let mut back = login.connect(&id, false, false).await;
+    let (order, _) = receive_all(&mut back, 30).await;
+    assert_eq!(order, (0..30).collect::<Vec<_>>());
+    node.metric_becomes(
+        "nothing kept once acknowledged",
+        &series("lorabroker_session_pending_messages"),
+        0,
+    )
+    .await;
+    node.shutdown().await;
+}
+
 crate::on_both_backends!(
+    what_the_store_keeps_is_in_the_metrics,
     qos1_window,
     missed_messages_come_back_in_order,
     unacknowledged_messages_are_redelivered_with_dup,

@@ -37,6 +37,10 @@ pub struct SessionsConfig {
     pub stream_prefix: String,
     /// JetStream storage: `"file"` or `"memory"`.
     pub storage: String,
+    /// How often a node reads what the store keeps (`lorabroker_sessions_stored`,
+    /// `lorabroker_session_pending_messages`, `lorabroker_session_pending_bytes`).
+    #[serde(with = "humantime_serde")]
+    pub usage_interval: Duration,
 }
 
 impl Default for SessionsConfig {
@@ -51,6 +55,7 @@ impl Default for SessionsConfig {
             max_age: Duration::from_secs(24 * 3600),
             stream_prefix: "lorabroker-sessions-".into(),
             storage: "file".into(),
+            usage_interval: Duration::from_secs(15),
         }
     }
 }
@@ -74,6 +79,12 @@ impl SessionsConfig {
             errors.push(format!(
                 "sessions.max_age: {:?} is shorter than 1s",
                 self.max_age
+            ));
+        }
+        if self.usage_interval < Duration::from_millis(100) {
+            errors.push(format!(
+                "sessions.usage_interval: {:?} is shorter than 100ms",
+                self.usage_interval
             ));
         }
         if self.max_pending_messages == 0 {

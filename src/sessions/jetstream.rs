@@ -37,7 +37,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::{
     Opened, SavedFilter, SessionConsumer, SessionError, SessionKey, SessionRecord, SessionStore,
-    SessionsConfig, Stored,
+    SessionsConfig, Stored, TenantUsage,
 };
 use crate::topic::{Id, ShareKey};
 
@@ -366,6 +366,29 @@ impl SessionStore for JetStreamSessions {
 
     fn count_expiries_in(&self, counter: Counter) {
         *self.expired.lock() = counter;
+    }
+
+    async fn usage(&self) -> Result<Vec<TenantUsage>, SessionError> {
+        let tenants: Vec<(Id, stream::Stream)> = self
+            .tenants
+            .lock()
+            .iter()
+            .map(|(tenant, (stream, _))| (tenant.clone(), stream.clone()))
+            .collect();
+        let mut usage = Vec::with_capacity(tenants.len());
+        for (tenant, mut stream) in tenants {
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| failed("reading the tenant's stream")(&e))?;
+            usage.push(TenantUsage {
+                tenant,
+                sessions: info.state.consumer_count as u64,
+                messages: info.state.messages,
+                bytes: info.state.bytes,
+            });
+        }
+        Ok(usage)
     }
 }
 

@@ -25,7 +25,7 @@ use tokio::task::AbortHandle;
 
 use super::{
     Opened, SavedFilter, SessionConsumer, SessionError, SessionKey, SessionRecord, SessionStore,
-    SessionsConfig, Stored,
+    SessionsConfig, Stored, TenantUsage,
 };
 use crate::bus::{Bus, BusMessage, Subscription};
 use crate::topic::ShareKey;
@@ -284,6 +284,41 @@ impl SessionStore for MemorySessions {
     /// Counts in `counter` every session discarded for its expiry.
     fn count_expiries_in(&self, counter: Counter) {
         *self.inner.expired.lock() = counter;
+    }
+
+    async fn usage(&self) -> Result<Vec<TenantUsage>, SessionError> {
+        let mut usage = Usage::default();
+        // The map's lock is not held while a session's is taken.
+        let sessions: Vec<(crate::topic::Id, Arc<Session>)> = (self.inner.sessions.lock().iter())
+            .map(|(key, session)| (key.app.tenant.clone(), session.clone()))
+            .collect();
+        for (tenant, session) in sessions {
+            usage.add(&tenant, &session.state.lock().queue);
+        }
+        self.shares.add_usage(&mut usage);
+        Ok(usage.into_vec())
+    }
+}
+
+/// [`TenantUsage`] summed over queues.
+#[derive(Default)]
+struct Usage(HashMap<crate::topic::Id, TenantUsage>);
+
+impl Usage {
+    fn add(&mut self, tenant: &crate::topic::Id, queue: &Queue) {
+        let entry = self.0.entry(tenant.clone()).or_insert_with(|| TenantUsage {
+            tenant: tenant.clone(),
+            sessions: 0,
+            messages: 0,
+            bytes: 0,
+        });
+        entry.sessions += 1;
+        entry.messages += queue.entries.len() as u64;
+        entry.bytes += queue.bytes;
+    }
+
+    fn into_vec(self) -> Vec<TenantUsage> {
+        self.0.into_values().collect()
     }
 }
 

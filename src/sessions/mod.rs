@@ -19,6 +19,7 @@
 pub mod config;
 pub mod jetstream;
 pub mod memory;
+pub mod usage;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -28,7 +29,7 @@ pub use config::SessionsConfig;
 pub use jetstream::JetStreamSessions;
 pub use memory::MemorySessions;
 
-use crate::topic::{AppRef, ShareKey};
+use crate::topic::{AppRef, Id, ShareKey};
 
 /// Which session: one client ID of one application.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -101,6 +102,20 @@ pub struct Opened {
     pub consumer: Box<dyn SessionConsumer>,
 }
 
+/// What a store holds for one tenant's persistent sessions, for `/metrics`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantUsage {
+    /// The tenant.
+    pub tenant: Id,
+    /// Sessions and shared subscriptions kept (JetStream: the consumers on its stream).
+    pub sessions: u64,
+    /// Messages kept for them (JetStream: in the tenant's stream, each message once
+    /// whatever the number of sessions it is kept for; embedded: in each queue).
+    pub messages: u64,
+    /// Bytes of those messages (JetStream: the stream's bytes; embedded: payload bytes).
+    pub bytes: u64,
+}
+
 /// Why a session operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SessionError {
@@ -132,6 +147,10 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn join_share(&self, share: &ShareKey) -> Result<Box<dyn SessionConsumer>, SessionError>;
     /// Counts in `counter` every session that expired (as far as this store sees it).
     fn count_expiries_in(&self, _counter: prometheus_client::metrics::counter::Counter) {}
+    /// What the store holds, per tenant this node has had sessions of.
+    async fn usage(&self) -> Result<Vec<TenantUsage>, SessionError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A connection's attachment to its session.

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use super::{capture, Captures, Limits, Queue};
+use super::{capture, Captures, Limits, Queue, Usage};
 use crate::bus::{Bus, BusMessage};
 use crate::sessions::{SavedFilter, SessionConsumer, SessionError, Stored};
 use crate::topic::ShareKey;
@@ -46,6 +46,17 @@ impl Shares {
             bus,
             limits,
             shares: Arc::default(),
+        }
+    }
+
+    /// Adds what every share holds to `usage`.
+    pub(super) fn add_usage(&self, usage: &mut Usage) {
+        // The map's lock is not held while a share's is taken.
+        let shares: Vec<(crate::topic::Id, Arc<Share>)> = (self.shares.lock().iter())
+            .map(|(key, share)| (key.app.tenant.clone(), share.clone()))
+            .collect();
+        for (tenant, share) in shares {
+            usage.add(&tenant, &share.state.lock().queue);
         }
     }
 

@@ -15,6 +15,7 @@ parse_args() {
   REPORT=""
   PROFILE=release
   UPDATE_DOCS=auto
+  SHAPES=all
   while (($#)); do
     case "$1" in
       --quick) QUICK=1 ;;
@@ -24,6 +25,7 @@ parse_args() {
       --debug) PROFILE=debug ;;
       --update-docs) UPDATE_DOCS=yes ;;
       --no-update-docs) UPDATE_DOCS=no ;;
+      --shapes) SHAPES="$2"; shift ;;
       -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SCRIPT"; exit 0 ;;
       *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -41,6 +43,16 @@ parse_args() {
   fi
   FANOUT_SUBS=10
   PAYLOAD=200
+  # QoS 1 with persistent sessions (compare.sh's qos1 and store_cost shapes): the
+  # fixed rate of the latency runs (one subscriber), the zero-loss bisection's range, the
+  # subscribers of the wider fan-out run, and the messages stored for an absent subscriber.
+  QOS1_LATENCY_RATE=2000
+  QOS1_SUBS=10
+  if ((QUICK)); then
+    QOS1_LO=200; QOS1_HI=20000; STORE_MESSAGES=10000
+  else
+    QOS1_LO=500; QOS1_HI=100000; STORE_MESSAGES=100000
+  fi
   LATENCY_RATE=5000 # messages/s to 10 subscribers: 50,000 deliveries/s
   # Zero-loss bisection (see `bisect`): stop when the bracket is this narrow; a probe whose
   # publisher reached less than PUBLISH_MIN of the asked rate counts as failed (the load
@@ -53,8 +65,14 @@ parse_args() {
   PUBLISH_MIN=0.95
   PACE_MIN=${PACE_MIN:-0.95}
 }
-SHAPE_VARS=(QUICK PROFILE DUR LAT_DUR DEVICES IDLE STORM STORM_MISS ROUNDS DL_RATE CPU_RATE CPU_DUR
+SHAPE_VARS=(SHAPES QOS1_LATENCY_RATE QOS1_LO QOS1_HI QOS1_SUBS STORE_MESSAGES QUICK PROFILE DUR LAT_DUR DEVICES IDLE STORM STORM_MISS ROUNDS DL_RATE CPU_RATE CPU_DUR
   PROBE_DUR PROBES FANOUT_LO FANOUT_HI DEVICES_LO DEVICES_HI FANOUT_SUBS PAYLOAD LATENCY_RATE PRECISION PUBLISH_MIN PACE_MIN)
+
+# want SHAPE: whether SHAPE is among those asked for (`--shapes LIST`, comma-separated;
+# default all).
+want() {
+  [[ $SHAPES == all || ",$SHAPES," == *",$1,"* ]]
+}
 
 # use_report DIR: read the results of an earlier run (--report DIR) with the shapes that run
 # had (saved by `setup` in DIR/shapes.sh), so that the table's titles match its figures.
@@ -280,7 +298,7 @@ certificates() {
 
 # backends: a private Redis and NATS (JetStream) for lorabroker; sets BACKENDS (the
 # load generator's and the nodes' arguments) and AUX (their PIDs, whose CPU the load
-# generator reports apart from the nodes').
+# generator reports apart from the nodes'), NATS_PID and NATS_STORE (its store directory).
 backends() {
   local redis_port nats_port redis_pid nats_pid
   redis_port=$(free_port)
@@ -295,6 +313,8 @@ backends() {
   wait_port "$redis_port" redis-server "$redis_pid"
   wait_port "$nats_port" nats-server "$nats_pid"
   BACKENDS=(--nats-url "nats://127.0.0.1:$nats_port" --redis-url "redis://127.0.0.1:$redis_port")
+  NATS_PID=$nats_pid
+  NATS_STORE="$WORK/nats-js"
   AUX=(--aux-pid "$nats_pid,$redis_pid")
 }
 
@@ -323,13 +343,14 @@ node() {
   wait_port "$NODE_PORT" "lorabroker $name" "$NODE_PID"
 }
 
-# mosquitto_start NAME PORT [LISTENERS]: a private, anonymous `mosquitto -c` with a plain
-# listener on PORT and the extra listener blocks LISTENERS (config text); sets MOSQ_PID.
+# mosquitto_start NAME PORT [LISTENERS [SETTINGS]]: a private, anonymous `mosquitto -c` with
+# a plain listener on PORT and the extra listener blocks LISTENERS (config text); SETTINGS
+# (config text) replaces `persistence false`. Sets MOSQ_PID.
 mosquitto_start() {
-  local name=$1 port=$2 listeners=${3:-}
+  local name=$1 port=$2 listeners=${3:-} settings=${4:-persistence false}
   cat >"$WORK/$name.conf" <<EOF
 allow_anonymous true
-persistence false
+$settings
 log_dest stderr
 log_type error
 log_type warning

@@ -9,7 +9,11 @@
 //! - `idle`: N connected, subscribed clients; broker RSS per connection;
 //! - `scale`: N subscribed clients, then uplinks at a rate spread over their devices;
 //!   broker RSS (per connection, peak) and CPU;
-//! - `downlink`: C clients push downlinks at a rate into lorabroker's Redis queues.
+//! - `downlink`: C clients push downlinks at a rate into lorabroker's Redis queues;
+//! - `qos1`: fan-out at QoS 1 to S persistent-session subscribers (clean_session=0, fixed
+//!   client IDs) that acknowledge every PUBLISH (DUP redeliveries counted apart);
+//! - `store-cost`: bytes on disk and in memory per QoS 1 message stored for a persistent
+//!   subscriber that is away (JetStream stream info, the store's RSS and directory).
 //!
 //! Each run prints human text on stderr and one JSON line on stdout (delivered msg/s,
 //! loss, latency percentiles from timestamps inside the payloads, connects/s, bytes per
@@ -27,6 +31,7 @@ mod oslimits;
 mod payload;
 mod report;
 mod scale;
+mod storecost;
 mod target;
 mod traffic;
 mod wire;
@@ -181,6 +186,79 @@ enum Scenario {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+    /// S persistent-session subscribers (clean_session=0) of one application receive
+    /// every uplink at QoS 1 and acknowledge each.
+    Qos1(Qos1Args),
+    /// Bytes on disk and in memory per QoS 1 message stored for an absent persistent
+    /// subscriber; then its replay.
+    StoreCost(StoreCostArgs),
+}
+
+#[derive(Args)]
+struct Qos1Args {
+    /// Number of subscribers (client IDs `{client-prefix}-{i}`).
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Devices the upstream rotates over.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
+    /// Payload size in bytes (at least 44; padded JSON with the send time inside).
+    #[arg(long, default_value_t = 200)]
+    payload: usize,
+    /// Messages per second from the upstream, or `max`: as fast as the broker delivers.
+    #[arg(long, default_value = "max")]
+    rate: String,
+    /// How long to publish.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Stop after this many messages (if sooner than `--duration`).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// With `--rate max`: deliveries in flight (all subscribers together) at most.
+    #[arg(long, default_value_t = 1000)]
+    window: u64,
+    /// An MQTT upstream's unacknowledged QoS 1 PUBLISHes at most (not lorabroker's: its
+    /// upstream publishes plain NATS subjects).
+    #[arg(long, default_value_t = 1000)]
+    upstream_window: usize,
+    /// Prefix of the subscribers' client IDs.
+    #[arg(long, default_value = "lbload-qos1")]
+    client_prefix: String,
+}
+
+#[derive(Args)]
+struct StoreCostArgs {
+    /// Messages published while the subscriber is away.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Payload size in bytes (at least 44).
+    #[arg(long, default_value_t = 200)]
+    payload: usize,
+    /// Devices the upstream rotates over.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
+    /// Client ID of the persistent subscriber.
+    #[arg(long, default_value = "lbload-store-0")]
+    client_id: String,
+    /// NATS URL of the JetStream holding the stream (default: --nats-url).
+    #[arg(long)]
+    js_url: Option<String>,
+    /// The stream holding the messages (lorabroker default: `lorabroker-sessions-{tenant}`;
+    /// nats-server's MQTT mode: `$MQTT_msgs`).
+    #[arg(long)]
+    stream: Option<String>,
+    /// Process ID of the store (nats-server, or the broker itself): its RSS.
+    #[arg(long)]
+    store_pid: Option<u32>,
+    /// The store's directory (JetStream's store_dir): bytes allocated under it.
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
+    /// An MQTT upstream's unacknowledged QoS 1 PUBLISHes at most.
+    #[arg(long, default_value_t = 1000)]
+    upstream_window: usize,
+    /// Wait this long after storing before reading the figures.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    settle: Duration,
 }
 
 impl Scenario {
@@ -193,6 +271,8 @@ impl Scenario {
                 *connections
             }
             Scenario::Downlink { clients, .. } => clients + 1,
+            Scenario::Qos1(a) => 2 * a.subscribers + 1,
+            Scenario::StoreCost(_) => 3,
         }
     }
 }
@@ -238,6 +318,31 @@ impl TrafficArgs {
             messages: self.messages,
             window: self.window.max(1),
             concurrency,
+            qos1: None,
+        })
+    }
+}
+
+impl Qos1Args {
+    fn shape(&self, concurrency: usize) -> anyhow::Result<traffic::Shape> {
+        let rate = match self.rate.as_str() {
+            "max" => None,
+            r => Some(r.parse().context("--rate: a number or `max`")?),
+        };
+        Ok(traffic::Shape {
+            subscribers: self.subscribers,
+            per_device: false,
+            devices: self.devices,
+            payload: self.payload,
+            rate,
+            duration: self.duration,
+            messages: self.messages,
+            window: self.window.max(1),
+            concurrency,
+            qos1: Some(traffic::Qos1 {
+                client_prefix: self.client_prefix.clone(),
+                upstream_window: self.upstream_window.max(1),
+            }),
         })
     }
 }
@@ -323,6 +428,22 @@ async fn main() -> anyhow::Result<()> {
                 duration,
             };
             downlink::run(&target, &shape).await?
+        }
+        Scenario::Qos1(a) => traffic::run(&target, &a.shape(t.concurrency)?).await?,
+        Scenario::StoreCost(a) => {
+            let shape = storecost::Shape {
+                messages: a.messages,
+                payload: a.payload,
+                devices: a.devices,
+                client_id: a.client_id,
+                js_url: a.js_url,
+                stream: a.stream,
+                store_pid: a.store_pid,
+                store_dir: a.store_dir,
+                upstream_window: a.upstream_window.max(1),
+                settle: a.settle,
+            };
+            storecost::run(&target, &shape).await?
         }
     };
     report

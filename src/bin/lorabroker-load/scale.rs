@@ -72,6 +72,7 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
         messages: None,
         window: 1,
         concurrency: shape.concurrency,
+        qos1: None,
     };
     let traffic = traffic::run_on(target, &traffic_shape, opened.conns).await;
     stop.cancel();

@@ -1,6 +1,8 @@
 //! The traffic scenarios: fan-out (S subscribers of one application each receive every
 //! uplink) and many devices (S subscribers, each on its own device's topic, the upstream
-//! spreading uplinks over the devices).
+//! spreading uplinks over the devices), and fan-out at QoS 1 with persistent sessions
+//! (`qos1`: subscribers connect with clean_session=0 and fixed client IDs, subscribe at
+//! QoS 1 and acknowledge every PUBLISH; an MQTT upstream publishes at QoS 1).
 //!
 //! Each run: connect and subscribe everyone; warm up (publish probes until every
 //! subscriber has received one, so that no subscription is still being set up when the
@@ -13,6 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use futures::stream::{self, StreamExt};
+use mqttbytes::QoS;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +26,7 @@ use crate::clients::{close_all, connect_many};
 use crate::payload::{self, now_us, Kind};
 use crate::report::{Latency, Report};
 use crate::target::{Target, Upstream};
-use crate::wire::Conn;
+use crate::wire::{encode_puback, Conn, Frame, Login};
 
 /// How long warm-up may take before the run fails, plus [`WARMUP_PER_SUBSCRIBER`] per
 /// subscriber.
@@ -59,11 +64,26 @@ pub struct Shape {
     pub window: u64,
     /// Connections opened at once while setting up.
     pub concurrency: usize,
+    /// QoS 1 with persistent sessions (fan-out only); `None`: QoS 0, clean sessions.
+    pub qos1: Option<Qos1>,
+}
+
+/// How the `qos1` shape runs.
+#[derive(Clone, Debug)]
+pub struct Qos1 {
+    /// Subscriber `i` connects with client ID `{client_prefix}-{i}`.
+    pub client_prefix: String,
+    /// An MQTT upstream's unacknowledged QoS 1 PUBLISHes at most.
+    pub upstream_window: usize,
 }
 
 /// What the receivers share.
 struct Shared {
     delivered: AtomicU64,
+    /// QoS 1: redeliveries (DUP set), not counted as delivered.
+    dups: AtomicU64,
+    /// QoS 1: deliveries at QoS 0 (the broker downgraded the subscription).
+    not_qos1: AtomicU64,
     last_us: AtomicU64,
     closed: AtomicU64,
     warm: Vec<AtomicBool>,
@@ -76,6 +96,19 @@ pub async fn run(target: &Target, shape: &Shape) -> anyhow::Result<Report> {
     let n = shape.subscribers;
     let logins = target.logins(1, false).await?;
     let app_filter = format!("v3/{}/devices/+/up", target.uid());
+    if let Some(q) = &shape.qos1 {
+        let login = logins.as_ref().and_then(|l| l.first());
+        let retries = AtomicU64::new(0);
+        let prefix = &q.client_prefix;
+        let conns =
+            connect_persistent(target, n, login, prefix, &app_filter, shape, &retries).await?;
+        let report = run_on(target, shape, conns).await;
+        // Leave no session behind (a clean connect discards it).
+        discard_sessions(target, n, login, prefix, shape.concurrency).await?;
+        let mut report = report?;
+        report.set("connect_retries", retries.load(Ordering::Relaxed));
+        return Ok(report);
+    }
     let opened = connect_many(
         target,
         n,
@@ -105,6 +138,8 @@ pub async fn run_on(target: &Target, shape: &Shape, conns: Vec<Conn>) -> anyhow:
     );
     let shared = Arc::new(Shared {
         delivered: AtomicU64::new(0),
+        dups: AtomicU64::new(0),
+        not_qos1: AtomicU64::new(0),
         last_us: AtomicU64::new(0),
         closed: AtomicU64::new(0),
         warm: (0..n).map(|_| AtomicBool::new(false)).collect(),
@@ -115,11 +150,20 @@ pub async fn run_on(target: &Target, shape: &Shape, conns: Vec<Conn>) -> anyhow:
     let receivers: Vec<_> = conns
         .into_iter()
         .enumerate()
-        .map(|(i, conn)| tokio::spawn(receive(i, conn, shared.clone(), stop.clone())))
+        .map(|(i, conn)| {
+            tokio::spawn(receive(
+                i,
+                conn,
+                shared.clone(),
+                stop.clone(),
+                shape.qos1.is_some(),
+            ))
+        })
         .collect();
 
     let devices = if shape.per_device { n } else { shape.devices };
-    let mut up = target.upstream(devices.max(1)).await?;
+    let window = shape.qos1.as_ref().map(|q| q.upstream_window);
+    let mut up = target.upstream(devices.max(1), window).await?;
     warm_up(&mut up, &shared, shape).await?;
 
     let per_message = if shape.per_device { 1 } else { n as u64 };
@@ -157,7 +201,9 @@ pub async fn run_on(target: &Target, shape: &Shape, conns: Vec<Conn>) -> anyhow:
     } else {
         lost as f64 / expected as f64
     };
-    let name = if shape.per_device {
+    let name = if shape.qos1.is_some() {
+        "qos1"
+    } else if shape.per_device {
         "devices"
     } else {
         "fanout"
@@ -182,32 +228,84 @@ pub async fn run_on(target: &Target, shape: &Shape, conns: Vec<Conn>) -> anyhow:
         .rate("delivered_per_s", delivered, secs)
         .set("subscribers_closed", shared.closed.load(Ordering::Relaxed))
         .latency(&shared.latency.lock());
+    if let Some(q) = &shape.qos1 {
+        r.set("qos", 1u64)
+            .set("clean_session", false)
+            .set("dup_redeliveries", shared.dups.load(Ordering::Relaxed))
+            .set(
+                "not_qos1_deliveries",
+                shared.not_qos1.load(Ordering::Relaxed),
+            )
+            .set(
+                "upstream_qos",
+                if target.is_lorabroker() { 0u64 } else { 1 },
+            )
+            .set(
+                "upstream_window",
+                if target.is_lorabroker() {
+                    0
+                } else {
+                    q.upstream_window as u64
+                },
+            )
+            .set("unexpected_pubacks", up.unexpected_acks());
+    }
     r.extend(cpu_end);
     Ok(r)
 }
 
-/// One subscriber: counts and times measured deliveries, flags warm-up probes; returns its
-/// connection when stopped (`None` if the broker closed it).
+/// One subscriber: counts and times measured deliveries, flags warm-up probes; at `qos1`
+/// acknowledges every QoS 1 PUBLISH, counts DUP redeliveries apart (not delivered again)
+/// and QoS 0 deliveries; returns its connection when stopped (`None` if the broker closed
+/// it).
 async fn receive(
     i: usize,
     mut conn: Conn,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    qos1: bool,
 ) -> Option<Conn> {
     let mut times: Vec<u64> = Vec::new();
     let mut warm = false;
+    let mut acks = BytesMut::new();
+    let (mut dups, mut not_qos1) = (0u64, 0u64);
     loop {
         let read = tokio::select! {
             _ = stop.cancelled() => return Some(conn),
-            r = conn.read_frames(|p| match payload::parse(p) {
-                Some((Kind::Measured, t)) => times.push(t),
-                Some((Kind::Warmup, _)) => warm = true,
-                None => {}
+            r = conn.read_packets(|f| {
+                let Frame::Publish { qos, dup, pkid, payload } = f else {
+                    return;
+                };
+                if qos1 {
+                    if qos > 0 {
+                        encode_puback(&mut acks, pkid);
+                    } else {
+                        not_qos1 += 1;
+                    }
+                    if dup {
+                        dups += 1;
+                        return;
+                    }
+                }
+                match payload::parse(payload) {
+                    Some((Kind::Measured, t)) => times.push(t),
+                    Some((Kind::Warmup, _)) => warm = true,
+                    None => {}
+                }
             }) => r,
         };
-        if !matches!(read, Ok(true)) {
+        if !matches!(read, Ok(true)) || (!acks.is_empty() && conn.send(&acks).await.is_err()) {
             shared.closed.fetch_add(1, Ordering::Relaxed);
             return None;
+        }
+        acks.clear();
+        if dups > 0 || not_qos1 > 0 {
+            shared
+                .dups
+                .fetch_add(std::mem::take(&mut dups), Ordering::Relaxed);
+            shared
+                .not_qos1
+                .fetch_add(std::mem::take(&mut not_qos1), Ordering::Relaxed);
         }
         if warm && !shared.warm[i].load(Ordering::Relaxed) {
             shared.warm[i].store(true, Ordering::Relaxed);
@@ -228,6 +326,91 @@ async fn receive(
             times.clear();
         }
     }
+}
+
+/// Connects `n` persistent subscribers (`{prefix}-{i}`, clean_session=0) on the
+/// application's uplinks at QoS 1, each after a clean connect that discards what an
+/// earlier run left under its client ID; fails unless QoS 1 is granted. A CONNECT refused
+/// as server unavailable is tried again (up to [`CONNECT_TRIES`] times, counted in
+/// `retries`): lorabroker may refuse a persistent connect that follows a clean connect of
+/// the same client ID too closely.
+async fn connect_persistent(
+    target: &Target,
+    n: usize,
+    login: Option<&Login>,
+    prefix: &str,
+    filter: &str,
+    shape: &Shape,
+    retries: &AtomicU64,
+) -> anyhow::Result<Vec<Conn>> {
+    discard_sessions(target, n, login, prefix, shape.concurrency).await?;
+    let results: Vec<anyhow::Result<Conn>> = stream::iter(0..n)
+        .map(|i| async move {
+            let id = format!("{prefix}-{i}");
+            let (mut conn, present) = connect_retrying(target, i, &id, login, retries).await?;
+            anyhow::ensure!(!present, "{id}: a session survived the clean connect");
+            let granted = conn
+                .subscribe_qos(&[filter.to_owned()], QoS::AtLeastOnce)
+                .await?;
+            anyhow::ensure!(
+                granted == [QoS::AtLeastOnce],
+                "{id}: QoS 1 subscription granted {granted:?}"
+            );
+            Ok(conn)
+        })
+        .buffered(shape.concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// How often [`connect_retrying`] tries.
+const CONNECT_TRIES: u32 = 5;
+/// How long it waits between two tries.
+const CONNECT_RETRY: Duration = Duration::from_millis(250);
+
+/// A persistent connect (clean_session=0) of `id` to the `i`-th listener, tried again when
+/// refused as server unavailable; each retry is counted in `retries`.
+pub async fn connect_retrying(
+    target: &Target,
+    i: usize,
+    id: &str,
+    login: Option<&Login>,
+    retries: &AtomicU64,
+) -> anyhow::Result<(Conn, bool)> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match Conn::connect_session(&target.dialer, target.addr(i), id, login, false).await {
+            Err(e) if tries < CONNECT_TRIES && e.to_string().contains("ServiceUnavailable") => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(CONNECT_RETRY).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Discards the sessions of client IDs `{prefix}-0` to `{prefix}-{n-1}`: a clean connect
+/// and a DISCONNECT each.
+async fn discard_sessions(
+    target: &Target,
+    n: usize,
+    login: Option<&Login>,
+    prefix: &str,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let results: Vec<anyhow::Result<()>> = stream::iter(0..n)
+        .map(|i| async move {
+            let id = format!("{prefix}-{i}");
+            let conn = Conn::connect(&target.dialer, target.addr(i), &id, login).await?;
+            conn.disconnect().await;
+            Ok(())
+        })
+        .buffered(concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 /// Publishes probes until every subscriber has received one: a probe to every cold
@@ -302,7 +485,7 @@ async fn publish(
                     published += 1;
                 }
                 up.flush().await?;
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                up.pause(Duration::from_millis(1)).await?;
             }
             None => {
                 let delivered = shared.delivered.load(Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! A minimal MQTT 3.1.1 client over one connection of any transport (see `dial.rs`; plain
 //! TCP is an unboxed `TcpStream`): just enough to connect, subscribe,
-//! publish at QoS 0 and read PUBLISH frames, so that one process can hold tens of thousands
-//! of connections. Control packets go through mqttbytes' v4 codec; the receive hot path
+//! publish at QoS 0 or 1, acknowledge QoS 1 deliveries and read PUBLISH frames, so that
+//! one process can hold tens of thousands of connections. Control packets go through mqttbytes' v4 codec; the receive hot path
 //! ([`Conn::read_frames`]) only splits frames and hands out PUBLISH payloads as slices,
 //! without allocating per message.
 
@@ -52,6 +52,20 @@ impl Conn {
         client_id: &str,
         login: Option<&Login>,
     ) -> anyhow::Result<Conn> {
+        Ok(Self::connect_session(dialer, addr, client_id, login, true)
+            .await?
+            .0)
+    }
+
+    /// [`Conn::connect`] with the given clean-session flag; also returns CONNACK's
+    /// session-present flag.
+    pub async fn connect_session(
+        dialer: &Dialer,
+        addr: SocketAddr,
+        client_id: &str,
+        login: Option<&Login>,
+        clean_session: bool,
+    ) -> anyhow::Result<(Conn, bool)> {
         let stream = dialer.dial(addr).await?;
         let mut conn = Conn {
             stream,
@@ -60,7 +74,7 @@ impl Conn {
         };
         let mut connect = v4::Connect::new(client_id);
         connect.keep_alive = KEEP_ALIVE_SECS;
-        connect.clean_session = true;
+        connect.clean_session = clean_session;
         if let Some(l) = login {
             connect.set_login(l.username.as_str(), l.password.as_str());
         }
@@ -70,7 +84,9 @@ impl Conn {
             .map_err(|e| anyhow::anyhow!("encode CONNECT: {e:?}"))?;
         conn.stream.write_all(&out).await?;
         match conn.control_packet().await? {
-            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok(conn),
+            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {
+                Ok((conn, ack.session_present))
+            }
             Packet::ConnAck(ack) => bail!("connection refused: {:?}", ack.code),
             other => bail!("expected CONNACK, got {other:?}"),
         }
@@ -78,10 +94,21 @@ impl Conn {
 
     /// Subscribes to `filters` at QoS 0 and waits for the SUBACK; a refused filter is an error.
     pub async fn subscribe(&mut self, filters: &[String]) -> anyhow::Result<()> {
+        self.subscribe_qos(filters, QoS::AtMostOnce).await.map(drop)
+    }
+
+    /// Subscribes to `filters` at `qos` and waits for the SUBACK; returns the granted QoS
+    /// per filter (a refused filter is an error). PUBLISHes that arrive before the SUBACK
+    /// are dropped (and, at QoS 1, acknowledged, so that the broker does not hold them).
+    pub async fn subscribe_qos(
+        &mut self,
+        filters: &[String],
+        qos: QoS,
+    ) -> anyhow::Result<Vec<QoS>> {
         let subscribe = v4::Subscribe::new_many(
             filters
                 .iter()
-                .map(|f| v4::SubscribeFilter::new(f.clone(), QoS::AtMostOnce)),
+                .map(|f| v4::SubscribeFilter::new(f.clone(), qos)),
         );
         let mut subscribe = subscribe;
         subscribe.pkid = 1;
@@ -93,17 +120,26 @@ impl Conn {
         loop {
             match self.control_packet().await? {
                 Packet::SubAck(ack) => {
-                    if ack
+                    return ack
                         .return_codes
                         .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
-                        bail!("subscription to {filters:?} refused");
-                    }
-                    return Ok(());
+                        .map(|c| match c {
+                            SubscribeReasonCode::Success(q) => Ok(*q),
+                            SubscribeReasonCode::Failure => {
+                                bail!("subscription to {filters:?} refused")
+                            }
+                        })
+                        .collect();
                 }
                 // A broker may already deliver before the SUBACK is read; drop it.
-                Packet::Publish(_) => continue,
+                Packet::Publish(p) => {
+                    if p.qos != QoS::AtMostOnce {
+                        let mut out = BytesMut::with_capacity(4);
+                        encode_puback(&mut out, p.pkid);
+                        self.stream.write_all(&out).await?;
+                    }
+                    continue;
+                }
                 other => bail!("expected SUBACK, got {other:?}"),
             }
         }
@@ -132,6 +168,21 @@ impl Conn {
     /// PUBLISH frame now buffered; other frames are skipped. Returns `Ok(false)` when the
     /// broker closed the connection.
     pub async fn read_frames(&mut self, mut on_publish: impl FnMut(&[u8])) -> anyhow::Result<bool> {
+        self.read_packets(|f| {
+            if let Frame::Publish { payload, .. } = f {
+                on_publish(payload)
+            }
+        })
+        .await
+    }
+
+    /// Like [`Conn::read_frames`], but hands out every whole frame now buffered as a
+    /// [`Frame`]: PUBLISH with its QoS, DUP flag and packet ID, PUBACK with its packet ID.
+    /// Cancel-safe: frames are only parsed once a read completed.
+    pub async fn read_packets(
+        &mut self,
+        mut on_frame: impl FnMut(Frame<'_>),
+    ) -> anyhow::Result<bool> {
         if self.buf.capacity() - self.buf.len() < self.read_chunk / 16 {
             self.buf.reserve(self.read_chunk);
         }
@@ -144,11 +195,7 @@ impl Conn {
                 break;
             }
             let body = &self.buf[header_len..header_len + body_len];
-            if header >> 4 == 3 {
-                if let Some(payload) = publish_payload(header, body) {
-                    on_publish(payload);
-                }
-            }
+            on_frame(parse_frame(header, body));
             self.buf.advance(header_len + body_len);
         }
         Ok(true)
@@ -206,6 +253,61 @@ fn frame_header(buf: &[u8]) -> anyhow::Result<Option<(u8, usize, usize)>> {
     Ok(None)
 }
 
+/// One frame from the broker, as [`Conn::read_packets`] hands it out.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A PUBLISH.
+    Publish {
+        /// Its QoS (0, 1 or 2).
+        qos: u8,
+        /// Its DUP flag (a redelivery).
+        dup: bool,
+        /// Its packet ID (0 at QoS 0).
+        pkid: u16,
+        /// Its payload.
+        payload: &'a [u8],
+    },
+    /// A PUBACK of this packet ID.
+    PubAck(u16),
+    /// Anything else, or a malformed PUBLISH or PUBACK.
+    Other,
+}
+
+/// The frame of first byte `header` and body `body`.
+fn parse_frame(header: u8, body: &[u8]) -> Frame<'_> {
+    match header >> 4 {
+        3 => {
+            let qos = (header >> 1) & 0x3;
+            let (Some(payload), Some(pkid)) =
+                (publish_payload(header, body), publish_pkid(header, body))
+            else {
+                return Frame::Other;
+            };
+            Frame::Publish {
+                qos,
+                dup: header & 0x08 != 0,
+                pkid,
+                payload,
+            }
+        }
+        4 => match body {
+            [a, b] => Frame::PubAck(u16::from_be_bytes([*a, *b])),
+            _ => Frame::Other,
+        },
+        _ => Frame::Other,
+    }
+}
+
+/// The packet ID of a PUBLISH body (0 at QoS 0), `None` when the body is too short.
+fn publish_pkid(header: u8, body: &[u8]) -> Option<u16> {
+    if (header >> 1) & 0x3 == 0 {
+        return Some(0);
+    }
+    let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let at = 2 + topic_len;
+    Some(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]))
+}
+
 /// The payload of a PUBLISH body (topic length, topic, packet ID if QoS > 0, payload).
 fn publish_payload(header: u8, body: &[u8]) -> Option<&[u8]> {
     let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
@@ -225,6 +327,24 @@ pub fn encode_publish(out: &mut BytesMut, topic: &str, payload: &[u8]) {
     out.put_slice(payload);
 }
 
+/// Appends a QoS 1 PUBLISH frame of `payload` on `topic` with packet ID `pkid` to `out`.
+pub fn encode_publish_qos1(out: &mut BytesMut, topic: &str, pkid: u16, payload: &[u8]) {
+    let remaining = 2 + topic.len() + 2 + payload.len();
+    out.reserve(5 + remaining);
+    out.put_u8(0x32);
+    lorabroker::mqtt::codec::put_remaining_length(out, remaining);
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic.as_bytes());
+    out.put_u16(pkid);
+    out.put_slice(payload);
+}
+
+/// Appends a PUBACK of `pkid` to `out`.
+pub fn encode_puback(out: &mut BytesMut, pkid: u16) {
+    out.put_slice(&[0x40, 0x02]);
+    out.put_u16(pkid);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,5 +362,32 @@ mod tests {
             Packet::Publish(p) => assert_eq!(p.topic, "v3/a@t/devices/d/up"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn qos1_publish_and_puback_frames_parse() {
+        let mut out = BytesMut::new();
+        encode_publish_qos1(&mut out, "v3/a@t/devices/d/up", 513, b"hello");
+        let (header, len, hl) = frame_header(&out).unwrap().unwrap();
+        assert_eq!(
+            parse_frame(header | 0x08, &out[hl..hl + len]),
+            Frame::Publish {
+                qos: 1,
+                dup: true,
+                pkid: 513,
+                payload: b"hello"
+            }
+        );
+        match v4::read(&mut out.clone(), MAX_PACKET).unwrap() {
+            Packet::Publish(p) => assert_eq!((p.qos, p.pkid), (QoS::AtLeastOnce, 513)),
+            other => panic!("{other:?}"),
+        }
+        let mut ack = BytesMut::new();
+        encode_puback(&mut ack, 513);
+        let (header, len, hl) = frame_header(&ack).unwrap().unwrap();
+        assert_eq!(parse_frame(header, &ack[hl..hl + len]), Frame::PubAck(513));
+        // Truncated bodies are not frames.
+        assert_eq!(parse_frame(0x32, &[0, 5, b'a']), Frame::Other);
+        assert_eq!(parse_frame(0x40, &[1]), Frame::Other);
     }
 }

@@ -220,6 +220,43 @@ async fn a_clean_connect_discards_the_session(backend: Backend) {
     node.shutdown().await;
 }
 
+/// The common reset pattern: a clean connect, then at once a persistent one with the same
+/// client ID. The second gets a new, empty session that lasts: the discard of the first
+/// is done before its CONNACK, so it cannot delete the new session under it.
+async fn a_persistent_connect_right_after_a_clean_one_gets_a_lasting_session(backend: Backend) {
+    let (_env, node, app, key) = world(backend).await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let id = unique("backend");
+    let mut old = login.connect(&id, false, false).await;
+    old.subscribe_acked("#", QoS::AtLeastOnce).await;
+    drop(old);
+    detached(&node).await;
+    uplinks(&node, &device(&app, "dev1"), 0..5).await;
+    for round in 0..5 {
+        drop(login.connect(&id, true, false).await);
+        let mut fresh = login.connect(&id, false, false).await;
+        assert!(
+            !fresh.present,
+            "round {round}: the clean connect discarded the session"
+        );
+        fresh.subscribe_acked("#", QoS::AtLeastOnce).await;
+        uplinks(&node, &device(&app, "dev1"), 100..101).await;
+        assert_eq!(number(&fresh.next().await), 100, "round {round}");
+        fresh.expect_silence().await;
+        drop(fresh);
+        detached(&node).await;
+        let back = login.connect(&id, false, false).await;
+        assert!(back.present, "round {round}: the new session lasts");
+        drop(back);
+        detached(&node).await;
+    }
+    node.shutdown().await;
+}
+
 /// Past `sessions.max_pending_messages` the oldest stored messages are dropped, counted,
 /// and announced to the application.
 async fn pending_messages_are_bounded(backend: Backend) {
@@ -352,6 +389,7 @@ crate::on_both_backends!(
     missed_messages_come_back_in_order,
     unacknowledged_messages_are_redelivered_with_dup,
     a_clean_connect_discards_the_session,
+    a_persistent_connect_right_after_a_clean_one_gets_a_lasting_session,
     pending_messages_are_bounded,
     sessions_expire,
 );

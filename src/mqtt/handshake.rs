@@ -320,7 +320,7 @@ pub(super) async fn handshake(
 
 /// The persistent session of a `clean_session=0` CONNECT, resumed or created, when
 /// `sessions.enabled`; `None` for a clean session, whose stored session (if any) is
-/// discarded meanwhile, as MQTT 3.1.1 §3.1.2.4 says.
+/// discarded first, as MQTT 3.1.1 §3.1.2.4 says.
 async fn open_session(
     app: &Arc<App>,
     accepted: &super::connect::Accepted,
@@ -334,17 +334,17 @@ async fn open_session(
         client_id: accepted.client_id.clone(),
     };
     if clean_session {
-        // In the background: a clean session needs nothing from the store.
-        let app = app.clone();
-        tokio::spawn(async move {
-            match app.sessions.discard(&key).await {
-                Ok(true) => {
-                    app.metrics.sessions_discarded.inc();
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "could not discard the stored session"),
+        // Before the CONNACK, not in the background: a client that connects clean to
+        // reset its session and then at once with clean_session=0 must get a new session,
+        // not one that a late discard deletes under it. A store that cannot be reached
+        // does not refuse the clean connection, which needs nothing from it.
+        match app.sessions.discard(&key).await {
+            Ok(true) => {
+                app.metrics.sessions_discarded.inc();
             }
-        });
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not discard the stored session"),
+        }
         return Ok(None);
     }
     let opened = app.sessions.open(&key).await;

@@ -369,7 +369,7 @@ impl Default for Metrics {
         );
         registry.register(
             "sessions_opened",
-            "Persistent sessions opened on this node, by outcome (resumed, created, unavailable)",
+            "Persistent sessions opened on this node, by outcome (resumed, created, full, unavailable)",
             m.sessions_opened.clone(),
         );
         registry.register(

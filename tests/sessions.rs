@@ -295,6 +295,64 @@ async fn pending_messages_are_bounded(backend: Backend) {
     node.shutdown().await;
 }
 
+/// A tenant keeps at most `sessions.max_sessions_per_tenant` sessions: one more new
+/// session is refused with CONNACK 3 and counted; the existing ones still resume, and a
+/// discarded one makes room.
+async fn sessions_per_tenant_are_bounded(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let node = env
+        .node_with(|c| {
+            sessions_on(c);
+            c.sessions.max_sessions_per_tenant = 2;
+        })
+        .await;
+    let app = env.app("app1");
+    let key = node.key(&app, Rights::DEFAULT).await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let ids = [unique("a"), unique("b"), unique("c")];
+    for id in &ids[..2] {
+        drop(login.connect(id, false, false).await);
+        detached(&node).await;
+    }
+    let third = persistent_connect(&node, &app, &key, &ids[2]).await;
+    assert_eq!(
+        third.err(),
+        Some(rumqttc::ConnectReturnCode::ServiceUnavailable)
+    );
+    assert_eq!(
+        node.metric(r#"lorabroker_connects_total{outcome="refused_sessions_full"}"#)
+            .await,
+        1
+    );
+    // A clean session needs no room, and an existing session resumes.
+    drop(login.connect(&ids[2], true, false).await);
+    let back = login.connect(&ids[0], false, false).await;
+    assert!(back.present);
+    drop(back);
+    detached(&node).await;
+    // Discarding one makes room for the third.
+    drop(login.connect(&ids[1], true, false).await);
+    let third = login.connect(&ids[2], false, false).await;
+    assert!(!third.present);
+    node.shutdown().await;
+}
+
+/// A `clean_session=0` CONNECT that may be refused: its CONNACK code when it is.
+async fn persistent_connect(
+    node: &TestNode,
+    app: &AppRef,
+    key: &str,
+    client_id: &str,
+) -> Result<common::broker::TestClient, rumqttc::ConnectReturnCode> {
+    let addr = node.addr(Kind::Tcp);
+    let opts = common::persistent::options(addr, &node.username(app), key, client_id, false, false);
+    common::broker::TestClient::connect_with(opts).await
+}
+
 /// A session is discarded `sessions.expiry` after its connection ended.
 async fn sessions_expire(backend: Backend) {
     let env = TestEnv::new(backend).await;
@@ -391,6 +449,7 @@ crate::on_both_backends!(
     a_clean_connect_discards_the_session,
     a_persistent_connect_right_after_a_clean_one_gets_a_lasting_session,
     pending_messages_are_bounded,
+    sessions_per_tenant_are_bounded,
     sessions_expire,
 );
 

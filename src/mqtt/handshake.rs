@@ -27,6 +27,7 @@ use crate::events::{bounded, data, names};
 use crate::limits::Admission as Quota;
 use crate::log::{Bounded, Verdict};
 use crate::metrics::{OutcomeLabels, ReasonLabels, TransportLabels};
+use crate::sessions::SessionError;
 use crate::topic::AppRef;
 use crate::transport::{Kind, Stream, Transport};
 
@@ -250,10 +251,19 @@ pub(super) async fn handshake(
     let persistent = match open_session(&app, &accepted, connect.clean_session).await {
         Ok(persistent) => persistent,
         Err(e) => {
-            // The client asked for a session we cannot give now: refuse, so that it retries
-            // rather than believe it has one.
-            tracing::warn!(error = %e, "CONNECT refused: the session store is unavailable");
-            fail(&accepted.app, "session store unavailable");
+            // The client asked for a session we cannot give now: refuse with CONNACK 3, so
+            // that it retries rather than believe it has one (a tenant at its session limit
+            // is refused like one at a connection quota: ResourceExhausted in The Things
+            // Stack).
+            let (error, outcome) = match e {
+                SessionError::Full => (
+                    "persistent session limit of the tenant reached",
+                    "refused_sessions_full",
+                ),
+                _ => ("session store unavailable", "refused_session_unavailable"),
+            };
+            tracing::warn!(error = %e, "CONNECT refused: no persistent session");
+            fail(&accepted.app, error);
             if quota == Quota::Held {
                 app.limits
                     .quotas
@@ -263,7 +273,7 @@ pub(super) async fn handshake(
             let _ = conn
                 .send_now(connack(ConnectReturnCode::ServiceUnavailable))
                 .await;
-            return count_connect(&app, "refused_session_unavailable");
+            return count_connect(&app, outcome);
         }
     };
     let span = tracing::Span::current();
@@ -325,7 +335,7 @@ async fn open_session(
     app: &Arc<App>,
     accepted: &super::connect::Accepted,
     clean_session: bool,
-) -> Result<Option<crate::sessions::Opened>, crate::sessions::SessionError> {
+) -> Result<Option<crate::sessions::Opened>, SessionError> {
     if !app.config.sessions.enabled {
         return Ok(None);
     }
@@ -351,6 +361,7 @@ async fn open_session(
     let outcome = match &opened {
         Ok(o) if o.present => "resumed",
         Ok(_) => "created",
+        Err(SessionError::Full) => "full",
         Err(_) => "unavailable",
     };
     app.metrics

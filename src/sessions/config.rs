@@ -29,6 +29,13 @@ pub struct SessionsConfig {
     /// Bytes of traffic one tenant's sessions may hold in JetStream (its stream's
     /// `max_bytes`); past it the stream drops the oldest.
     pub max_tenant_bytes: i64,
+    /// Persistent sessions one tenant may keep (JetStream: consumers on its stream, shared
+    /// subscriptions included). A CONNECT that would create one more gets CONNACK 3
+    /// (`lorabroker_connects_total{outcome="refused_sessions_full"}`); resuming one that
+    /// exists always works. Each session is a JetStream consumer that every message of
+    /// the tenant is matched against: unbounded, one tenant's random client IDs would
+    /// slow NATS for all.
+    pub max_sessions_per_tenant: u64,
     /// How long JetStream keeps a message that a session has not acknowledged.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
@@ -52,6 +59,7 @@ impl Default for SessionsConfig {
             max_pending_messages: 100_000,
             max_pending_bytes: 64 << 20,
             max_tenant_bytes: 1 << 30,
+            max_sessions_per_tenant: 10_000,
             max_age: Duration::from_secs(24 * 3600),
             stream_prefix: "lorabroker-sessions-".into(),
             storage: "file".into(),
@@ -86,6 +94,9 @@ impl SessionsConfig {
                 "sessions.usage_interval: {:?} is shorter than 100ms",
                 self.usage_interval
             ));
+        }
+        if self.max_sessions_per_tenant == 0 {
+            errors.push("sessions.max_sessions_per_tenant: must be at least 1".into());
         }
         if self.max_pending_messages == 0 {
             errors.push("sessions.max_pending_messages: must be at least 1".into());

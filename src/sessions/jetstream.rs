@@ -227,6 +227,21 @@ impl SessionStore for JetStreamSessions {
             self.expired.lock().inc();
         }
         let present = previous.is_some();
+        if !present {
+            // A new session is one more consumer that every message of the tenant is
+            // matched against: bounded per tenant (checked here, so concurrent creations
+            // may pass it by a few).
+            let kept = stream
+                .clone()
+                .info()
+                .await
+                .map_err(|e| failed("reading the tenant's stream")(&e))?
+                .state
+                .consumer_count as u64;
+            if kept >= self.config.max_sessions_per_tenant {
+                return Err(SessionError::Full);
+            }
+        }
         let (start, last_delivered) = match &previous {
             Some(info) => (
                 consumer::DeliverPolicy::ByStartSequence {

@@ -48,6 +48,7 @@ struct Limits {
     expiry: Duration,
     max_messages: u64,
     max_bytes: u64,
+    max_sessions_per_tenant: u64,
 }
 
 struct Session {
@@ -147,6 +148,7 @@ impl MemorySessions {
             expiry: config.expiry,
             max_messages: config.max_pending_messages,
             max_bytes: config.max_pending_bytes,
+            max_sessions_per_tenant: config.max_sessions_per_tenant,
         };
         Self {
             shares: shares::Shares::new(bus.clone(), limits),
@@ -220,6 +222,16 @@ async fn capture<T: Captures>(mut sub: Subscription, target: Weak<T>, limits: Li
     }
 }
 
+impl MemorySessions {
+    /// Sessions and shares `tenant` keeps, for `sessions.max_sessions_per_tenant`.
+    fn kept_of(&self, tenant: &crate::topic::Id) -> u64 {
+        let sessions = (self.inner.sessions.lock().keys())
+            .filter(|k| &k.app.tenant == tenant)
+            .count() as u64;
+        sessions + self.shares.count_of(tenant)
+    }
+}
+
 #[async_trait]
 impl SessionStore for MemorySessions {
     async fn open(&self, key: &SessionKey) -> Result<Opened, SessionError> {
@@ -227,6 +239,9 @@ impl SessionStore for MemorySessions {
         let (session, present) = match found {
             Some(s) => (s, true),
             None => {
+                if self.kept_of(&key.app.tenant) >= self.inner.limits.max_sessions_per_tenant {
+                    return Err(SessionError::Full);
+                }
                 let s = self.create(key).await?;
                 let mut sessions = self.inner.sessions.lock();
                 // Two CONNECTs of one client ID raced: the first one in wins.

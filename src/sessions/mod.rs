@@ -125,6 +125,9 @@ pub enum SessionError {
     /// Another connection took the session over.
     #[error("the session was taken over by another connection")]
     TakenOver,
+    /// The tenant keeps `sessions.max_sessions_per_tenant` sessions already: no new one.
+    #[error("the tenant's persistent sessions are at sessions.max_sessions_per_tenant")]
+    Full,
     /// Persistent sessions are off on this node (`sessions.enabled = false`).
     #[error("persistent sessions are disabled")]
     Disabled,

@@ -49,6 +49,13 @@ impl Shares {
         }
     }
 
+    /// How many shares `tenant` keeps.
+    pub(super) fn count_of(&self, tenant: &crate::topic::Id) -> u64 {
+        (self.shares.lock().keys())
+            .filter(|k| &k.app.tenant == tenant)
+            .count() as u64
+    }
+
     /// Adds what every share holds to `usage`.
     pub(super) fn add_usage(&self, usage: &mut Usage) {
         // The map's lock is not held while a share's is taken.

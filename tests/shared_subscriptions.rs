@@ -293,7 +293,53 @@ async fn unacknowledged_shared_messages_go_to_another_member(backend: Backend) {
     assert_eq!(got, (40..60).collect::<HashSet<_>>());
 }
 
+/// A persistent member's new share is kept by the store like a session: it counts
+/// against `sessions.max_sessions_per_tenant`, and past it the filter gets SUBACK 0x80
+/// (counted as `sessions_full`), while joining a share that exists still works.
+async fn new_shares_count_against_the_tenants_sessions(backend: Backend) {
+    let (_env, node, app, key) = world(backend, |c| {
+        persistent(c);
+        c.sessions.max_sessions_per_tenant = 2;
+    })
+    .await;
+    let login = Login {
+        node: &node,
+        app: &app,
+        key: &key,
+    };
+    let id = unique("m");
+    let mut member = login.connect(&id, false, false).await;
+    assert_eq!(
+        member.subscribe_acked(SHARE, QoS::AtLeastOnce).await,
+        granted(QoS::AtLeastOnce),
+        "the session and its share: two of two"
+    );
+    assert_eq!(
+        member
+            .subscribe_acked("$share/others/v3/+/devices/+/up", QoS::AtLeastOnce)
+            .await,
+        SubscribeReasonCode::Failure,
+        "a third would pass the bound"
+    );
+    assert_eq!(
+        node.metric(r#"lorabroker_subscriptions_refused_total{reason="sessions_full"}"#)
+            .await,
+        1
+    );
+    drop(member);
+    detached(&node).await;
+    // Coming back, the session and its existing share are restored.
+    let mut back = login.connect(&id, false, false).await;
+    assert!(back.present);
+    assert_eq!(
+        back.subscribe_acked(SHARE, QoS::AtLeastOnce).await,
+        granted(QoS::AtLeastOnce)
+    );
+    node.shutdown().await;
+}
+
 crate::on_both_backends!(
+    new_shares_count_against_the_tenants_sessions,
     each_message_goes_to_one_member,
     members_leave_by_unsubscribe_and_by_disconnect,
     shares_are_checked_and_bounded,

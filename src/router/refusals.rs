@@ -33,6 +33,7 @@ impl Refusal {
             Refusal::NoReadRight => "no_read_right",
             Refusal::Filter(e) => e.reason(),
             Refusal::Subscribe(e) => e.reason(),
+            Refusal::Session(crate::sessions::SessionError::Full) => "sessions_full",
             Refusal::Session(_) => "session_unavailable",
         }
     }

@@ -158,6 +158,24 @@ impl JetStreamSessions {
         }
     }
 
+    /// [`SessionError::Full`] when the tenant's stream has `sessions.max_sessions_per_tenant`
+    /// consumers: a new session or share is one more consumer that every message of the
+    /// tenant is matched against. Checked before creating one, so concurrent creations may
+    /// pass the bound by a few.
+    async fn check_room(&self, stream: &stream::Stream) -> Result<(), SessionError> {
+        let kept = stream
+            .clone()
+            .info()
+            .await
+            .map_err(|e| failed("reading the tenant's stream")(&e))?
+            .state
+            .consumer_count as u64;
+        if kept >= self.config.max_sessions_per_tenant {
+            return Err(SessionError::Full);
+        }
+        Ok(())
+    }
+
     /// The messages of `consumer`, pulled a window at a time.
     async fn pull(
         &self,
@@ -228,19 +246,7 @@ impl SessionStore for JetStreamSessions {
         }
         let present = previous.is_some();
         if !present {
-            // A new session is one more consumer that every message of the tenant is
-            // matched against: bounded per tenant (checked here, so concurrent creations
-            // may pass it by a few).
-            let kept = stream
-                .clone()
-                .info()
-                .await
-                .map_err(|e| failed("reading the tenant's stream")(&e))?
-                .state
-                .consumer_count as u64;
-            if kept >= self.config.max_sessions_per_tenant {
-                return Err(SessionError::Full);
-            }
+            self.check_room(&stream).await?;
         }
         let (start, last_delivered) = match &previous {
             Some(info) => (
@@ -359,6 +365,10 @@ impl SessionStore for JetStreamSessions {
             inactive_threshold: self.config.expiry,
             ..Default::default()
         };
+        if Self::consumer_info(&stream, &name).await?.is_none() {
+            // A new share is one more consumer of the tenant's stream, as a session is.
+            self.check_room(&stream).await?;
+        }
         let consumer: consumer::PullConsumer =
             stream
                 .get_or_create_consumer(&name, config)

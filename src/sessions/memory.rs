@@ -293,6 +293,12 @@ impl SessionStore for MemorySessions {
     }
 
     async fn join_share(&self, share: &ShareKey) -> Result<Box<dyn SessionConsumer>, SessionError> {
+        // A new share counts against the tenant's sessions.max_sessions_per_tenant.
+        if !self.shares.exists(share)
+            && self.kept_of(&share.app.tenant) >= self.inner.limits.max_sessions_per_tenant
+        {
+            return Err(SessionError::Full);
+        }
         self.shares.join(share).await
     }
 

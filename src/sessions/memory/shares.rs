@@ -49,6 +49,11 @@ impl Shares {
         }
     }
 
+    /// Whether the share of `key` exists.
+    pub(super) fn exists(&self, key: &ShareKey) -> bool {
+        self.shares.lock().contains_key(key)
+    }
+
     /// How many shares `tenant` keeps.
     pub(super) fn count_of(&self, tenant: &crate::topic::Id) -> u64 {
         (self.shares.lock().keys())

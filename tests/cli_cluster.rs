@@ -12,11 +12,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::http;
+use common::serve::ServeNode;
 use common::services::{unique, NatsService, RedisService};
 use common::shell::{correlation_ids, exec, paste, require, shell, until, OutputLines, Spawned};
 
@@ -143,60 +143,18 @@ impl World {
 
     /// Starts a `serve` node on port 0; returns it once it prints its addresses and reports
     /// ready.
-    async fn serve(&self, template: &str, node: &str) -> Node {
+    async fn serve(&self, template: &str, node: &str) -> ServeNode {
         let mut vars = Vars(self.vars.0.clone());
         vars.set("node", node);
         vars.set("mqtt_port", "0");
         vars.set("http_port", "0");
-        let mut child = Spawned::start(
-            self.command_with(&vars, &exec(template))
-                .stdout(Stdio::piped()),
-        );
-        let mut lines = child.stdout_lines();
-        let (mut mqtt, mut http) = (None, None);
-        while mqtt.is_none() || http.is_none() {
-            let line = tokio::time::timeout(WAIT, lines.next_line())
-                .await
-                .expect("serve prints its addresses")
-                .expect("stdout readable")
-                .unwrap_or_else(|| panic!("{node} exited before printing its addresses"));
-            let mut words = line.split_whitespace();
-            match (words.next(), words.next()) {
-                (Some("MQTT"), Some(addr)) => mqtt = addr.parse::<SocketAddr>().ok(),
-                (Some("HTTP"), Some(url)) => {
-                    http = url.trim_start_matches("http://").parse::<SocketAddr>().ok()
-                }
-                _ => {}
-            }
-        }
-        let node = Node {
-            child,
-            mqtt: mqtt.expect("MQTT address"),
-            http: http.expect("HTTP address"),
-        };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (status, body) = http::get(node.http, "/readyz").await;
-            if status == 200 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "not ready: {status} {body}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        node
+        ServeNode::from_command(node, &mut self.command_with(&vars, &exec(template)), WAIT).await
     }
-}
-
-/// A `lorabroker serve` child process.
-struct Node {
-    child: Spawned,
-    mqtt: SocketAddr,
-    http: SocketAddr,
 }
 
 /// Waits until `node` has `n` MQTT connections (so that a client is in before the next
 /// step).
-async fn wait_for_connections(node: &Node, n: usize) {
+async fn wait_for_connections(node: &ServeNode, n: usize) {
     let want = format!("lorabroker_connections {n}\n");
     let deadline = Instant::now() + WAIT;
     loop {
@@ -322,8 +280,8 @@ async fn seed_flow_across_two_serve_nodes_with_keys_simulate_and_mosquitto() {
     );
 
     simulate.stop().await;
-    for mut node in [node1, node2] {
-        node.child.stop().await;
+    for node in [node1, node2] {
+        node.kill().await;
     }
 }
 

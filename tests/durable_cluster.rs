@@ -15,7 +15,7 @@ use std::time::Duration;
 use rumqttc::{QoS, SubscribeReasonCode};
 
 use common::broker::{Backend, TestEnv};
-use common::persistent::{device, uplinks_via, Client, Resuming, Tally};
+use common::persistent::{device, options, uplinks_via, Client, Resuming, Tally};
 use common::serve::ServeNode;
 use common::services::unique;
 use lorabroker::app::Backends;
@@ -90,15 +90,15 @@ impl Cluster {
     /// Makes the persistent session of `client_id` on `node`, subscribed to every uplink
     /// at QoS 1, and returns its connection.
     async fn session(&self, node: &ServeNode, client_id: &str) -> Client {
-        let mut client = Client::connect(
+        let opts = options(
             node.mqtt,
             &self.username(),
             &self.key,
             client_id,
             false,
             false,
-        )
-        .await;
+        );
+        let mut client = Client::connect(opts).await;
         assert!(!client.present, "a new session");
         assert_eq!(
             client

@@ -12,12 +12,26 @@ use common::broker::{Backend, TestEnv, TestNode};
 use common::persistent::{detached, device, number, receive_all, sessions_on, uplinks, Login};
 use common::services::unique;
 use lorabroker::auth::Rights;
+use lorabroker::config::Config;
 use lorabroker::topic::{AppRef, Event as DeviceEvent};
 use lorabroker::transport::Kind;
 
 async fn world(backend: Backend) -> (TestEnv, TestNode, AppRef, String) {
+    world_with(backend, |_| {}).await
+}
+
+/// As [`world`], with the node's configuration adjusted by `tweak` after [`sessions_on`].
+async fn world_with(
+    backend: Backend,
+    tweak: impl FnOnce(&mut Config),
+) -> (TestEnv, TestNode, AppRef, String) {
     let env = TestEnv::new(backend).await;
-    let node = env.node_with(sessions_on).await;
+    let node = env
+        .node_with(|c| {
+            sessions_on(c);
+            tweak(c);
+        })
+        .await;
     let app = env.app("app1");
     let key = node.key(&app, Rights::DEFAULT).await;
     (env, node, app, key)
@@ -260,15 +274,10 @@ async fn a_persistent_connect_right_after_a_clean_one_gets_a_lasting_session(bac
 /// Past `sessions.max_pending_messages` the oldest stored messages are dropped, counted,
 /// and announced to the application.
 async fn pending_messages_are_bounded(backend: Backend) {
-    let env = TestEnv::new(backend).await;
-    let node = env
-        .node_with(|c| {
-            sessions_on(c);
-            c.sessions.max_pending_messages = 10;
-        })
-        .await;
-    let app = env.app("app1");
-    let key = node.key(&app, Rights::DEFAULT).await;
+    let (env, node, app, key) = world_with(backend, |c| {
+        c.sessions.max_pending_messages = 10;
+    })
+    .await;
     let login = Login {
         node: &node,
         app: &app,
@@ -299,15 +308,10 @@ async fn pending_messages_are_bounded(backend: Backend) {
 /// session is refused with CONNACK 3 and counted; the existing ones still resume, and a
 /// discarded one makes room.
 async fn sessions_per_tenant_are_bounded(backend: Backend) {
-    let env = TestEnv::new(backend).await;
-    let node = env
-        .node_with(|c| {
-            sessions_on(c);
-            c.sessions.max_sessions_per_tenant = 2;
-        })
-        .await;
-    let app = env.app("app1");
-    let key = node.key(&app, Rights::DEFAULT).await;
+    let (_env, node, app, key) = world_with(backend, |c| {
+        c.sessions.max_sessions_per_tenant = 2;
+    })
+    .await;
     let login = Login {
         node: &node,
         app: &app,
@@ -355,15 +359,10 @@ async fn persistent_connect(
 
 /// A session is discarded `sessions.expiry` after its connection ended.
 async fn sessions_expire(backend: Backend) {
-    let env = TestEnv::new(backend).await;
-    let node = env
-        .node_with(|c| {
-            sessions_on(c);
-            c.sessions.expiry = Duration::from_secs(1);
-        })
-        .await;
-    let app = env.app("app1");
-    let key = node.key(&app, Rights::DEFAULT).await;
+    let (_env, node, app, key) = world_with(backend, |c| {
+        c.sessions.expiry = Duration::from_secs(1);
+    })
+    .await;
     let login = Login {
         node: &node,
         app: &app,
@@ -391,15 +390,10 @@ async fn sessions_expire(backend: Backend) {
 /// What the store keeps for a tenant is in `/metrics`: its sessions, and the messages and
 /// bytes waiting for them, until they are delivered and acknowledged.
 async fn what_the_store_keeps_is_in_the_metrics(backend: Backend) {
-    let env = TestEnv::new(backend).await;
-    let node = env
-        .node_with(|c| {
-            sessions_on(c);
-            c.sessions.usage_interval = Duration::from_millis(100);
-        })
-        .await;
-    let app = env.app("app1");
-    let key = node.key(&app, Rights::DEFAULT).await;
+    let (env, node, app, key) = world_with(backend, |c| {
+        c.sessions.usage_interval = Duration::from_millis(100);
+    })
+    .await;
     let login = Login {
         node: &node,
         app: &app,

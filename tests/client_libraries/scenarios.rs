@@ -2,7 +2,7 @@
 //! client, then check what the server did (queues, events, `/metrics`).
 
 use crate::common::broker::{Backend, Seen};
-use crate::common::persistent::{uplinks, Client};
+use crate::common::persistent::{options, uplinks, Client};
 use crate::common::services::unique;
 use crate::harness::{carries, downlink, World, FLEET_DEVICE, REFUSED_PUBLISHES};
 use crate::{raw, Lib};
@@ -266,15 +266,15 @@ pub async fn persistent_session_resumes_with_what_it_missed(lib: Lib, backend: B
     last.metric_becomes("the session detached", "lorabroker_sessions_attached", 0)
         .await;
 
-    let mut again = Client::connect(
+    let opts = options(
         first.mqtt_addr,
         &world.uid(),
         &world.key,
         &client_id,
         false,
         false,
-    )
-    .await;
+    );
+    let mut again = Client::connect(opts).await;
     assert!(again.present);
     again.expect_silence().await;
 }

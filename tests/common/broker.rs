@@ -220,11 +220,7 @@ impl TestNode {
 
     /// The value of one series of this node's `/metrics`, read over HTTP (0 when absent).
     pub async fn metric(&self, series: &str) -> u64 {
-        let (status, body) = super::http::get(self.http_addr, "/metrics").await;
-        assert_eq!(status, 200);
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0)
+        super::http::metric(self.http_addr, series).await
     }
 
     /// Waits (within [`WAIT`]) until `series` of this node's `/metrics` is `want`; panics

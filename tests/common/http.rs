@@ -42,3 +42,12 @@ pub async fn request(
 pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     request(addr, "GET", path, None, "").await
 }
+
+/// The value of one series of the `/metrics` served at `addr` (0 when absent).
+pub async fn metric(addr: SocketAddr, series: &str) -> u64 {
+    let (status, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}

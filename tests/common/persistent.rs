@@ -78,7 +78,7 @@ impl Login<'_> {
     pub async fn connect(&self, client_id: &str, clean: bool, manual: bool) -> Client {
         let addr = self.node.addr(Kind::Tcp);
         let username = self.node.username(self.app);
-        Client::connect(addr, &username, self.key, client_id, clean, manual).await
+        Client::connect(options(addr, &username, self.key, client_id, clean, manual)).await
     }
 }
 
@@ -101,16 +101,8 @@ pub fn options(
 }
 
 impl Client {
-    /// Connects `client_id` to `addr` as `username` with `key`; see [`Login::connect`].
-    pub async fn connect(
-        addr: std::net::SocketAddr,
-        username: &str,
-        key: &str,
-        client_id: &str,
-        clean: bool,
-        manual: bool,
-    ) -> Client {
-        let opts = options(addr, username, key, client_id, clean, manual);
+    /// Connects with `opts` (made by [`options`]) and waits for a successful CONNACK.
+    pub async fn connect(opts: MqttOptions) -> Client {
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let present = loop {
             match tokio::time::timeout(WAIT, eventloop.poll()).await {

@@ -1,10 +1,14 @@
-//! `lorabroker serve` nodes as child processes of a test, configured through the
-//! environment as an operator's deployment configures them, so that a test can kill one
-//! outright (SIGKILL) or stop it as an orchestrator does (SIGTERM, then drain).
+//! `lorabroker serve` nodes as child processes of a test: configured through the
+//! environment as an operator's deployment configures them ([`ServeNode::start`]), or run
+//! from any command line ([`ServeNode::from_command`], as `tests/cli_cluster.rs` pastes the
+//! README's), so that a test can kill one outright (SIGKILL) or stop it as an orchestrator
+//! does (SIGTERM, then drain).
 
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
+
+use tokio::process::Command;
 
 use super::broker::WAIT;
 use super::shell::{exec, shell, OutputLines, Spawned};
@@ -29,15 +33,21 @@ impl ServeNode {
             .env("LORABROKER_NODE_NAME", name)
             .env("LORABROKER_MQTT__LISTEN", "127.0.0.1:0")
             .env("LORABROKER_HTTP__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped());
-        let mut child = Spawned::start(&mut cmd);
+            .env("RUST_LOG", "warn");
+        Self::from_command(name, &mut cmd, WAIT).await
+    }
+
+    /// Runs `cmd` (a `serve` that replaces its shell, listening on port 0) and returns the
+    /// node once it has printed its addresses and answers `/readyz` with 200, each within
+    /// `wait`.
+    pub async fn from_command(name: &str, cmd: &mut Command, wait: Duration) -> ServeNode {
+        let mut child = Spawned::start(cmd.stdout(Stdio::piped()));
         let mut lines = child.stdout_lines();
         let (mut mqtt, mut http) = (None, None);
         while mqtt.is_none() || http.is_none() {
-            let line = tokio::time::timeout(WAIT, lines.next_line())
+            let line = tokio::time::timeout(wait, lines.next_line())
                 .await
-                .unwrap_or_else(|_| panic!("{name} printed no addresses within {WAIT:?}"))
+                .unwrap_or_else(|_| panic!("{name} printed no addresses within {wait:?}"))
                 .expect("stdout readable")
                 .unwrap_or_else(|| panic!("{name} exited before printing its addresses"));
             let mut words = line.split_whitespace();
@@ -55,7 +65,7 @@ impl ServeNode {
             http: http.expect("an HTTP address"),
             _stdout: lines,
         };
-        super::wait::eventually(&format!("{name} ready"), WAIT, || async {
+        super::wait::eventually(&format!("{name} ready"), wait, || async {
             match super::http::get(node.http, "/readyz").await {
                 (200, _) => Ok(()),
                 (status, body) => Err(format!("/readyz: {status} {body}")),
@@ -67,11 +77,7 @@ impl ServeNode {
 
     /// The value of one series of the node's `/metrics` (0 when absent).
     pub async fn metric(&self, series: &str) -> u64 {
-        let (status, body) = super::http::get(self.http, "/metrics").await;
-        assert_eq!(status, 200);
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0)
+        super::http::metric(self.http, series).await
     }
 
     /// Kills the node with SIGKILL: no drain, nothing flushed.

@@ -324,25 +324,24 @@ impl TrafficArgs {
 }
 
 impl Qos1Args {
+    /// The fan-out shape of these arguments (their own defaults: one subscriber, a window
+    /// of 1000), with QoS 1 on.
     fn shape(&self, concurrency: usize) -> anyhow::Result<traffic::Shape> {
-        let rate = match self.rate.as_str() {
-            "max" => None,
-            r => Some(r.parse().context("--rate: a number or `max`")?),
-        };
-        Ok(traffic::Shape {
+        let traffic = TrafficArgs {
             subscribers: self.subscribers,
-            per_device: false,
             devices: self.devices,
             payload: self.payload,
-            rate,
+            rate: self.rate.clone(),
             duration: self.duration,
             messages: self.messages,
-            window: self.window.max(1),
-            concurrency,
+            window: self.window,
+        };
+        Ok(traffic::Shape {
             qos1: Some(traffic::Qos1 {
                 client_prefix: self.client_prefix.clone(),
                 upstream_window: self.upstream_window.max(1),
             }),
+            ..traffic.shape(false, concurrency)?
         })
     }
 }

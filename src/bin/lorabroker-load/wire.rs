@@ -318,24 +318,26 @@ fn publish_payload(header: u8, body: &[u8]) -> Option<&[u8]> {
 
 /// Appends a QoS 0 PUBLISH frame of `payload` on `topic` to `out`.
 pub fn encode_publish(out: &mut BytesMut, topic: &str, payload: &[u8]) {
-    let remaining = 2 + topic.len() + payload.len();
-    out.reserve(5 + remaining);
-    out.put_u8(0x30);
-    lorabroker::mqtt::codec::put_remaining_length(out, remaining);
-    out.put_u16(topic.len() as u16);
-    out.put_slice(topic.as_bytes());
-    out.put_slice(payload);
+    put_publish(out, topic, None, payload);
 }
 
 /// Appends a QoS 1 PUBLISH frame of `payload` on `topic` with packet ID `pkid` to `out`.
 pub fn encode_publish_qos1(out: &mut BytesMut, topic: &str, pkid: u16, payload: &[u8]) {
-    let remaining = 2 + topic.len() + 2 + payload.len();
+    put_publish(out, topic, Some(pkid), payload);
+}
+
+/// A PUBLISH frame: QoS 1 with `pkid` when there is one, QoS 0 without.
+fn put_publish(out: &mut BytesMut, topic: &str, pkid: Option<u16>, payload: &[u8]) {
+    let id_len = if pkid.is_some() { 2 } else { 0 };
+    let remaining = 2 + topic.len() + id_len + payload.len();
     out.reserve(5 + remaining);
-    out.put_u8(0x32);
+    out.put_u8(if pkid.is_some() { 0x32 } else { 0x30 });
     lorabroker::mqtt::codec::put_remaining_length(out, remaining);
     out.put_u16(topic.len() as u16);
     out.put_slice(topic.as_bytes());
-    out.put_u16(pkid);
+    if let Some(pkid) = pkid {
+        out.put_u16(pkid);
+    }
     out.put_slice(payload);
 }
 

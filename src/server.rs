@@ -186,7 +186,8 @@ pub struct Node {
     health_task: JoinHandle<()>,
     /// Sweeps idle rate-limiter keys and renews the connection quota lease.
     limits_task: JoinHandle<()>,
-    sessions_usage_task: JoinHandle<()>,
+    /// Only with `sessions.enabled`: without sessions there is nothing to read.
+    sessions_usage_task: Option<JoinHandle<()>>,
     /// Publishes this node's live events on the bus.
     events_task: JoinHandle<()>,
     /// Catches up on missed revocations after bus reconnections (NATS only).
@@ -281,11 +282,13 @@ impl Node {
         });
         let signal_task = tokio::spawn(handler.run(signals));
         let limits_task = tokio::spawn(crate::limits::housekeeping(app.limits.clone()));
-        let sessions_usage_task = tokio::spawn(crate::sessions::usage::report(
-            app.sessions.clone(),
-            app.metrics.clone(),
-            app.config.sessions.usage_interval,
-        ));
+        let sessions_usage_task = app.config.sessions.enabled.then(|| {
+            tokio::spawn(crate::sessions::usage::report(
+                app.sessions.clone(),
+                app.metrics.clone(),
+                app.config.sessions.usage_interval,
+            ))
+        });
         let events_task = tokio::spawn({
             let (publisher, hub, bus) =
                 (app.events.clone(), app.event_hub.clone(), app.bus.clone());
@@ -394,7 +397,9 @@ impl Node {
         self.signal_task.abort();
         self.health_task.abort();
         self.limits_task.abort();
-        self.sessions_usage_task.abort();
+        if let Some(task) = &self.sessions_usage_task {
+            task.abort();
+        }
         self.events_task.abort();
         if let Some(t) = &self.catch_up_task {
             t.abort();

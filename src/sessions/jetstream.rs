@@ -365,15 +365,22 @@ impl SessionStore for JetStreamSessions {
             inactive_threshold: self.config.expiry,
             ..Default::default()
         };
-        if Self::consumer_info(&stream, &name).await?.is_none() {
-            // A new share is one more consumer of the tenant's stream, as a session is.
-            self.check_room(&stream).await?;
-        }
-        let consumer: consumer::PullConsumer =
-            stream
-                .get_or_create_consumer(&name, config)
-                .await
-                .map_err(|e| failed("making the share's consumer")(&e))?;
+        // One lookup for a share that exists (the usual join); a new share is one more
+        // consumer of the tenant's stream, as a session is, and needs room.
+        let consumer: consumer::PullConsumer = match stream.get_consumer(&name).await {
+            Ok(consumer) => consumer,
+            // Missing, or unreachable: the lookup says which.
+            Err(e) => match Self::consumer_info(&stream, &name).await? {
+                Some(_) => return Err(failed("opening the share's consumer")(&e)),
+                None => {
+                    self.check_room(&stream).await?;
+                    stream
+                        .create_consumer(config)
+                        .await
+                        .map_err(|e| failed("making the share's consumer")(&e))?
+                }
+            },
+        };
         // JetStream may hand a message that an earlier member held when it left out again
         // as if for the first time (its delivery undone): anything up to what the share
         // handed out before this member joined counts as a redelivery.
